@@ -1,0 +1,30 @@
+# SessionBERT. `make help` lists the targets.
+PY ?= python3
+PIP ?= $(PY) -m pip
+# The CPU build of torch first (a plain `pip install torch` may pull a multi-GB CUDA build); GPU users
+# install their CUDA torch before `make install`, and this pin is then skipped.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: help install run smoke test test-slow clean-cache
+
+help:  ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+install:  ## install the package with test tools (CPU torch unless one is already installed)
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q $(TORCH_CPU)
+	$(PIP) install -q -e ".[dev]"
+
+run: install  ## the full pipeline on the embedded simulator, default config
+	$(PY) train.py
+
+smoke: install  ## the whole pipeline on a tiny simulated set (about a minute on CPU)
+	$(PY) train.py experiment=smoke
+
+test: install  ## the default test suite (minutes on a 2-core CPU)
+	$(PY) -m pytest -q
+
+test-slow: install  ## the slower tier (default-size data, longer runs)
+	$(PY) -m pytest -q -m slow
+
+clean-cache:  ## remove cached stage artefacts
+	rm -rf .cache/sessionbert

@@ -1,0 +1,1 @@
+"""Data: event schema and validation, console simulator, serialisation, tokenizer, datasets."""

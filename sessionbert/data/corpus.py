@@ -1,0 +1,109 @@
+"""The events of a run turned into what the models consume: sessions per time window, their text, and
+fine-tuning examples (session prefix -> next page, next service)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from .serialize import Encoded, SessionEncoder, event_texts, session_metadata
+from .split import TimeSplit, session_table, time_split
+
+
+@dataclass
+class Corpus:
+    events: pd.DataFrame  # sorted by user_id, session_id order of first event, timestamp
+    sessions: pd.DataFrame  # one row per session, in event order: session_id, user_id, start, n_events, window
+    bounds: np.ndarray  # (n_sessions + 1,) event offsets
+    split: TimeSplit
+    meta: list[str]
+    texts: pd.Series
+    _encoded: dict = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, events: pd.DataFrame, billing: pd.DataFrame | None, val_days: float, test_days: float,
+              use_region: bool = True, use_billing: bool = True) -> "Corpus":
+        ev = events.copy()
+        ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
+        split = time_split(ev["timestamp"], val_days, test_days)
+        # sessions contiguous, ordered by user then session start; events inside a session by time
+        start = ev.groupby("session_id")["timestamp"].transform("min")
+        ev = ev.assign(_start=start).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")
+        ev = ev.drop(columns="_start").reset_index(drop=True)
+        sessions = session_table(ev, split)
+        order = pd.Index(ev["session_id"]).unique()
+        sessions = sessions.set_index("session_id").loc[order].reset_index()
+        bounds = np.concatenate([[0], np.cumsum(sessions["n_events"].to_numpy())])
+        first = ev.iloc[bounds[:-1]]
+        sessions["region"] = first["region"].to_numpy() if "region" in ev else None
+        meta = session_metadata(sessions, billing, use_region, use_billing).tolist()
+        return cls(ev, sessions, bounds, split, meta, event_texts(ev))
+
+    def encode(self, encoder: SessionEncoder) -> Encoded:
+        key = id(encoder.tok)
+        if key not in self._encoded:
+            self._encoded[key] = encoder.encode(self.meta, self.texts, self.bounds)
+        return self._encoded[key]
+
+    def event_window(self) -> np.ndarray:
+        """(n_events,) the window of each event's session."""
+        return np.repeat(self.sessions["window"].to_numpy(), self.sessions["n_events"].to_numpy())
+
+    def window_sessions(self, window: str) -> np.ndarray:
+        return np.flatnonzero(self.sessions["window"].to_numpy() == window)
+
+    def train_texts(self):
+        """Serialised text of each training-window session (for the tokenizer)."""
+        for s in self.window_sessions("train"):
+            lo, hi = self.bounds[s], self.bounds[s + 1]
+            yield self.meta[s] + " [EVT] " + " [EVT] ".join(self.texts.iloc[lo:hi])
+
+    def prefix_examples(self, window: str, labels: "LabelMaps", max_per_session: int | None,
+                        seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(items, page_y, service_y): prefixes of 1..n-1 events of each session in `window`, target = event n.
+
+        With `max_per_session` a deterministic random subset of each session's prefixes is kept, so long
+        sessions do not dominate and CPU budgets hold.
+        """
+        rng = np.random.default_rng(seed)
+        sess = self.window_sessions(window)
+        n = self.sessions["n_events"].to_numpy()[sess]
+        counts = np.maximum(n - 1, 0)
+        s_rep = np.repeat(sess, counts)  # (P,)
+        # prefix lengths 1..n-1 for each session
+        starts = np.repeat(np.cumsum(counts) - counts, counts)
+        plen = np.arange(len(s_rep)) - starts + 1
+        if max_per_session is not None and len(s_rep):
+            key = rng.random(len(s_rep))
+            order = np.lexsort((key, s_rep))
+            rank = np.empty(len(s_rep), dtype=np.int64)
+            rank[order] = np.arange(len(s_rep)) - np.repeat(np.cumsum(counts) - counts, counts)
+            keep = rank < max_per_session
+            s_rep, plen = s_rep[keep], plen[keep]
+        target_row = self.bounds[s_rep] + plen  # the event right after the prefix
+        page_y = labels.page_index(self.events["page"].to_numpy()[target_row])
+        service_y = labels.service_index(self.events["service"].to_numpy()[target_row])
+        return np.stack([s_rep, plen], axis=1), page_y, service_y
+
+
+@dataclass
+class LabelMaps:
+    """Class indices of pages and services seen in training. Index 0 is "[OTHER]": an unseen target is a miss."""
+
+    pages: list[str]
+    services: list[str]
+
+    @classmethod
+    def from_corpus(cls, corpus: Corpus) -> "LabelMaps":
+        tr = corpus.events[corpus.event_window() == "train"]
+        return cls(["[OTHER]"] + sorted(tr["page"].unique()), ["[OTHER]"] + sorted(tr["service"].unique()))
+
+    def page_index(self, pages: np.ndarray) -> np.ndarray:
+        return pd.Index(self.pages).get_indexer(pages).clip(min=0)
+
+    def service_index(self, services: np.ndarray) -> np.ndarray:
+        return pd.Index(self.services).get_indexer(services).clip(min=0)
+
+    def to_dict(self) -> dict:
+        return {"pages": self.pages, "services": self.services}

@@ -1,0 +1,103 @@
+"""Torch datasets over encoded sessions: whole sessions for MLM, session prefixes for next-page/next-service."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .serialize import Encoded, SessionEncoder
+
+
+class SessionDataset(Dataset):
+    """Item i: the first items[i, 1] events of session items[i, 0] (all events when -1), with optional targets.
+
+    Targets are the page and service of the event *after* the prefix; that event is never part of the input.
+    """
+
+    def __init__(
+        self,
+        encoder: SessionEncoder,
+        enc: Encoded,
+        items: np.ndarray,  # (N, 2) int: session index, prefix length (-1 = whole session)
+        page_y: np.ndarray | None = None,  # (N,) int class index of the next page
+        service_y: np.ndarray | None = None,  # (N,) int class index of the next service
+    ):
+        self.encoder, self.enc, self.items = encoder, enc, np.asarray(items, dtype=np.int64)
+        self.page_y, self.service_y = page_y, service_y
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict:
+        s, n = self.items[i]
+        out = {"idx": i, "input_ids": self.encoder.build(self.enc, int(s), None if n < 0 else int(n))}
+        if self.page_y is not None:
+            out["page"] = int(self.page_y[i])
+            out["service"] = int(self.service_y[i])
+        return out
+
+
+def pad_batch(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Dynamic padding to the longest sequence in the batch."""
+    width = max(len(b["input_ids"]) for b in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
+    for r, b in enumerate(batch):
+        ids[r, : len(b["input_ids"])] = torch.as_tensor(b["input_ids"])
+    out = {"input_ids": ids, "attention_mask": (ids != pad_id).long(), "idx": torch.tensor([b["idx"] for b in batch])}
+    if "page" in batch[0]:
+        out["page"] = torch.tensor([b["page"] for b in batch])
+        out["service"] = torch.tensor([b["service"] for b in batch])
+    return out
+
+
+class PadCollator:
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
+        return pad_batch(batch, self.pad_id)
+
+
+class MLMCollator:
+    """BERT masking: `prob` of the maskable tokens become targets; of those 80% [MASK], 10% random, 10% kept.
+
+    Special tokens ([CLS], [SEP], [EVT], [PAD]) are never targets. With `fixed_seed` set (evaluation) each
+    example's mask depends only on (fixed_seed, example index), so validation losses are comparable across
+    epochs and runs; without it (training) the torch RNG is used, seeded by Lightning's seed_everything.
+    """
+
+    def __init__(self, pad_id: int, mask_id: int, vocab_size: int, special_ids: list[int], prob: float = 0.15,
+                 fixed_seed: int | None = None):
+        if not 0.0 < prob < 1.0:
+            raise ValueError(f"mlm_probability must be in (0, 1), got {prob}")
+        self.pad_id, self.mask_id, self.vocab_size, self.prob = pad_id, mask_id, vocab_size, prob
+        self.special = torch.tensor(sorted(set(special_ids) | {pad_id}))
+        self.fixed_seed = fixed_seed
+        # random replacements are drawn from non-special tokens only
+        keep = torch.ones(vocab_size, dtype=torch.bool)
+        keep[self.special[self.special < vocab_size]] = False
+        self.random_pool = keep.nonzero().squeeze(1)
+
+    def _rand(self, batch: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.fixed_seed is None:
+            return torch.rand(shape), torch.rand(shape), torch.randint(len(self.random_pool), shape)
+        rows = []
+        for i in batch["idx"].tolist():
+            g = torch.Generator().manual_seed(self.fixed_seed * 1_000_003 + i)
+            rows.append((torch.rand(shape[1], generator=g), torch.rand(shape[1], generator=g),
+                         torch.randint(len(self.random_pool), (shape[1],), generator=g)))
+        return tuple(torch.stack(x) for x in zip(*rows))  # type: ignore[return-value]
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        batch = pad_batch(items, self.pad_id)
+        ids = batch["input_ids"]  # (B, T)
+        u_select, u_kind, r_tok = self._rand(batch, tuple(ids.shape))
+        maskable = ~torch.isin(ids, self.special)
+        target = maskable & (u_select < self.prob)
+        labels = torch.where(target, ids, torch.full_like(ids, -100))
+        inputs = ids.clone()
+        inputs[target & (u_kind < 0.8)] = self.mask_id
+        rnd = target & (u_kind >= 0.8) & (u_kind < 0.9)
+        inputs[rnd] = self.random_pool[r_tok[rnd]]
+        batch["input_ids"], batch["labels"] = inputs, labels
+        return batch

@@ -1,0 +1,1 @@
+"""Models: encoder construction and the LightningModules (MLM pretraining, multi-task fine-tuning)."""

@@ -1,0 +1,153 @@
+"""LightningModules: MLM pretraining from scratch, and multi-task (next page, next service) fine-tuning.
+
+Hyper-parameters are plain numbers and dicts (no nn.Modules), so `save_hyperparameters()` stays clean and
+`load_from_checkpoint` works without Hydra.
+"""
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+from transformers import BertConfig, BertForMaskedLM, BertModel, get_linear_schedule_with_warmup
+
+from .encoder import mean_pool
+
+
+def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW without decay on biases and LayerNorm weights (BERT's recipe); fused kernels on CUDA."""
+    decay, no_decay = [], []
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+class _Schedule:
+    """Linear warm-up then linear decay over the run's optimizer steps, stepped every step."""
+
+    def configure_optimizers(self):  # type: ignore[override]
+        opt = _adamw(self, self.hparams.lr, self.hparams.weight_decay)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warm = int(math.ceil(self.hparams.warmup_ratio * total))
+        sched = get_linear_schedule_with_warmup(opt, warm, total)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class MLMModule(_Schedule, L.LightningModule):
+    """BERT masked-language modelling on serialised sessions. The decoder runs on masked positions only."""
+
+    def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06):
+        super().__init__()
+        self.save_hyperparameters()
+        cfg = BertConfig(**bert_config)
+        cfg._attn_implementation = "sdpa"
+        self.model = BertForMaskedLM(cfg)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        sel = labels != -100  # (B, T)
+        logits = self.model.cls(hidden[sel])  # (M, V): only the masked positions reach the vocabulary projection
+        return F.cross_entropy(logits.float(), labels[sel])
+
+    def _step(self, batch: dict, name: str) -> torch.Tensor:
+        loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        self.log(f"pretrain/{name}_mlm_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]),
+                 on_step=name == "train", on_epoch=True, sync_dist=name != "train")
+        return loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        loss = self._step(batch, "train")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"pretrain: non-finite loss {loss.item()} at step {self.global_step}")
+        return loss
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._step(batch, "val")
+
+
+def _head_metrics(n: int, prefix: str) -> MetricCollection:
+    return MetricCollection(
+        {
+            "f1_micro": MulticlassF1Score(n, average="micro"),
+            "f1_macro": MulticlassF1Score(n, average="macro"),
+            "f1_weighted": MulticlassF1Score(n, average="weighted"),
+            "hit@5": MulticlassAccuracy(n, top_k=min(5, n), average="micro"),
+        },
+        prefix=prefix,
+    )
+
+
+class MultiTaskModule(_Schedule, L.LightningModule):
+    """Next-page and next-service classification heads over a BERT encoder (ours, or a general-text one).
+
+    `logits()` is the one code path shared by validation, test, prediction and the recommender.
+    """
+
+    def __init__(self, encoder_config: dict, n_pages: int, n_services: int, lr: float = 1e-4,
+                 weight_decay: float = 0.01, warmup_ratio: float = 0.06, page_weight: float = 1.0,
+                 service_weight: float = 1.0, pooling: str = "cls", dropout: float = 0.1):
+        super().__init__()
+        self.save_hyperparameters()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"finetune.pooling must be cls or mean, got {pooling!r}")
+        cfg = BertConfig(**encoder_config)
+        cfg._attn_implementation = "sdpa"
+        self.encoder = BertModel(cfg, add_pooling_layer=False)
+        h = cfg.hidden_size
+        self.drop = nn.Dropout(dropout)
+        self.page_head = nn.Linear(h, n_pages)
+        self.service_head = nn.Linear(h, n_services)
+        self.metrics = nn.ModuleDict(
+            {f"{split}_{head}": _head_metrics(n, f"finetune/{split}_{head}_")
+             for split in ("val", "test") for head, n in (("page", n_pages), ("service", n_services))}
+        )
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, T) -> (B, H) session embedding: mean of the last layer over non-padding tokens."""
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return mean_pool(hidden, attention_mask)
+
+    def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        pooled = hidden[:, 0] if self.hparams.pooling == "cls" else mean_pool(hidden, attention_mask)
+        pooled = self.drop(pooled)
+        return self.page_head(pooled), self.service_head(pooled)  # (B, n_pages), (B, n_services)
+
+    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
+        page, service = self.logits(batch["input_ids"], batch["attention_mask"])
+        lp = F.cross_entropy(page.float(), batch["page"])
+        ls = F.cross_entropy(service.float(), batch["service"])
+        loss = self.hparams.page_weight * lp + self.hparams.service_weight * ls
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"finetune: non-finite loss {loss.item()} at step {self.global_step}")
+        bs = len(batch["input_ids"])
+        self.log_dict({"finetune/train_page_loss": lp, "finetune/train_service_loss": ls}, batch_size=bs)
+        self.log("finetune/train_loss", loss, prog_bar=True, batch_size=bs)
+        return loss
+
+    def _eval(self, batch: dict, split: str) -> None:
+        page, service = self.logits(batch["input_ids"], batch["attention_mask"])
+        bs = len(batch["input_ids"])
+        self.log(f"finetune/{split}_loss", F.cross_entropy(page.float(), batch["page"])
+                 + F.cross_entropy(service.float(), batch["service"]), batch_size=bs, sync_dist=True)
+        for head, logit in (("page", page), ("service", service)):
+            m = self.metrics[f"{split}_{head}"]
+            m.update(logit.float(), batch[head])
+            self.log_dict(m, batch_size=bs)
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval(batch, "test")
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, torch.Tensor]:
+        page, service = self.logits(batch["input_ids"], batch["attention_mask"])
+        return {"idx": batch["idx"], "page": page.float().softmax(-1), "service": service.float().softmax(-1)}

@@ -1,0 +1,1 @@
+"""Personas: user embeddings, K-means with cosine silhouette, cluster -> persona mapping."""

@@ -1,0 +1,539 @@
+"""The stages of the paper in order, each a plain function whose artefacts live in a folder keyed by the
+config that affects it: data -> tokenizer -> pretrain -> finetune -> personas -> recommend -> report.
+
+A k sweep reuses the fine-tuned model; a vocab sweep reuses the events. Stage folders are written to a temp
+folder beside the final one and renamed, so concurrent jobs never read a half-written artefact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import validate
+
+log = logging.getLogger("sessionbert")
+
+ORDER = ("data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "report")
+
+
+def _key(*parts) -> str:
+    blob = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _plain(node) -> object:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+    os.replace(tmp, path)
+
+
+def _json_default(o):
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+class Run:
+    """One job: its config, output dir, stage folders, logger and collected metrics."""
+
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.paths.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.metrics: dict[str, dict] = {}
+        self.stage_dirs: dict[str, Path] = {}
+        self.keys: dict[str, str] = {}
+        self._logger = None
+        self._corpus = None
+        self.device = torch.device(
+            "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        )
+
+    # ---- stage folders ------------------------------------------------------------------------
+    def stage(self, name: str, key_parts: dict, fn: Callable[[Path], dict | None]) -> Path:
+        """Run `fn(tmp_dir)` unless a finished folder for this key exists; return the folder."""
+        key = _key(name, key_parts)
+        self.keys[name] = key
+        root = Path(self.cfg.cache.dir) if self.cfg.cache.enabled else self.out / "stages"
+        final = root / name / key
+        selected = self.cfg.stage in ("all", name)
+        if (final / "DONE").exists() and (self.cfg.cache.enabled or not selected):
+            log.info("stage %s: reusing %s", name, final)
+        elif not selected:
+            raise RuntimeError(
+                f"stage={self.cfg.stage} needs the '{name}' stage's output ({final}), which does not exist: "
+                f"run stage={name} (or stage=all) with the same config first"
+            )
+        else:
+            if final.exists():  # cache disabled: recompute over a previous run's folder
+                shutil.rmtree(final)
+            tmp = root / name / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            tmp.mkdir(parents=True)
+            log.info("stage %s: running -> %s", name, final)
+            t0 = time.perf_counter()
+            try:
+                metrics = fn(tmp) or {}
+                metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
+                _write_json(tmp / "metrics.json", metrics)
+                _write_json(tmp / "config.json", key_parts)
+                (tmp / "DONE").write_text(key)
+                try:
+                    os.rename(tmp, final)
+                except OSError:  # another job finished the same key first: theirs is equivalent
+                    if not (final / "DONE").exists():
+                        raise
+                    shutil.rmtree(tmp, ignore_errors=True)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.stage_dirs[name] = final
+        m = json.loads((final / "metrics.json").read_text())
+        self.metrics[name] = m
+        return final
+
+    # ---- shared pieces --------------------------------------------------------------------------
+    @property
+    def logger(self):
+        if self._logger is None:
+            from .train_utils import make_logger
+
+            self._logger = make_logger(self.cfg, self.out)
+        return self._logger
+
+    def corpus(self):
+        if self._corpus is None:
+            from .data.corpus import Corpus
+
+            d = self.stage_dirs["data"]
+            events = pd.read_parquet(d / "events.parquet")
+            billing = pd.read_parquet(d / "billing.parquet") if (d / "billing.parquet").exists() else None
+            sp = self.cfg.data.split
+            self._corpus = Corpus.build(events, billing, sp.val_days, sp.test_days,
+                                        self.cfg.tokenizer.metadata, self.cfg.tokenizer.billing)
+        return self._corpus
+
+
+# ---- stages ---------------------------------------------------------------------------------------
+def stage_data(run: Run) -> Path:
+    cfg = run.cfg
+    data_cfg = _plain(cfg.data)
+    if cfg.data.kind == "events":
+        paths = [Path(cfg.data.path)] + ([Path(cfg.data.billing_path)] if cfg.data.billing_path else [])
+        data_cfg["_files"] = [(str(p), _fingerprint(p)) for p in paths]
+
+    def fn(out: Path) -> dict:
+        from .data.stats import data_stats
+
+        if cfg.data.kind == "simulator":
+            from .data.catalog import load_catalog
+            from .data.simulator import sim_config, simulate_to_dir
+
+            sim = sim_config(cfg.data.size, seed=cfg.data.seed, **_plain(cfg.data.overrides))
+            simulate_to_dir(sim, out, load_catalog(cfg.data.catalog))
+            events = pd.read_parquet(out / "events.parquet")
+            truth = pd.read_parquet(out / "truth_users.parquet")
+            stats = data_stats(events, truth, val_days=cfg.data.split.val_days, test_days=cfg.data.split.test_days,
+                               seed=cfg.seed)
+        else:
+            from .data.io import read_billing, read_events, write_parquet_atomic
+
+            events, report = read_events(cfg.data.path, on_bad_rows=cfg.data.on_bad_rows,
+                                         max_bad_fraction=cfg.data.max_bad_fraction,
+                                         rejects_path=run.out / "rejects.csv")
+            write_parquet_atomic(events, out / "events.parquet")
+            if cfg.data.billing_path:
+                billing, _ = read_billing(cfg.data.billing_path, on_bad_rows=cfg.data.on_bad_rows,
+                                          max_bad_fraction=cfg.data.max_bad_fraction,
+                                          rejects_path=run.out / "rejects_billing.csv")
+                write_parquet_atomic(billing, out / "billing.parquet")
+            stats = {"read": report.to_dict(), "n_events": len(events), "n_users": events["user_id"].nunique(),
+                     "n_sessions": events["session_id"].nunique()}
+        _write_json(out / "data_stats.json", stats)
+        return {"n_events": stats.get("n_events"), "n_sessions": stats.get("n_sessions"),
+                "n_users": stats.get("n_users")}
+
+    d = run.stage("data", {"data": data_cfg}, fn)
+    shutil.copyfile(d / "data_stats.json", run.out / "data_stats.json")
+    return d
+
+
+def _fingerprint(p: Path) -> list:
+    files = sorted(p.rglob("*")) if p.is_dir() else [p]
+    return [(f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in files if f.is_file()]
+
+
+def stage_tokenizer(run: Run) -> Path | None:
+    cfg = run.cfg
+    if cfg.model.kind == "pretrained":
+        return None
+
+    def fn(out: Path) -> dict:
+        from .data.tokenizer import train_wordpiece
+
+        tok, note = train_wordpiece(run.corpus().train_texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        tok.save_pretrained(str(out / "tokenizer"))
+        return note
+
+    return run.stage("tokenizer", {"data": run.keys["data"], "tokenizer": _plain(cfg.tokenizer)}, fn)
+
+
+def _tokenizer(run: Run):
+    from .data.tokenizer import load_tokenizer
+
+    if run.cfg.model.kind == "pretrained":
+        return load_tokenizer(_general_dir(run.cfg))
+    return load_tokenizer(run.stage_dirs["tokenizer"] / "tokenizer")
+
+
+def _general_dir(cfg: DictConfig) -> Path:
+    from .models.encoder import default_general_bert_dir
+
+    return Path(cfg.model.pretrained_dir) if cfg.model.pretrained_dir else default_general_bert_dir()
+
+
+def stage_pretrain(run: Run) -> Path:
+    cfg = run.cfg
+    if cfg.model.kind == "pretrained":
+        run.metrics["pretrain"] = {"skipped": f"general-text BERT from {_general_dir(cfg)}"}
+        return _general_dir(cfg)
+
+    def fn(out: Path) -> dict:
+        from torch.utils.data import DataLoader
+
+        from .data.datasets import MLMCollator, SessionDataset
+        from .data.serialize import SessionEncoder
+        from .models.encoder import ARCHS, bert_config
+        from .models.modules import MLMModule
+        from .train_utils import build_trainer
+
+        corpus, tok = run.corpus(), _tokenizer(run)
+        enc_obj = SessionEncoder(tok, cfg.seq_len)
+        enc = corpus.encode(enc_obj)
+        bcfg = bert_config(len(tok), tok.pad_token_id, ARCHS[cfg.model.arch], cfg.model.max_position_embeddings,
+                           cfg.model.dropout)
+        module = MLMModule(bcfg.to_dict(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay,
+                           warmup_ratio=cfg.pretrain.warmup_ratio)
+        special = tok.all_special_ids
+        pa = cfg.pretrain
+        train_s = corpus.window_sessions("train")
+        val_s = corpus.window_sessions("val")[: pa.val_max_sessions]
+        whole = lambda s: np.stack([s, -np.ones_like(s)], 1)  # noqa: E731
+        nw = cfg.runtime.num_workers
+        train_dl = DataLoader(SessionDataset(enc_obj, enc, whole(train_s)), batch_size=pa.batch_size, shuffle=True,
+                              collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
+                                                     pa.mlm_probability), num_workers=nw)
+        val_dl = DataLoader(SessionDataset(enc_obj, enc, whole(val_s)), batch_size=cfg.runtime.eval_batch_size,
+                            collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
+                                                   pa.mlm_probability, fixed_seed=cfg.seed), num_workers=nw)
+        trainer = build_trainer(cfg, run, out, pa.epochs)
+        t0 = time.perf_counter()
+        trainer.fit(module, train_dl, val_dl)
+        seconds = time.perf_counter() - t0
+        val = trainer.validate(module, val_dl, verbose=False)[0]
+        module.model.bert.save_pretrained(str(out / "encoder"))
+        tok.save_pretrained(str(out / "encoder"))
+        n_tokens = int(sum(len(enc_obj.build(enc, int(s))) for s in train_s[:2000]) * len(train_s) / max(1, min(2000, len(train_s))))
+        return {"mlm_loss": float(val["pretrain/val_mlm_loss_epoch"] if "pretrain/val_mlm_loss_epoch" in val
+                                  else val["pretrain/val_mlm_loss"]),
+                "train_sessions": int(len(train_s)), "seconds": round(seconds, 3),
+                "approx_train_tokens": n_tokens, "vocab_size": len(tok)}
+
+    key = {"tokenizer": run.keys["tokenizer"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
+           "pretrain": _plain(cfg.pretrain), "precision": cfg.trainer.precision, "debug": _debug_key(cfg)}
+    return run.stage("pretrain", key, fn) / "encoder"
+
+
+def _debug_key(cfg: DictConfig) -> dict:
+    t = cfg.trainer
+    return {k: _plain(t[k]) for k in ("fast_dev_run", "overfit_batches", "limit_train_batches", "limit_val_batches")}
+
+
+def finetune_data(run: Run, tok, labels):
+    """Datasets of the fine-tuning stage (train / val / test windows), shared with the parity test."""
+    from .data.datasets import SessionDataset
+    from .data.serialize import SessionEncoder
+
+    cfg, corpus = run.cfg, run.corpus()
+    enc_obj = SessionEncoder(tok, cfg.seq_len)
+    enc = corpus.encode(enc_obj)
+    f = cfg.finetune
+    sets = {}
+    for i, (window, cap) in enumerate((("train", f.train_prefixes_per_session), ("val", f.eval_prefixes_per_session),
+                                       ("test", f.eval_prefixes_per_session))):
+        items, py, sy = corpus.prefix_examples(window, labels, cap, seed=cfg.seed + i)
+        sets[window] = SessionDataset(enc_obj, enc, items, py, sy)
+    return sets
+
+
+def stage_finetune(run: Run, encoder_dir: Path) -> Path:
+    cfg = run.cfg
+
+    def fn(out: Path) -> dict:
+        from torch.utils.data import DataLoader
+
+        from .data.corpus import LabelMaps
+        from .data.datasets import PadCollator
+        from .models.encoder import load_encoder
+        from .models.modules import MultiTaskModule
+        from .train_utils import build_trainer
+
+        tok = _tokenizer(run)
+        labels = LabelMaps.from_corpus(run.corpus())
+        enc_model = load_encoder(encoder_dir)
+        f = cfg.finetune
+        module = MultiTaskModule(enc_model.config.to_dict(), len(labels.pages), len(labels.services), lr=f.lr,
+                                 weight_decay=f.weight_decay, warmup_ratio=f.warmup_ratio, page_weight=f.page_weight,
+                                 service_weight=f.service_weight, pooling=f.pooling, dropout=cfg.model.dropout)
+        module.encoder.load_state_dict(enc_model.state_dict())
+        sets = finetune_data(run, tok, labels)
+        coll, nw = PadCollator(tok.pad_token_id), cfg.runtime.num_workers
+        train_dl = DataLoader(sets["train"], batch_size=f.batch_size, shuffle=True, collate_fn=coll, num_workers=nw)
+        val_dl = DataLoader(sets["val"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
+        test_dl = DataLoader(sets["test"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
+        trainer = build_trainer(cfg, run, out, f.epochs)
+        t0 = time.perf_counter()
+        trainer.fit(module, train_dl, val_dl)
+        seconds = time.perf_counter() - t0
+        test = trainer.test(module, test_dl, verbose=False)[0]
+        trainer.save_checkpoint(str(out / "model.ckpt"), weights_only=True)
+        tok.save_pretrained(str(out / "tokenizer"))
+        _write_json(out / "labels.json", labels.to_dict())
+        m = {"seconds": round(seconds, 3), "train_examples": len(sets["train"]), "test_examples": len(sets["test"]),
+             "tokens_per_example_mean": float(np.mean([len(sets["train"][i]["input_ids"])
+                                                      for i in range(min(2000, len(sets["train"])))]))}
+        for head in ("page", "service"):
+            for name in ("f1_micro", "f1_macro", "f1_weighted", "hit@5"):
+                m[f"{head}_{name}"] = float(test[f"finetune/test_{head}_{name}"])
+        return m
+
+    key = {"encoder": run.keys.get("pretrain", str(encoder_dir)), "tokenizer": run.keys.get("tokenizer"),
+           "data": run.keys["data"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
+           "finetune": _plain(cfg.finetune), "precision": cfg.trainer.precision, "debug": _debug_key(cfg)}
+    return run.stage("finetune", key, fn)
+
+
+def load_finetuned(d: Path, device: torch.device | str = "cpu"):
+    """(module, tokenizer, labels) of a finished fine-tuning stage folder, in eval mode."""
+    from .data.corpus import LabelMaps
+    from .data.tokenizer import load_tokenizer
+    from .models.modules import MultiTaskModule
+
+    module = MultiTaskModule.load_from_checkpoint(str(d / "model.ckpt"), map_location="cpu", weights_only=False)
+    labels = LabelMaps(**json.loads((d / "labels.json").read_text()))
+    return module.to(device).eval(), load_tokenizer(d / "tokenizer"), labels
+
+
+@torch.no_grad()
+def infer(module, dataset, batch_size: int, device, what: str = "predict") -> dict[str, np.ndarray]:
+    """The inference path: `predict_step` (probabilities) or `embed` over a dataset, in dataset order."""
+    from torch.utils.data import DataLoader
+
+    from .data.datasets import PadCollator
+
+    dl = DataLoader(dataset, batch_size=batch_size, collate_fn=PadCollator(dataset.encoder.pad_id))
+    outs: dict[str, list] = {}
+    module.eval()
+    for i, batch in enumerate(dl):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if what == "predict":
+            r = module.predict_step(batch, i)
+        else:
+            r = {"embedding": module.embed(batch["input_ids"], batch["attention_mask"]).float()}
+        for k, v in r.items():
+            outs.setdefault(k, []).append(v.cpu().numpy())
+    return {k: np.concatenate(v) for k, v in outs.items()}
+
+
+def _history_sessions(run: Run) -> np.ndarray:
+    """Session indices before the test window (train + val windows)."""
+    w = run.corpus().sessions["window"].to_numpy()
+    return np.flatnonzero(w != "test")
+
+
+def stage_personas(run: Run, ft_dir: Path) -> Path:
+    cfg = run.cfg
+
+    def fn(out: Path) -> dict:
+        from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+        from .data.datasets import SessionDataset
+        from .data.serialize import SessionEncoder
+        from .personas.cluster import sweep_kmeans
+        from .personas.mapping import cluster_service_profile, map_clusters
+
+        corpus = run.corpus()
+        module, tok, _ = load_finetuned(ft_dir, run.device)
+        if cfg.personas.embedding == "pretrained" and "pretrain" in run.stage_dirs:
+            from .models.encoder import load_encoder
+
+            module.encoder.load_state_dict(load_encoder(run.stage_dirs["pretrain"] / "encoder").state_dict())
+        enc_obj = SessionEncoder(tok, cfg.seq_len)
+        sess = _history_sessions(run)
+        ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([sess, -np.ones_like(sess)], 1))
+        emb = infer(module, ds, cfg.runtime.eval_batch_size, run.device, what="embed")["embedding"]  # (S, H)
+        users = corpus.sessions["user_id"].to_numpy()[sess]
+        uemb = pd.DataFrame(emb).groupby(users).mean()  # (U, H): user = mean of its sessions
+        ks = list(cfg.personas.k_range)
+        if cfg.personas.k is not None and cfg.personas.k not in ks:
+            ks = sorted(set(ks) | {int(cfg.personas.k)})
+        sweep = sweep_kmeans(uemb.to_numpy(), ks, seed=cfg.seed, silhouette_sample=cfg.personas.silhouette_sample,
+                             algorithm=cfg.personas.algorithm, n_init=cfg.personas.n_init)
+        sil = {int(k): v["silhouette"] for k, v in sweep.items()}
+        k_best = max((k for k in sil if k in cfg.personas.k_range), key=lambda k: sil[k])
+        k = int(cfg.personas.k) if cfg.personas.k is not None else k_best
+        labels = sweep[k]["labels"]
+        np.save(out / "centers.npy", sweep[k]["centers"])
+        np.save(out / "user_embeddings.npy", uemb.to_numpy().astype(np.float32))
+        m = {"silhouette": sil, "k": k, "k_best_silhouette": k_best, "users": len(uemb),
+             "silhouette_sample": min(len(uemb), cfg.personas.silhouette_sample), "pooling": "mean of last layer",
+             "embedding": cfg.personas.embedding}
+        assign = pd.DataFrame({"user_id": uemb.index.astype(str), "cluster": labels})
+        # cluster -> persona through the services the cluster's users use (before the test window)
+        catalog_path = cfg.data.get("catalog") if cfg.data.kind == "events" else "builtin"
+        if catalog_path:
+            from .data.catalog import load_catalog
+
+            cat = load_catalog(None if catalog_path == "builtin" else catalog_path)
+            hist = corpus.events[corpus.event_window() != "test"]
+            usage = pd.crosstab(hist["user_id"], hist["service"])
+            profile = cluster_service_profile(labels, list(assign["user_id"]), usage)
+            mapping, sim = map_clusters(profile, cat.persona_service_weights())
+            assign["persona"] = assign["cluster"].map(mapping)
+            m["mapping"] = {str(c): p for c, p in mapping.items()}
+            sim.to_csv(out / "cluster_persona_similarity.csv")
+        truth_path = run.stage_dirs["data"] / "truth_users.parquet"
+        if truth_path.exists():
+            truth = pd.read_parquet(truth_path).set_index("user_id")["primary_persona"]
+            t = truth.reindex(assign["user_id"]).to_numpy()
+            m["ari"] = float(adjusted_rand_score(t, labels))
+            m["nmi"] = float(normalized_mutual_info_score(t, labels))
+            if "persona" in assign:
+                m["mapping_accuracy"] = float(np.mean(assign["persona"].to_numpy() == t))
+        assign.to_parquet(out / "users.parquet", index=False)
+        return m
+
+    key = {"finetune": run.keys["finetune"], "personas": _plain(cfg.personas), "seed": cfg.seed}
+    return run.stage("personas", key, fn)
+
+
+def stage_recommend(run: Run, ft_dir: Path) -> Path:
+    cfg = run.cfg
+
+    def fn(out: Path) -> dict:
+        from .data.split import used_and_adopted
+        from .recommend.baselines import group_popularity_recs, popularity_recs
+        from .recommend.metrics import hit_at_k
+
+        corpus = run.corpus()
+        used, adopted = used_and_adopted(corpus.events, corpus.split)
+        recs, probs_users = recommend_users(run, ft_dir, used)
+        k = cfg.recommend.k
+        top = {u: [s for s, _, _ in r] for u, r in recs.items()}
+        users = list(adopted)
+        m = {"hit@5": hit_at_k(top, adopted, k), "users": len(users), "users_with_history": len(probs_users),
+             "hit@5_popularity": hit_at_k(popularity_recs(used, users, k), adopted, k),
+             "ranker": cfg.recommend.ranker, "filter_used": cfg.recommend.filter_used,
+             "protocol": f"last {cfg.recommend.last_sessions} sessions before the test window; hit when a top-{k} "
+                         "service is first used by the user in the test window"}
+        truth_path = run.stage_dirs["data"] / "truth_users.parquet"
+        if truth_path.exists():
+            truth = pd.read_parquet(truth_path).set_index("user_id")["primary_persona"].to_dict()
+            m["hit@5_persona_oracle"] = hit_at_k(group_popularity_recs(used, truth, users, k), adopted, k)
+        rows = [(u, r, s, c, p) for u, rr in recs.items() for r, (s, c, p) in enumerate(rr)]
+        pd.DataFrame(rows, columns=["user_id", "rank", "service", "times_recommended", "summed_prob"]).to_parquet(
+            out / "recommendations.parquet", index=False)
+        return m
+
+    key = {"finetune": run.keys["finetune"], "recommend": _plain(cfg.recommend), "seq_len": cfg.seq_len}
+    return run.stage("recommend", key, fn)
+
+
+def recommend_users(run: Run, ft_dir: Path, used: dict[str, set[str]]):
+    """The paper's recommender over each user's last sessions before the test window."""
+    from .data.datasets import SessionDataset
+    from .data.serialize import SessionEncoder
+    from .recommend.recommender import recommend
+
+    cfg, corpus = run.cfg, run.corpus()
+    module, tok, labels = load_finetuned(ft_dir, run.device)
+    sess = _history_sessions(run)
+    table = corpus.sessions.iloc[sess]
+    last = table.groupby("user_id", sort=False).tail(cfg.recommend.last_sessions).index.to_numpy()
+    enc_obj = SessionEncoder(tok, cfg.seq_len)
+    ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([last, -np.ones_like(last)], 1))
+    probs = infer(module, ds, cfg.runtime.eval_batch_size, run.device)["service"]  # (S, C)
+    users = corpus.sessions["user_id"].to_numpy()[last]
+    recs = recommend(users, probs, labels.services, used, cfg.recommend.per_session_k, cfg.recommend.k,
+                     cfg.recommend.ranker, cfg.recommend.filter_used)
+    return recs, set(users)
+
+
+def run_pipeline(cfg: DictConfig) -> dict:
+    """Validate the config, then run the selected stage(s). Returns the metrics dict written to metrics.json."""
+    validate(cfg)
+    import lightning as L
+
+    L.seed_everything(cfg.seed, workers=True)
+    run = Run(cfg)
+    try:
+        if cfg.stage == "all":
+            run.logger  # one logger (one W&B run) per job, also when every stage comes from the cache
+        stage_data(run)
+        if cfg.stage == "data":
+            return _finish(run, report=False)
+        stage_tokenizer(run)
+        if cfg.stage == "tokenizer":
+            return _finish(run, report=False)
+        enc_dir = stage_pretrain(run)
+        if cfg.stage == "pretrain":
+            return _finish(run, report=False)
+        ft = stage_finetune(run, enc_dir)
+        if cfg.stage in ("all", "personas", "report"):
+            stage_personas(run, ft)
+        if cfg.stage in ("all", "recommend", "report"):
+            stage_recommend(run, ft)
+        return _finish(run, report=cfg.stage in ("all", "report"))
+    finally:
+        if run._logger is not None:
+            from .train_utils import close_logger
+
+            close_logger(run, sys.exc_info()[0] is not None)
+
+
+def _finish(run: Run, report: bool) -> dict:
+    metrics = dict(run.metrics)
+    metrics["config"] = {"seq_len": run.cfg.seq_len, "vocab_size": run.cfg.vocab_size, "k": run.cfg.k,
+                         "seed": run.cfg.seed, "model": run.cfg.model.name, "data": run.cfg.data.name}
+    metrics["stage_dirs"] = {k: str(v) for k, v in run.stage_dirs.items()}
+    _write_json(run.out / "metrics.json", metrics)
+    if report:
+        from .report import write_run_report
+
+        write_run_report(run.out, metrics)
+    if run._logger is not None:
+        from .train_utils import log_summary
+
+        log_summary(run, metrics)
+    log.info("metrics: %s", run.out / "metrics.json")
+    return metrics

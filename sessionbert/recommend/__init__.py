@@ -1,0 +1,1 @@
+"""New-service recommendation: the paper's recommender, baselines and ranking metrics."""

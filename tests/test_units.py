@@ -1,0 +1,146 @@
+"""Unit invariants: masking, serialisation/truncation, targets never in the input, metrics vs hand values,
+the recommender never returning a used service."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sessionbert.data.corpus import Corpus, LabelMaps
+from sessionbert.data.datasets import MLMCollator, SessionDataset
+from sessionbert.data.serialize import SessionEncoder
+from sessionbert.data.tokenizer import train_wordpiece
+from sessionbert.recommend.baselines import group_popularity_recs, popularity_recs
+from sessionbert.recommend.metrics import hit_at_k
+from sessionbert.recommend.recommender import recommend
+
+
+def toy_events(n_users: int = 40, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    services = [f"svc{i}" for i in range(10)]
+    rows, sid, t0 = [], 0, pd.Timestamp("2024-01-01", tz="UTC")
+    for u in range(n_users):
+        fav = rng.choice(10, 3, replace=False)
+        for _ in range(int(rng.integers(4, 10))):
+            start, sid = t0 + pd.Timedelta(days=float(rng.uniform(0, 120))), sid + 1
+            for e in range(int(rng.integers(2, 14))):
+                sv = services[int(rng.choice(fav))]
+                pg = f"{sv}/p{int(rng.integers(4))}"
+                rows.append((f"u{u}", f"s{sid}", start + pd.Timedelta(minutes=e), sv, pg, f"page {pg}", "open", "eu"))
+    return pd.DataFrame(rows, columns=["user_id", "session_id", "timestamp", "service", "page", "page_title",
+                                       "action", "region"])
+
+
+@pytest.fixture(scope="module")
+def corpus_tok():
+    c = Corpus.build(toy_events(), None, 14, 28)
+    tok, _ = train_wordpiece(c.train_texts(), 400)
+    return c, tok
+
+
+def test_masking_invariants(corpus_tok):
+    c, tok = corpus_tok
+    enc_obj = SessionEncoder(tok, 64)
+    enc = c.encode(enc_obj)
+    s = np.arange(len(c.sessions))
+    ds = SessionDataset(enc_obj, enc, np.stack([s, -np.ones_like(s)], 1))
+    coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), tok.all_special_ids, 0.15)
+    torch.manual_seed(0)
+    batch = coll([ds[i] for i in range(len(ds))])
+    from sessionbert.data.datasets import pad_batch
+
+    plain = pad_batch([ds[i] for i in range(len(ds))], tok.pad_token_id)["input_ids"]
+    labels, inputs = batch["labels"], batch["input_ids"]
+    special = torch.isin(plain, torch.tensor(tok.all_special_ids))
+    target = labels != -100
+    assert not (target & special).any(), "special tokens or padding became MLM targets"
+    assert torch.equal(labels[target], plain[target]), "labels must be the original tokens"
+    assert torch.equal(inputs[~target], plain[~target]), "non-target tokens must be untouched"
+    rate = target.sum().item() / (~special).sum().item()
+    assert 0.12 < rate < 0.18
+    masked = (inputs[target] == tok.mask_token_id).float().mean().item()
+    kept = (inputs[target] == plain[target]).float().mean().item()
+    assert 0.75 < masked < 0.85 and 0.05 < kept < 0.16
+    assert not torch.isin(inputs[target & (inputs != tok.mask_token_id) & (inputs != plain)],
+                          torch.tensor(tok.all_special_ids)).any(), "random replacements must not be specials"
+
+
+def test_masking_eval_masks_fixed_per_example(corpus_tok):
+    c, tok = corpus_tok
+    enc_obj = SessionEncoder(tok, 64)
+    enc = c.encode(enc_obj)
+    s = np.arange(10)
+    ds = SessionDataset(enc_obj, enc, np.stack([s, -np.ones_like(s)], 1))
+    coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), tok.all_special_ids, 0.15, fixed_seed=3)
+    a = coll([ds[i] for i in range(10)])
+    b = coll([ds[i] for i in range(10)])
+    assert torch.equal(a["labels"], b["labels"]) and torch.equal(a["input_ids"], b["input_ids"])
+    with pytest.raises(ValueError, match="mlm_probability"):
+        MLMCollator(0, 4, 100, [0, 1, 2, 3, 4], prob=1.5)
+
+
+def test_truncation_keeps_metadata_and_most_recent_events(corpus_tok):
+    c, tok = corpus_tok
+    long = int(np.argmax(c.sessions["n_events"].to_numpy()))
+    full = SessionEncoder(tok, 512)
+    short = SessionEncoder(tok, 24)
+    ids_full = full.build(c.encode(full), long)
+    ids_short = short.build(c.encode(short), long)
+    assert len(ids_short) <= 24 and ids_short[0] == tok.cls_token_id and ids_short[-1] == tok.sep_token_id
+    meta = c.encode(full).meta_ids[long]
+    assert ids_short[1 : 1 + len(meta)] == meta, "metadata comes first and survives truncation"
+    body = ids_short[1 + len(meta) : -1]
+    assert body[0] == short.sep_id, "truncation happens at an event boundary"
+    assert ids_full[-1 - len(body) : -1] == body, "the most recent events are the ones kept"
+
+
+def test_targets_never_visible_in_input(corpus_tok):
+    c, tok = corpus_tok
+    labels = LabelMaps.from_corpus(c)
+    items, page_y, service_y = c.prefix_examples("test", labels, None, seed=0)
+    enc_obj = SessionEncoder(tok, 512)
+    enc = c.encode(enc_obj)
+    for (s, n), py in zip(items[:200], page_y[:200]):
+        ids = enc_obj.build(enc, int(s), int(n))
+        events_in = ids.count(enc_obj.sep_id)
+        assert events_in == n, "the input holds exactly the prefix's events"
+        target_row = c.bounds[s] + n
+        assert labels.pages[py] == c.events["page"].iloc[target_row] or py == 0
+        # the input equals the serialisation of the first n events: the target event is not in it
+        nxt = enc_obj.build(enc, int(s), int(n) + 1)
+        assert ids[:-1] == nxt[: len(ids) - 1]
+
+
+def test_hit_at_k_hand_computed():
+    recs = {"a": ["x", "y", "z"], "b": ["y"], "c": ["q"]}
+    targets = {"a": {"z"}, "b": {"x"}, "c": {"q"}, "d": {"x"}}  # d has no recs: a miss
+    assert hit_at_k(recs, targets, k=5) == pytest.approx(2 / 4)
+    assert hit_at_k(recs, targets, k=2) == pytest.approx(1 / 4)
+
+
+def test_popularity_baselines_hand_computed():
+    used = {"a": {"x", "y"}, "b": {"x"}, "c": {"x", "z"}, "d": {"w"}}
+    assert popularity_recs(used, ["b"], k=2)["b"] == ["w", "y"]  # x used; ties (1 user each) by name
+    group = {"a": "g1", "b": "g1", "c": "g2", "d": "g2"}
+    assert group_popularity_recs(used, group, ["b"], k=1)["b"] == ["y"]
+
+
+def test_recommender_never_returns_used_service_and_counts():
+    services = ["[OTHER]", "s1", "s2", "s3", "s4", "s5", "s6", "s7"]
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(len(services)), size=30)
+    users = [f"u{i % 5}" for i in range(30)]
+    used = {f"u{i}": {"s1", "s2"} for i in range(5)}
+    for mode in ("after_topk", "before_topk"):
+        for ranker in ("count", "prob"):
+            recs = recommend(users, probs, services, used, per_session_k=5, k=5, ranker=ranker, filter_used=mode)
+            for u, r in recs.items():
+                names = [s for s, _, _ in r]
+                assert not set(names) & used[u] and "[OTHER]" not in names and len(names) <= 5
+    # hand example: counts decide, ties by summed probability
+    p = np.array([[0, .5, .3, .2, 0, 0, 0, 0], [0, .1, .5, .0, .4, 0, 0, 0], [0, 0, 0, .6, .4, 0, 0, 0]])
+    r = recommend(["u"] * 3, p, services, {"u": set()}, per_session_k=2, k=3)["u"]
+    assert [s for s, _, _ in r] == ["s2", "s4", "s3"] and [c for _, c, _ in r] == [2, 2, 1]
+    r2 = recommend(["u"] * 3, p, services, {"u": {"s2"}}, per_session_k=2, k=3)["u"]
+    assert [s for s, _, _ in r2] == ["s4", "s3", "s1"]  # top-2 first, then s2 dropped; ties by summed prob
