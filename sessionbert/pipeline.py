@@ -157,16 +157,17 @@ def stage_data(run: Run) -> Path:
                                seed=cfg.seed)
         else:
             from .data.io import read_billing, read_events, write_parquet_atomic
+            from .data.schema import BILLING_SCHEMA, EVENT_SCHEMA
 
             events, report = read_events(cfg.data.path, on_bad_rows=cfg.data.on_bad_rows,
                                          max_bad_fraction=cfg.data.max_bad_fraction,
                                          rejects_path=run.out / "rejects.csv")
-            write_parquet_atomic(events, out / "events.parquet")
+            write_parquet_atomic(events, out / "events.parquet", schema=EVENT_SCHEMA)
             if cfg.data.billing_path:
                 billing, _ = read_billing(cfg.data.billing_path, on_bad_rows=cfg.data.on_bad_rows,
                                           max_bad_fraction=cfg.data.max_bad_fraction,
                                           rejects_path=run.out / "rejects_billing.csv")
-                write_parquet_atomic(billing, out / "billing.parquet")
+                write_parquet_atomic(billing, out / "billing.parquet", schema=BILLING_SCHEMA)
             stats = {"read": report.to_dict(), "n_events": len(events), "n_users": events["user_id"].nunique(),
                      "n_sessions": events["session_id"].nunique()}
         _write_json(out / "data_stats.json", stats)
