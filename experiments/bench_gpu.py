@@ -1,0 +1,335 @@
+#!/usr/bin/env python3
+"""MLM pretraining throughput of SessionBERT's training path against the Hugging Face reference (issue 6).
+
+For each seq_len (128, 512), BERT shape `--model`, vocabulary `--vocab`:
+  reference  /work/shared/bench/hf_peer_mlm.py as a subprocess (its defaults: BertForMaskedLM, one session per
+             example padded to the longest of a 131072-slot batch, decoder + loss on every slot, bf16 autocast,
+             SDPA, fused AdamW); its JSON line is parsed.
+  ours       MLMModule forward (decoder on masked positions only) + backward + our fused AdamW (`_adamw`) step in
+             bf16 autocast, on batches made by MLMCollator (15% masking, 80/10/10) from TokenBudgetBatchSampler
+             (length bucketing, same 131072-slot budget per step), same session-length distribution capped at
+             seq_len; optionally the encoder under torch.compile(dynamic=True) (`--compile`).
+Token ids are random in-vocabulary ids (like the reference): only the lengths matter for speed.
+Batches are collated on the CPU before timing (as the reference builds its batches up front); the CPU cost
+of collation is measured separately (`collate_ms_per_batch`, one process).
+
+Reported: real (non-pad) tokens/s, slot tokens/s, padding share, MFU, peak GPU memory, ratio ours/reference,
+as JSON (`--out`) and a markdown table (printed, and `--md`). MFU counts *model* FLOPs: 6 x (dense encoder
+params + attention over the session's own length) per real token, plus 6 x decoder params per masked position
+(the reference's own `mfu` counts every padded slot and the decoder on all of them: kept as `hf_reported_mfu`).
+
+  # lengths from the simulator (CPU, ~15 s), then the benchmark on a GPU:
+  python experiments/bench_gpu.py --write-lengths .bench/lengths_sim.npy
+  python experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py
+  # CPU smoke test:
+  python experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --model tiny --steps 2 --warmup 1 \
+      --tokens-per-step 8192
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sessionbert.data.datasets import MLMCollator  # noqa: E402
+from sessionbert.data.sampler import TokenBudgetBatchSampler  # noqa: E402
+from sessionbert.models.encoder import ARCHS, bert_config  # noqa: E402
+from sessionbert.models.modules import MLMModule, _adamw  # noqa: E402
+
+SPECIAL = dict(pad=0, unk=1, cls=2, sep=3, mask=4, evt=5)  # order of serialize.SPECIAL_TOKENS
+DEFAULT_PEER = "/work/shared/bench/hf_peer_mlm.py"
+
+
+# ------------------------------------------------------------------------------------------- lengths file
+def write_lengths(path: str, size: str = "default", seed: int = 0, seq_len: int = 512, vocab: int = 30000) -> dict:
+    """Token counts of every simulated session, serialised and tokenised by the pipeline's own pieces
+    (truncation at `seq_len`=512, i.e. uncapped up to 512)."""
+    from sessionbert.data.corpus import Corpus
+    from sessionbert.data.serialize import SessionEncoder
+    from sessionbert.data.simulator import sim_config, simulate
+    from sessionbert.data.tokenizer import train_wordpiece
+
+    sim = simulate(sim_config(size, seed=seed))
+    corpus = Corpus.build(sim.events.to_pandas(), sim.billing.to_pandas(), 14, 28)
+    tok, note = train_wordpiece(corpus.train_texts(), vocab)
+    enc_obj = SessionEncoder(tok, seq_len)
+    enc = corpus.encode(enc_obj)
+    lens = np.array([len(enc_obj.build(enc, i)) for i in range(len(corpus.sessions))], dtype=np.int64)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, lens)
+    info = dict(path=path, simulator_size=size, seed=seed, seq_len=seq_len, sessions=int(len(lens)),
+                mean=round(float(lens.mean()), 2), median=float(np.median(lens)),
+                p90=float(np.percentile(lens, 90)), share_over_128=round(float((lens > 128).mean()), 4),
+                share_at_512=round(float((lens >= 512).mean()), 4), tokenizer=note)
+    print(json.dumps(info))
+    return info
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def dense_params(cfg) -> tuple[int, int]:
+    """(encoder matmul params per token, decoder matmul params per masked position)."""
+    L, H, V, I = cfg.num_hidden_layers, cfg.hidden_size, cfg.vocab_size, cfg.intermediate_size
+    return L * (4 * H * H + 2 * H * I), H * H + H * V
+
+
+def model_flops(cfg, seq_lens: np.ndarray, n_masked: int) -> float:
+    """Training FLOPs of the useful work: 6 x (encoder params + attention over the session itself) per real
+    token, 6 x decoder params per masked position (2 forward + 4 backward FLOPs per weight use)."""
+    enc, dec = dense_params(cfg)
+    L, H = cfg.num_hidden_layers, cfg.hidden_size
+    n = seq_lens.astype(np.float64)
+    return 6.0 * (enc * n.sum() + L * 2 * H * (n * n).sum() + dec * n_masked)
+
+
+def peer_model_flops_per_real_token(cfg, lengths: np.ndarray, seq: int, mask_share: float = 0.15) -> float:
+    """Same model-FLOPs definition for the reference, in expectation over its (capped) length distribution."""
+    enc, dec = dense_params(cfg)
+    n = np.minimum(lengths, seq).astype(np.float64)
+    return 6.0 * (enc + cfg.num_hidden_layers * 2 * cfg.hidden_size * (n * n).sum() / n.sum() + mask_share * dec)
+
+
+# ------------------------------------------------------------------------------------------------ reference
+def run_peer(peer: str, lengths_path: str, seq: int, a) -> dict:
+    cmd = [sys.executable, peer, "--lengths", lengths_path, "--seq-len", str(seq), "--model", a.model,
+           "--vocab", str(a.vocab), "--tokens-per-step", str(a.tokens_per_step)]
+    if a.peer_steps:
+        cmd += ["--steps", str(a.peer_steps), "--warmup", str(a.peer_warmup)]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode or not lines:
+        raise RuntimeError(f"reference failed ({p.returncode}): {' '.join(cmd)}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    out = json.loads(lines[-1])
+    out["command"] = " ".join(cmd[1:])
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ ours
+def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str) -> tuple[list, float]:
+    """n batches from one shuffled epoch of TokenBudgetBatchSampler over the capped lengths, collated by
+    MLMCollator on the CPU. Token ids: [CLS] random-in-vocabulary [SEP], like a serialised session."""
+    lens = np.minimum(lengths, seq)
+    sampler = TokenBudgetBatchSampler(lens, a.tokens_per_step, shuffle=True, seed=0)
+    coll = MLMCollator(SPECIAL["pad"], SPECIAL["mask"], a.vocab, list(SPECIAL.values()), 0.15)
+    g = np.random.default_rng(0)
+    out, t_coll, epoch = [], 0.0, 0
+    while len(out) < n:
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            items = [{"idx": i, "input_ids": [SPECIAL["cls"]] + g.integers(6, a.vocab, int(lens[i]) - 2).tolist()
+                      + [SPECIAL["sep"]]} for i in idx]
+            t0 = time.perf_counter()
+            b = coll(items)
+            t_coll += time.perf_counter() - t0
+            sl = lens[idx]
+            out.append(dict(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                            labels=b["labels"].to(device), real=int(sl.sum()), slots=int(b["input_ids"].numel()),
+                            masked=int((b["labels"] != -100).sum()), lens=sl))
+            if len(out) == n:
+                break
+        epoch += 1
+    return out, 1000 * t_coll / n
+
+
+def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool) -> dict:
+    torch.manual_seed(0)
+    cfg = bert_config(a.vocab, SPECIAL["pad"], ARCHS[a.model], max_position_embeddings=max(512, seq), dropout=0.1)
+    module = MLMModule(cfg.to_dict()).to(device)
+    module.train()
+    if compile_:
+        module.model.bert.compile(dynamic=True)
+    opt = _adamw(module, 1e-4, 0.01)  # our training path's optimizer (fused on CUDA)
+    n_distinct = a.cycle if a.cycle else a.warmup + a.steps
+    batches, coll_ms = make_batches(lengths, seq, a, n_distinct, device)
+    batches = [batches[i % n_distinct] for i in range(a.warmup + a.steps)]  # --cycle N: N shapes, like the reference
+    if device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+    def step(b):
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = module(b["input_ids"], b["attention_mask"], b["labels"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if a.sync_check:  # MLMModule.training_step checks the loss every step: one host sync, kept here
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+
+    t_w = time.perf_counter()
+    for b in batches[: a.warmup]:
+        step(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    warm_s = time.perf_counter() - t_w
+    timed = batches[a.warmup:]
+    t0 = time.perf_counter()
+    for b in timed:
+        step(b)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    dts = time.perf_counter() - t0
+    real = sum(b["real"] for b in timed)
+    slots = sum(b["slots"] for b in timed)
+    masked = sum(b["masked"] for b in timed)
+    flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
+    res = dict(path="sessionbert_mlm", model=a.model, seq_len=seq, compile=compile_, steps=len(timed),
+               real_tokens_per_s=round(real / dts), slot_tokens_per_s=round(slots / dts),
+               padding_share=round(1 - real / slots, 4), masked_share=round(masked / real, 4),
+               distinct_batches=n_distinct, mean_batch_sessions=round(float(np.mean([len(b["lens"]) for b in timed])), 1),
+               mean_batch_width=round(float(np.mean([b["input_ids"].shape[1] for b in timed])), 1),
+               step_ms=round(1000 * dts / len(timed), 2), warmup_s=round(warm_s, 1),
+               model_tflops_per_s=round(flops / dts / 1e12, 1),
+               mfu=round(flops / dts / (a.peak_tflops * 1e12), 4), collate_ms_per_batch=round(coll_ms, 1))
+    if device == "cuda":
+        res["peak_mem_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    if a.profile_dir:  # a few steps under torch.profiler: where the step's GPU time goes
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        with profile(activities=acts) as prof:
+            for b in timed[:3]:
+                step(b)
+            if device == "cuda":
+                torch.cuda.synchronize()
+        key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
+        Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
+        name = f"profile_{a.model}_seq{seq}{'_compile' if compile_ else ''}_{int(lengths.mean())}.txt"
+        (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
+    del module, opt, batches
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return res
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def table(res: dict) -> str:
+    rows = ["| path | lengths | seq_len | real tokens/s | slot tokens/s | padding | MFU (model FLOPs) | peak mem GiB | step ms | ours/HF (real tok/s) |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in res["runs"]:
+        ratio = r.get("ratio_vs_hf")
+        rows.append("| {p} | {d} | {s} | {rt:,} | {st:,} | {pad:.1%} | {mfu:.1%} | {mem} | {ms} | {ratio} |".format(
+            p=r["label"], d=r["lengths"], s=r["seq_len"], rt=r["real_tokens_per_s"], st=r["slot_tokens_per_s"],
+            pad=r["padding_share"], mfu=r["mfu"], mem=r.get("peak_mem_gib", "-"), ms=r.get("step_ms", "-"),
+            ratio=f"{ratio:.2f}x" if ratio else "-"))
+    return "\n".join(rows)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--write-lengths", metavar="NPY", help="write the simulator's session token counts and exit")
+    p.add_argument("--lengths", default=str(ROOT / ".bench" / "lengths_sim.npy"), help=".npy of session token counts")
+    p.add_argument("--extra-lengths", nargs="*", default=[], metavar="NAME=NPY",
+                   help="further length distributions to measure too (e.g. msnbc=.bench/msnbc_token_lengths.npy)")
+    p.add_argument("--peer", default=DEFAULT_PEER if Path(DEFAULT_PEER).exists() else str(ROOT / ".bench" / "hf_peer_mlm.py"))
+    p.add_argument("--no-peer", action="store_true", help="skip the reference")
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[128, 512])
+    # only the shapes both sides define alike (the reference's "small" is 512 wide, ours 256)
+    p.add_argument("--model", choices=["base", "tiny"], default="base")
+    p.add_argument("--vocab", type=int, default=30000)
+    p.add_argument("--tokens-per-step", type=int, default=131072, help="slot (B x T) tokens per step, both paths")
+    p.add_argument("--steps", type=int, default=40, help="timed steps of ours")
+    p.add_argument("--warmup", type=int, default=8)
+    p.add_argument("--peer-steps", type=int, default=None, help="reference's --steps (default: its own, 30)")
+    p.add_argument("--peer-warmup", type=int, default=8)
+    p.add_argument("--compile", action="store_true", help="also measure ours with the encoder under torch.compile(dynamic=True)")
+    p.add_argument("--cycle", type=int, default=0, metavar="N",
+                   help="cycle N distinct batches (the reference cycles 6); default: every step a new batch")
+    p.add_argument("--profile-dir", default=None, help="write a torch.profiler table of 3 steps per run of ours here")
+    p.add_argument("--no-sync-check", dest="sync_check", action="store_false",
+                   help="drop the per-step isfinite(loss) host sync that MLMModule.training_step does")
+    p.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul ceiling (H200: ~790 measured)")
+    p.add_argument("--out", default=str(ROOT / "experiments" / "results" / "bench_gpu.json"))
+    p.add_argument("--md", default=None, help="also write the markdown report here")
+    a = p.parse_args()
+    if a.write_lengths:
+        write_lengths(a.write_lengths)
+        return
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dists = [("sim", a.lengths)] + [tuple(x.split("=", 1)) for x in a.extra_lengths]
+    res = dict(date=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+               torch=torch.__version__, cuda=torch.version.cuda, python=platform.python_version(),
+               transformers=__import__("transformers").__version__, command=" ".join([Path(sys.argv[0]).name] + sys.argv[1:]),
+               model=a.model, vocab=a.vocab, tokens_per_step=a.tokens_per_step, peak_tflops=a.peak_tflops,
+               lengths={}, runs=[])
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save():
+        res["table_md"] = table(res)
+        out.write_text(json.dumps(res, indent=1) + "\n")
+        if a.md:
+            Path(a.md).write_text(
+                f"# MLM pretraining throughput: SessionBERT vs Hugging Face reference\n\n"
+                f"- device: {res['device']}\n- torch {res['torch']} (CUDA {res['cuda']}), transformers "
+                f"{res['transformers']}, Python {res['python']}\n- date: {res['date']}\n- command: `{res['command']}`\n"
+                f"- model {a.model}, vocab {a.vocab}, {a.tokens_per_step} slot tokens per step, bf16 autocast, SDPA, "
+                f"fused AdamW\n- lengths: {json.dumps(res['lengths'])}\n\n{res['table_md']}\n")
+
+    cfg = bert_config(a.vocab, 0, ARCHS[a.model])
+    loaded = {name: np.load(path).astype(np.int64) for name, path in dists}
+    for name, path in dists:
+        lengths = loaded[name]
+        res["lengths"][name] = dict(path=str(path), sessions=int(len(lengths)), mean=round(float(lengths.mean()), 2),
+                                    median=float(np.median(lengths)))
+    peers: dict = {}
+    # eager runs (and the reference) first, compiled ones last: a run cut short by a time limit loses the least
+    plan = [(name, path, seq, False) for name, path in dists for seq in a.seq_lens]
+    plan += [(name, path, seq, True) for name, path in dists for seq in a.seq_lens] if a.compile else []
+    for name, path, seq, comp in plan:
+        lengths = loaded[name]
+        suffix = "" if name == "sim" else f"_{name}"
+        if not comp and not a.no_peer:
+            try:
+                peer = run_peer(a.peer, path, seq, a)
+                fl = peer_model_flops_per_real_token(cfg, lengths, seq)
+                peer.update(label="HF reference", lengths=name, hf_reported_mfu=peer["mfu"],
+                            mfu=round(peer["real_tokens_per_s"] * fl / (a.peak_tflops * 1e12), 4))
+                res["runs"].append(peer)
+                res[f"hf_real_tokens_per_s_seq{seq}{suffix}"] = peer["real_tokens_per_s"]
+                peers[(name, seq)] = peer
+                print(json.dumps(peer), flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on with ours
+                print(f"reference failed: {e}", file=sys.stderr, flush=True)
+                res.setdefault("errors", []).append(f"reference {name} seq{seq}: {str(e)[-1500:]}")
+            save()
+        try:
+            r = run_ours(lengths, seq, a, device, comp)
+        except Exception as e:  # noqa: BLE001
+            print(f"ours failed: {e}", file=sys.stderr, flush=True)
+            res.setdefault("errors", []).append(f"ours {name} seq{seq} compile={comp}: {str(e)[-1500:]}")
+            save()
+            continue
+        r.update(label="ours + compile" if comp else "ours", lengths=name)
+        tag = f"seq{seq}{suffix}" + ("_compile" if comp else "")
+        peer = peers.get((name, seq))
+        if peer:
+            r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)
+            res[f"ratio_vs_hf_{tag}"] = r["ratio_vs_hf"]
+        res[f"real_tokens_per_s_{tag}"] = r["real_tokens_per_s"]
+        res[f"mfu_{tag}"] = r["mfu"]
+        res[f"peak_mem_gib_{tag}"] = r.get("peak_mem_gib")
+        res["runs"].append(r)
+        print(json.dumps(r), flush=True)
+        save()
+    save()
+    print(res["table_md"])
+
+
+if __name__ == "__main__":
+    main()
