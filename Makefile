@@ -5,7 +5,7 @@ PIP ?= $(PY) -m pip
 # install their CUDA torch before `make install`, and this pin is then skipped.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run smoke test test-slow clean-cache
+.PHONY: help install run smoke test test-slow clean-cache bench-gpu
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -28,3 +28,7 @@ test-slow: install  ## the slower tier (default-size data, longer runs)
 
 clean-cache:  ## remove cached stage artefacts
 	rm -rf .cache/sessionbert
+
+bench-gpu: install  ## MLM throughput: our training path vs the HF reference, seq 128/512 (needs a GPU)
+	mkdir -p .bench && $(PY) experiments/bench_gpu.py --write-lengths .bench/lengths_sim.npy
+	$(PY) experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --compile --md experiments/results/bench_gpu.md

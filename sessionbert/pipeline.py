@@ -150,11 +150,13 @@ def stage_data(run: Run) -> Path:
             from .data.simulator import sim_config, simulate_to_dir
 
             sim = sim_config(cfg.data.size, seed=cfg.data.seed, **_plain(cfg.data.overrides))
-            simulate_to_dir(sim, out, load_catalog(cfg.data.catalog))
-            events = pd.read_parquet(out / "events.parquet")
-            truth = pd.read_parquet(out / "truth_users.parquet")
-            stats = data_stats(events, truth, val_days=cfg.data.split.val_days, test_days=cfg.data.split.test_days,
-                               seed=cfg.seed)
+            # the simulator measures data_stats while streaming (a user sample at paper scale), on this split
+            res = simulate_to_dir(sim, out, load_catalog(cfg.data.catalog))
+            stats = json.loads(Path(res["data_stats"]).read_text())
+            sp = cfg.data.split
+            if (sp.val_days, sp.test_days) != (14, 28):  # the simulator measured on the default split
+                stats = data_stats(pd.read_parquet(out / "events.parquet"), pd.read_parquet(out / "truth_users.parquet"),
+                                   val_days=sp.val_days, test_days=sp.test_days, seed=cfg.seed)
         else:
             from .data.io import read_billing, read_events, write_parquet_atomic
             from .data.schema import BILLING_SCHEMA, EVENT_SCHEMA
@@ -419,7 +421,11 @@ def stage_personas(run: Run, ft_dir: Path) -> Path:
             hist = corpus.events[corpus.event_window() != "test"]
             usage = pd.crosstab(hist["user_id"], hist["service"])
             profile = cluster_service_profile(labels, list(assign["user_id"]), usage)
-            mapping, sim = map_clusters(profile, cat.persona_service_weights())
+            # the Console pseudo-service (home, search, help) is in every persona's mix: it cannot tell them apart
+            console = set(cat.services.loc[cat.services["is_console"], "name"])
+            weights = cat.persona_service_weights().drop(columns=list(console), errors="ignore")
+            profile = profile.drop(columns=list(console), errors="ignore")
+            mapping, sim = map_clusters(profile, weights)
             assign["persona"] = assign["cluster"].map(mapping)
             m["mapping"] = {str(c): p for c, p in mapping.items()}
             sim.to_csv(out / "cluster_persona_similarity.csv")

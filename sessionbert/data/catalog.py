@@ -214,11 +214,14 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
     services_rows: list[dict] = []
     page_rows: list[dict] = []
 
-    def add_page(where: str, page_id: str, slug: str, name: str, title: str, kind: str, actions: list, help_of: str = ""):
+    def add_page(
+        where: str, page_id: str, slug: str, name: str, title: str, kind: str, actions: list, help_of: str = ""
+    ) -> None:
         if not isinstance(actions, list) or not all(isinstance(a, str) and a for a in actions):
             raise r.fail(f"{where}.actions", "expected a list of non-empty strings")
         page_rows.append(
-            dict(page=page_id, service_slug=slug, service=name, title=title, kind=kind, help_of=help_of, actions=list(actions))
+            dict(page=page_id, service_slug=slug, service=name, title=title, kind=kind, help_of=help_of,
+                 actions=list(actions))
         )
 
     # ---- product services: templates + own pages
@@ -245,7 +248,8 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
         )
         fam_tpl = r.get(templates, family, "page_templates", list, default=[])
         for j, t in enumerate(list(common) + list(fam_tpl)):
-            tw = f"page_templates.{'common' if j < len(common) else family}[{j if j < len(common) else j - len(common)}]"
+            tw = (f"page_templates.common[{j}]" if j < len(common)
+                  else f"page_templates.{family}[{j - len(common)}]")
             try:
                 p = _fmt(r.get(t, "path", tw, str), path_fmt)
                 title = _fmt(r.get(t, "title", tw, str), fmt)
@@ -281,7 +285,7 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
                 raise r.fail(tw, f"unknown placeholder {e}") from None
 
     services = pd.DataFrame(services_rows)
-    dup = services["slug"][services["slug"].duplicated()].tolist() + services["name"][services["name"].duplicated()].tolist()
+    dup = [v for c in ("slug", "name") for v in services[c][services[c].duplicated()]]
     if dup:
         raise r.fail("services", f"duplicate service slug/name {sorted(set(dup))}")
     # Pages grouped by service in service order (the simulator draws "a random page of service s" as a range).
@@ -374,7 +378,9 @@ def load_catalog(path: str | Path | None = None) -> Catalog:
 
     common = r.get(raw, "common_tasks", "<top level>", dict, default={"share": 0.0, "tasks": {}})
     common_share = r.prob(common, "share", "common_tasks", 0.0, upper_open=True)
-    common_w = task_weights(r.get(common, "tasks", "common_tasks", dict), "common_tasks.tasks") if common_share > 0 else {}
+    common_w = {}
+    if common_share > 0:
+        common_w = task_weights(r.get(common, "tasks", "common_tasks", dict), "common_tasks.tasks")
     personas: list[Persona] = []
     for i, p in enumerate(r.get(raw, "personas", "<top level>", list)):
         where = f"personas[{i}]"

@@ -2,12 +2,22 @@
 
 Users of a simulated cloud console (catalogue: `console_catalog.yaml`) work through persona-typical task
 workflows over weeks. Every user has a primary persona (some a secondary one), a home region, an account
-age and a spend tier. Each user starts with part of their personas' tasks and adopts the others over
-time, so a service's first use -- "a new service" -- comes from the data: the first session after an
-adoption does the new task, and in the weeks before it the user sometimes searches for the task's key
-service or reads its help/pricing articles (Help Center pages, which are not use of the service).
+age and a spend tier, plus individual habits: a taste for some of their personas' tasks, a propensity
+for each optional step, a preferred alternative where a step offers several (Kubernetes or containers).
+
+Service adoption. From their task mix and habits each user has a repertoire of services, each with an
+expected use. Services are taken up in a use-weighted random order that puts foundation services
+(compute, storage, IAM, monitoring, ...) first and advanced ones (tracing, GenAI, WAF, ...) later: part of
+the repertoire is in use from the start, the rest is adopted at exponential gaps. A service is only used
+from its adoption on (steps on services not adopted yet are skipped; a task needs its key service), so
+"a new service" and its first-use time come from the data: the first session after an adoption does a
+task that uses the new service, sometimes reached through search or its getting-started article, and in
+the weeks before it the user sometimes searches for the service or reads its help/pricing articles
+(Console pages: reading about a service is not using it).
+
 Sessions hold 1-3 tasks plus noise: console home, notifications, search, help detours, wandering to
-other pages of a service, back-navigation, abandonment and browsing of unrelated services.
+other pages of a service, back-navigation, abandonment, loops whose length has a heavy tail, quick
+console check-ins (a chore of every persona) and aimless browsing of other services.
 
 Outputs (pyarrow Tables, `SimData`):
   events   EVENT_SCHEMA, sorted by user_id then timestamp, sessions never overlap within a user
@@ -32,7 +42,7 @@ import argparse
 import json
 import sys
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -86,14 +96,14 @@ class SimConfig:
     start_date: str = "2023-01-02"  # first day of the period (UTC)
     # --- personas and adoption
     secondary_share: float = 0.35  # share of users with a secondary persona
-    secondary_mix: tuple[float, float] = (0.2, 0.45)  # uniform range of the secondary persona's task weight
+    secondary_mix: tuple[float, float] = (0.15, 0.4)  # uniform range of the secondary persona's task weight
     task_taste_shape: float = 1.0  # Gamma shape of a user's per-task taste multiplier (small = specialised users)
     task_keep_p: float = 1.0  # P(a task of the user's personas is in the user's repertoire at all)
-    new_account_share: float = 0.25  # accounts opened during the period (they start with 1-2 tasks)
+    new_account_share: float = 0.25  # accounts opened during the period (they start with few services)
     min_service_share: float = 0.01  # services below this share of a user's expected use are not in their repertoire
     initial_service_share: float = 0.6  # share of its repertoire an established account uses from the start
     new_account_initial_share: float = 0.1  # the same for an account opened during the period (plus its main service)
-    stage_bonus: tuple[float, float, float] = (3.0, 0.0, -1.5)  # adoption-order bonus of foundation/standard/advanced services
+    stage_bonus: tuple[float, float, float] = (3.0, 0.0, -1.5)  # adoption-order bonus: foundation/standard/advanced
     warm_days: float = 28.0  # services in use from the start are each used within the user's first warm_days
     adopt_gap_days: float = 30.0  # mean days between two service adoptions of a user (new accounts: x0.6)
     preview_p: float = 0.5  # P(user searches for / reads help about a service in the weeks before adopting it)
@@ -102,8 +112,8 @@ class SimConfig:
     adopt_help_p: float = 0.25  # P(the adoption session opens the new service's getting-started article)
     # --- sessions
     tasks_per_session: tuple[float, float, float] = (0.55, 0.30, 0.15)  # P(1, 2, 3 tasks in a session)
-    intensity_sigma: float = 1.5  # lognormal sigma of a session's loop intensity (heavy tail of lengths)
-    habit_concentration: float = 0.4  # a user's propensity for an optional step ~ Beta(p*c, (1-p)*c): small c = strong habits
+    intensity_sigma: float = 1.6  # lognormal sigma of a session's loop intensity (heavy tail of lengths)
+    habit_concentration: float = 0.4  # propensity for an optional step ~ Beta(p*c, (1-p)*c); small c = strong habits
     alt_loyalty: float = 0.85  # P(a user takes their own preferred alternative of a step rather than a fresh draw)
     max_repeats: int = 300  # cap on repetitions of one step
     home_entry_p: float = 0.7  # P(session starts on console home)
@@ -124,7 +134,7 @@ class SimConfig:
     min_session_gap_min: float = 20.0  # minutes between the end of a session and the next one
     # --- mechanics
     seed: int = 0  # everything is drawn from np.random.default_rng(SeedSequence([seed, chunk]))
-    chunk_users: int = 20_000  # users per chunk (memory bound of streaming; part of the seed identity)
+    chunk_users: int = 10_000  # users per chunk (memory bound of streaming; part of the seed identity)
 
     def __post_init__(self):
         if self.n_users < 1:
@@ -132,7 +142,9 @@ class SimConfig:
         if not 1 <= self.weeks <= 110:  # timestamps are packed in 36 bits of ms inside a chunk
             raise ValueError(f"SimConfig.weeks must be in 1..110, got {self.weeks}")
         if abs(sum(self.tasks_per_session) - 1) > 1e-6 or len(self.tasks_per_session) != 3:
-            raise ValueError(f"SimConfig.tasks_per_session must be 3 probabilities summing to 1, got {self.tasks_per_session}")
+            raise ValueError(
+                f"SimConfig.tasks_per_session must be 3 probabilities summing to 1, got {self.tasks_per_session}"
+            )
         if self.chunk_users < 1 or self.chunk_users > 1_000_000:
             raise ValueError("SimConfig.chunk_users must be in 1..1,000,000")
         if self.min_sessions < 1 or self.max_sessions < self.min_sessions:
@@ -143,7 +155,7 @@ class SimConfig:
 SIZES: dict[str, dict] = {
     "tiny": dict(n_users=200, weeks=26),
     "default": dict(n_users=1800),
-    "paper": dict(n_users=680_000, weeks=26, chunk_users=20_000),
+    "paper": dict(n_users=680_000, weeks=26),
 }
 
 
@@ -156,7 +168,7 @@ def sim_config(size: str = "default", **overrides) -> SimConfig:
     if bad:
         raise ValueError(f"unknown SimConfig fields {bad}")
     kw = {**SIZES[size], **overrides}
-    for k in ("secondary_mix", "tasks_per_session", "stage_bonus"):  # lists from Hydra/YAML -> tuples (frozen dataclass)
+    for k in ("secondary_mix", "tasks_per_session", "stage_bonus"):  # Hydra/YAML lists -> tuples (frozen)
         if k in kw:
             kw[k] = tuple(kw[k])
     return SimConfig(**kw)
@@ -404,7 +416,8 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     has_sec = rng.random(U) < cfg.secondary_share
     secondary = np.where(has_sec, (primary + rng.integers(1, K, size=U)) % K, -1) if K > 1 else np.full(U, -1)
     mix = np.where(secondary >= 0, rng.uniform(*cfg.secondary_mix, size=U), 0.0)
-    W = (1 - mix)[:, None] * cc.persona_task[primary] + mix[:, None] * cc.persona_task[np.maximum(secondary, 0)]  # [U, T]
+    W = (1 - mix)[:, None] * cc.persona_task[primary] + mix[:, None] * cc.persona_task[np.maximum(secondary, 0)]
+    # W: [U, T] the user's task mix
     # taste: users specialise in some of their personas' tasks (Gamma multipliers; small shape = strong)
     taste = rng.gamma(cfg.task_taste_shape, 1.0 / cfg.task_taste_shape, size=(U, T))
     # ... and never do some of them at all (the user's heaviest task is always kept)
@@ -443,18 +456,16 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     alt_w = np.where(np.isfinite(cc.step_altcum), cc.step_altcum, 1.0)
     alt_w = np.diff(np.concatenate([np.zeros((NS, 1)), alt_w], axis=1), axis=1)  # [NS, MAXA] alt weights
     step_w = W[:, cc.step_task] * habit  # [U, NS] expected executions of each step per task draw
-    w_us = np.zeros((NSV, U))  # [S, U] expected visits of each service (transposed for the scatter-add)
+    w_us = np.zeros((U, NSV))  # [U, S] expected visits of each service
     for k in range(cc.step_alt_svc.shape[1]):
         col = cc.step_alt_svc[:, k]
         valid = np.nonzero(col >= 0)[0]
+        valid = valid[np.argsort(col[valid], kind="stable")]  # grouped by service
         # the user's share of alternative k: loyal to their preferred one, else the catalogue weights
         share_k = alt_w[valid, k] * (1 - cfg.alt_loyalty) + cfg.alt_loyalty * (pref[:, valid] == k)  # [U, V]
         contrib = step_w[:, valid] * share_k * cc.step_unit_visits[valid, k]  # [U, V]
-        # sum the columns of the same service: a sparse [V, S] one-hot product
-        onehot = np.zeros((len(valid), NSV))
-        onehot[np.arange(len(valid)), col[valid]] = 1.0
-        w_us += (contrib @ onehot).T
-    w_us = np.ascontiguousarray(w_us.T)  # [U, S]
+        svc, start = np.unique(col[valid], return_index=True)
+        w_us[:, svc] += np.add.reduceat(contrib, start, axis=1)  # sum the steps of each service (no BLAS)
     w_us[:, cc.svc_is_console] = 0.0
     univ = w_us > cfg.min_service_share * w_us.sum(axis=1, keepdims=True)
     # the key service of the user's heaviest own task is always in use from the start
@@ -491,7 +502,7 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     day = (active0[s_user] + rng.random(S) * (t1 - active0[s_user] - DAY_MS)) // DAY_MS
     weekday = (day + 3) % 7  # 1970-01-01 was a Thursday; Monday = 0
     move = (weekday >= 5) & (rng.random(S) < 0.7)
-    day = np.where(move, day - (weekday - 4), day)
+    day = np.where(move, day - weekday + rng.integers(0, 5, size=S), day)  # to a weekday of the same week
     local_h = np.clip(rng.normal(13.0, 3.0, size=S), 0.0, 23.9)
     utc_h = (local_h - np.asarray(REGION_UTC_OFFSET)[region[s_user]]) % 24
     s_start = (day * DAY_MS + utc_h * HOUR_MS).astype(np.int64)
@@ -588,7 +599,7 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     e_ord = _ranks(n_inst)
     must = np.zeros(I, np.int64)  # events that must survive: up to the first use of the adopted service
     hit = (inst_fsvc[e_inst] >= 0) & (cc.page_service[e_page] == inst_fsvc[e_inst])
-    np.maximum.at(must, e_inst[hit], e_ord[hit] + 1) if hit.any() else None
+    np.maximum.at(must, e_inst[hit], e_ord[hit] + 1)
     aband = (rng.random(I) < cc.task_abandon[inst_task]) & (n_inst > 1)
     cut = np.where(aband, np.maximum(1 + (rng.random(I) * (n_inst - 1)).astype(np.int64), must), n_inst)
     keep = e_ord < cut[e_inst]
@@ -599,9 +610,11 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     # ------------------------------------------------ noise around the tasks
     R = cc.role
     entry = rng.random(S) < cfg.home_entry_p
-    # a session that would otherwise be empty is a glance at the console home
+    # a session that would otherwise be empty is a glance at the console home, and a user's first session
+    # starts there (a first login lands on the home page; so the console itself is never "a new service")
     n_task_ev = np.bincount(inst_s[e_inst], minlength=S)
     entry |= n_task_ev == 0
+    entry[np.cumsum(n_s) - n_s] = True
     ev.add(np.nonzero(entry)[0], _B_ENTRY, 0, np.full(entry.sum(), R["home"]), _ACT_DRAW)
     extra_pg = np.array([R["notifications"], R["recent"], R["all_services"]], np.int32)
     ex = np.nonzero(entry & (rng.random(S) < cfg.entry_extra_p))[0]
@@ -618,7 +631,8 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     inst_forced = (inst_fsvc >= 0) & forced_new[inst_s, inst_slot]
     # adoption sessions: reach the new service through search and/or its getting-started article
     srch = np.nonzero(inst_forced & (rng.random(I) < cfg.adopt_search_p))[0]
-    ev.add(inst_s[srch], 2 + 2 * inst_slot[srch], 1, np.full(len(srch), R["search"]), cc.svc_search_action[inst_fsvc[srch]])
+    ev.add(inst_s[srch], 2 + 2 * inst_slot[srch], 1, np.full(len(srch), R["search"]),
+           cc.svc_search_action[inst_fsvc[srch]])
     hlp = np.nonzero(inst_forced & (rng.random(I) < cfg.adopt_help_p))[0]
     ev.add(inst_s[hlp], 2 + 2 * inst_slot[hlp], 2, cc.svc_help[inst_fsvc[hlp], 0], _ACT_DRAW)
     ts = np.nonzero(~inst_forced & (first_page >= 0) & (rng.random(I) < cfg.task_search_p))[0]
@@ -640,7 +654,8 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     for k, p in ((2, 0.5), (3, 0.25)):
         more = rng.random(len(br)) < p
         bs = br_svc[more]
-        ev.add(br[more], _B_BROWSE, k, cc.svc_page0[bs] + (rng.random(len(bs)) * cc.svc_npages[bs]).astype(np.int64), _ACT_DRAW)
+        pages = cc.svc_page0[bs] + (rng.random(len(bs)) * cc.svc_npages[bs]).astype(np.int64)
+        ev.add(br[more], _B_BROWSE, k, pages, _ACT_DRAW)
 
     # exit noise: home, notifications or the help center
     xs = np.nonzero(rng.random(S) < cfg.exit_noise_p)[0]
@@ -653,7 +668,8 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     back = np.where(rng.random(len(pv)) < 0.7, 1, 2)
     p_idx = a_idx[pv] - back
     valid = p_idx >= 0
-    valid[valid] &= (s_user[p_idx[valid]] == au[pv][valid]) & (s_start[p_idx[valid]] >= a_time[pv][valid] - cfg.preview_days * DAY_MS)
+    pi = p_idx[valid]
+    valid[valid] &= (s_user[pi] == au[pv][valid]) & (s_start[pi] >= a_time[pv][valid] - cfg.preview_days * DAY_MS)
     pv, p_idx = pv[valid], p_idx[valid]
     pv_svc = asv[pv]
     do_search = rng.random(len(pv)) < 0.5
@@ -749,8 +765,13 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     month_names = pa.array([str(m0 + i) for i in range(n_months)], pa.string())
     spend = (cc.svc_price[p_svc[b_row]] * np.asarray(SPEND_TIER_SCALE)[tier[p_user[b_row]]]
              * rng.lognormal(-0.125, 0.5, size=len(b_row)))
-    spend = np.where(b_month == m_first[b_row], spend * rng.uniform(0.1, 1.0, size=len(b_row)), spend)  # partial first month
-    spend = np.round(spend, 2)
+    partial = rng.uniform(0.1, 1.0, size=len(b_row))  # the month of first use is a partial month
+    spend = np.where(b_month == m_first[b_row], spend * partial, spend)
+    # the last month is billed month-to-date
+    last_start = pd.Timestamp(str(m_last), tz="UTC").value // 1_000_000
+    last_end = (pd.Timestamp(str(m_last), tz="UTC") + pd.offsets.MonthBegin(1)).value // 1_000_000
+    mtd = min(1.0, max(0.0, (max(int(e_ts.max()) if N else t1, t1) - last_start) / (last_end - last_start)))
+    spend = np.round(np.where(b_month == n_months - 1, spend * mtd, spend), 2)
 
     # ------------------------------------------------ tables
     user_ids = pa.array([f"u{g:07d}" for g in range(u0, u1)], pa.string())
@@ -797,7 +818,9 @@ def _simulate_chunk(cfg: SimConfig, cc: _Compiled, chunk: int, u0: int, u1: int)
     t_ord = np.concatenate([inst_slot[inst_alive], np.full(len(br), 3)])
     o = np.lexsort((t_ord, t_sess))
     offsets = np.concatenate([[0], np.cumsum(np.bincount(t_sess, minlength=S))]).astype(np.int32)
-    tasks = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pc.take(cc.task_names, pa.array(t_name[o], pa.int32())))
+    tasks = pa.ListArray.from_arrays(
+        pa.array(offsets, pa.int32()), pc.take(cc.task_names, pa.array(t_name[o], pa.int32()))
+    )
     sessions = pa.table(
         {"session_id": sess_ids, "user_id": pc.take(user_ids, pa.array(s_user, pa.int32())), "tasks": tasks},
         schema=TRUTH_SESSIONS_SCHEMA,
@@ -831,7 +854,8 @@ def simulate(cfg: SimConfig, catalog: Catalog | None = None) -> SimData:
     """Simulate in memory (fine up to a few million sessions; use simulate_to_dir beyond)."""
     parts = list(iter_chunks(cfg, catalog))
     return SimData(
-        *(pa.concat_tables([getattr(p, f) for p in parts]).combine_chunks() for f in ("events", "billing", "users", "sessions"))
+        *(pa.concat_tables([getattr(p, f) for p in parts]).combine_chunks()
+          for f in ("events", "billing", "users", "sessions"))
     )
 
 
@@ -863,7 +887,8 @@ def simulate_to_dir(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {k: out / v for k, v in OUTPUT_FILES.items()}
-    schemas = {"events": EVENT_SCHEMA, "billing": BILLING_SCHEMA, "users": TRUTH_USERS_SCHEMA, "sessions": TRUTH_SESSIONS_SCHEMA}
+    schemas = {"events": EVENT_SCHEMA, "billing": BILLING_SCHEMA, "users": TRUTH_USERS_SCHEMA,
+               "sessions": TRUTH_SESSIONS_SCHEMA}
     writers = {k: pq.ParquetWriter(paths[k], schemas[k]) for k in paths}
     sample: list[SimData] = []
     n_sample_users = 0
