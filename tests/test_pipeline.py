@@ -104,3 +104,11 @@ def test_malformed_input_file_gives_clear_error(tmp_path):
     cfg = make_cfg(tmp_path, ["data=events", f"data.path={p}", "logger=csv"])
     with pytest.raises(BadInputError, match=r"events\.csv:3"):
         run_pipeline(cfg)
+
+
+@pytest.mark.slow
+def test_default_pipeline_beats_popularity(tmp_path):
+    """`python train.py` as shipped (default size, CPU): SessionBERT's Hit@5 beats the popularity baseline."""
+    m = run_pipeline(make_cfg(tmp_path, ["logger=csv"]))
+    assert m["recommend"]["users"] > 300
+    assert m["recommend"]["hit@5"] > m["recommend"]["hit@5_popularity"]
