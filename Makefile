@@ -5,7 +5,7 @@ PIP ?= $(PY) -m pip
 # install their CUDA torch before `make install`, and this pin is then skipped.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run smoke test test-slow clean-cache bench-gpu
+.PHONY: help install run smoke test test-slow clean-cache bench-gpu report ablations
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -32,3 +32,25 @@ clean-cache:  ## remove cached stage artefacts
 bench-gpu: install  ## MLM throughput: our training path vs the HF reference, seq 128/512 (needs a GPU)
 	mkdir -p .bench && $(PY) experiments/bench_gpu.py --write-lengths .bench/lengths_sim.npy
 	$(PY) experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --compile --md experiments/results/bench_gpu.md
+
+# ---- experiment grids (Issue 3) ------------------------------------------------------------------
+RUNS ?= multirun
+SCALE ?= cpu
+ABL_DIR ?= multirun/ablations_$(SCALE)
+# vocab grid up to what the corpus supports (the tokenizer reports the cap it reached)
+VOCABS_cpu ?= 250,500,1000,2000
+VOCABS_gpu ?= 5000,10000,20000,30000
+ABL_ARGS ?=
+ABL = $(PY) train.py -m experiment=ablations_$(SCALE) $(ABL_ARGS)
+
+report:  ## report.md, results.csv, plots over run / multirun dirs: make report RUNS="dir1 dir2" [REPORT_OUT=dir]
+	$(PY) -m sessionbert.report $(RUNS) $(if $(REPORT_OUT),--out $(REPORT_OUT))
+
+ablations: install  ## the paper's ablations as multirun grids (SCALE=cpu|gpu), then the report
+	@status=0; \
+	$(ABL) model=sessionbert,bert_base seq_len=64,512 hydra.sweep.dir=$(ABL_DIR)/model_x_seq_len || status=1; \
+	$(ABL) recommend.ranker=count,prob,persona hydra.sweep.dir=$(ABL_DIR)/rankers || status=1; \
+	$(ABL) vocab_size=$(VOCABS_$(SCALE)) hydra.sweep.dir=$(ABL_DIR)/vocab_size || status=1; \
+	$(ABL) seq_len=64,128,256,512 hydra.sweep.dir=$(ABL_DIR)/seq_len || status=1; \
+	$(PY) -m sessionbert.report $(ABL_DIR) || status=1; \
+	exit $$status

@@ -77,14 +77,11 @@ class Run:
         self.keys[name] = key
         root = Path(self.cfg.cache.dir) if self.cfg.cache.enabled else self.out / "stages"
         final = root / name / key
-        selected = self.cfg.stage in ("all", name)
-        if (final / "DONE").exists() and (self.cfg.cache.enabled or not selected):
+        # checkpoints live beside the stage folder (not in the temp folder) so a killed run can resume
+        self.ckpt_dir = root / name / f".ckpt-{key}"
+        # `stage=X` runs the stages up to X: missing upstream artefacts are computed, present ones reused
+        if (final / "DONE").exists() and self.cfg.cache.enabled:
             log.info("stage %s: reusing %s", name, final)
-        elif not selected:
-            raise RuntimeError(
-                f"stage={self.cfg.stage} needs the '{name}' stage's output ({final}), which does not exist: "
-                f"run stage={name} (or stage=all) with the same config first"
-            )
         else:
             if final.exists():  # cache disabled: recompute over a previous run's folder
                 shutil.rmtree(final)
@@ -98,6 +95,7 @@ class Run:
                 _write_json(tmp / "metrics.json", metrics)
                 _write_json(tmp / "config.json", key_parts)
                 (tmp / "DONE").write_text(key)
+                shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # finished: nothing left to resume
                 try:
                     os.rename(tmp, final)
                 except OSError:  # another job finished the same key first: theirs is equivalent
@@ -228,7 +226,7 @@ def stage_pretrain(run: Run) -> Path:
         from .data.serialize import SessionEncoder
         from .models.encoder import ARCHS, bert_config
         from .models.modules import MLMModule
-        from .train_utils import build_trainer
+        from .train_utils import build_trainer, fit, resolve_resume
 
         corpus, tok = run.corpus(), _tokenizer(run)
         enc_obj = SessionEncoder(tok, cfg.seq_len)
@@ -249,9 +247,10 @@ def stage_pretrain(run: Run) -> Path:
         val_dl = DataLoader(SessionDataset(enc_obj, enc, whole(val_s)), batch_size=cfg.runtime.eval_batch_size,
                             collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
                                                    pa.mlm_probability, fixed_seed=cfg.seed), num_workers=nw)
-        trainer = build_trainer(cfg, run, out, pa.epochs)
+        ckpt = resolve_resume(cfg, run.ckpt_dir)
+        trainer = build_trainer(cfg, run, out, pa.epochs, run.ckpt_dir)
         t0 = time.perf_counter()
-        trainer.fit(module, train_dl, val_dl)
+        fit(trainer, module, train_dl, val_dl, ckpt)
         seconds = time.perf_counter() - t0
         val = trainer.validate(module, val_dl, verbose=False)[0]
         module.model.bert.save_pretrained(str(out / "encoder"))
@@ -299,7 +298,7 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
         from .data.datasets import PadCollator
         from .models.encoder import load_encoder
         from .models.modules import MultiTaskModule
-        from .train_utils import build_trainer
+        from .train_utils import build_trainer, fit, resolve_resume
 
         tok = _tokenizer(run)
         labels = LabelMaps.from_corpus(run.corpus())
@@ -314,9 +313,10 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
         train_dl = DataLoader(sets["train"], batch_size=f.batch_size, shuffle=True, collate_fn=coll, num_workers=nw)
         val_dl = DataLoader(sets["val"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
         test_dl = DataLoader(sets["test"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
-        trainer = build_trainer(cfg, run, out, f.epochs)
+        ckpt = resolve_resume(cfg, run.ckpt_dir)
+        trainer = build_trainer(cfg, run, out, f.epochs, run.ckpt_dir)
         t0 = time.perf_counter()
-        trainer.fit(module, train_dl, val_dl)
+        fit(trainer, module, train_dl, val_dl, ckpt)
         seconds = time.perf_counter() - t0
         test = trainer.test(module, test_dl, verbose=False)[0]
         trainer.save_checkpoint(str(out / "model.ckpt"), weights_only=True)
@@ -370,8 +370,7 @@ def infer(module, dataset, batch_size: int, device, what: str = "predict") -> di
 
 def _history_sessions(run: Run) -> np.ndarray:
     """Session indices before the test window (train + val windows)."""
-    w = run.corpus().sessions["window"].to_numpy()
-    return np.flatnonzero(w != "test")
+    return history_sessions(run.corpus())
 
 
 def stage_personas(run: Run, ft_dir: Path) -> Path:
@@ -380,23 +379,13 @@ def stage_personas(run: Run, ft_dir: Path) -> Path:
     def fn(out: Path) -> dict:
         from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-        from .data.datasets import SessionDataset
-        from .data.serialize import SessionEncoder
         from .personas.cluster import sweep_kmeans
         from .personas.mapping import cluster_service_profile, map_clusters
 
         corpus = run.corpus()
         module, tok, _ = load_finetuned(ft_dir, run.device)
-        if cfg.personas.embedding == "pretrained" and "pretrain" in run.stage_dirs:
-            from .models.encoder import load_encoder
-
-            module.encoder.load_state_dict(load_encoder(run.stage_dirs["pretrain"] / "encoder").state_dict())
-        enc_obj = SessionEncoder(tok, cfg.seq_len)
-        sess = _history_sessions(run)
-        ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([sess, -np.ones_like(sess)], 1))
-        emb = infer(module, ds, cfg.runtime.eval_batch_size, run.device, what="embed")["embedding"]  # (S, H)
-        users = corpus.sessions["user_id"].to_numpy()[sess]
-        uemb = pd.DataFrame(emb).groupby(users).mean()  # (U, H): user = mean of its sessions
+        use_persona_encoder(module, cfg.personas.embedding, run.stage_dirs)
+        uemb = embed_users(module, tok, corpus, cfg.seq_len, cfg.runtime.eval_batch_size, run.device)  # (U, H)
         ks = list(cfg.personas.k_range)
         if cfg.personas.k is not None and cfg.personas.k not in ks:
             ks = sorted(set(ks) | {int(cfg.personas.k)})
@@ -454,12 +443,18 @@ def stage_recommend(run: Run, ft_dir: Path) -> Path:
 
         corpus = run.corpus()
         used, adopted = used_and_adopted(corpus.events, corpus.split)
-        recs, probs_users = recommend_users(run, ft_dir, used)
+        if cfg.recommend.ranker == "persona":  # Issue 3: popularity within the user's cluster, no model scores
+            recs, probs_users = _persona_ranker_recs(run, used)
+        else:
+            recs, probs_users = recommend_users(run, ft_dir, used)
         k = cfg.recommend.k
         top = {u: [s for s, _, _ in r] for u, r in recs.items()}
         users = list(adopted)
+        from .recommend.cooccurrence import cooccurrence_recs
+
         m = {"hit@5": hit_at_k(top, adopted, k), "users": len(users), "users_with_history": len(probs_users),
              "hit@5_popularity": hit_at_k(popularity_recs(used, users, k), adopted, k),
+             "hit@5_cooccurrence": hit_at_k(cooccurrence_recs(used, users, k), adopted, k),
              "ranker": cfg.recommend.ranker, "filter_used": cfg.recommend.filter_used,
              "protocol": f"last {cfg.recommend.last_sessions} sessions before the test window; hit when a top-{k} "
                          "service is first used by the user in the test window"}
@@ -473,27 +468,151 @@ def stage_recommend(run: Run, ft_dir: Path) -> Path:
         return m
 
     key = {"finetune": run.keys["finetune"], "recommend": _plain(cfg.recommend), "seq_len": cfg.seq_len}
-    return run.stage("recommend", key, fn)
+    if cfg.recommend.ranker == "persona":
+        key["personas"] = run.keys["personas"]
+    d = run.stage("recommend", key, fn)
+    _persona_popularity_metric(run)
+    return d
+
+
+# ---- Issue 3 (experiment grids): the persona ranker and the persona-popularity baseline ------------------
+def _persona_ranker_recs(run: Run, used: dict[str, set[str]]):
+    """recommend.ranker=persona: new services by their use among the user's cluster (personas stage)."""
+    from .recommend.persona import persona_recs, user_clusters
+
+    clusters = user_clusters(run.stage_dirs["personas"])
+    users = sorted(set(run.corpus().sessions["user_id"].astype(str)) & set(used))
+    recs = persona_recs(used, clusters, users, run.cfg.recommend.k)
+    return {u: [(s, 0, 0.0) for s in r] for u, r in recs.items()}, set(users)
+
+
+def _persona_popularity_metric(run: Run) -> None:
+    """recommend.hit@5_persona_popularity (the cluster-popularity baseline), from the personas stage's clusters.
+    Not cached in the recommend folder, so a k grid re-runs only the personas stage."""
+    if "personas" not in run.stage_dirs or "recommend" not in run.metrics:
+        return
+    from .data.split import used_and_adopted
+    from .recommend.metrics import hit_at_k
+    from .recommend.persona import persona_recs, user_clusters
+
+    corpus = run.corpus()
+    used, adopted = used_and_adopted(corpus.events, corpus.split)
+    k = run.cfg.recommend.k
+    recs = persona_recs(used, user_clusters(run.stage_dirs["personas"]), list(adopted), k)
+    run.metrics["recommend"] = {**run.metrics["recommend"], "hit@5_persona_popularity": hit_at_k(recs, adopted, k)}
 
 
 def recommend_users(run: Run, ft_dir: Path, used: dict[str, set[str]]):
     """The paper's recommender over each user's last sessions before the test window."""
+    cfg = run.cfg
+    module, tok, labels = load_finetuned(ft_dir, run.device)
+    recs, users, _, _ = recommend_sessions(module, tok, labels, run.corpus(), used, cfg.seq_len, cfg.recommend,
+                                           cfg.runtime.eval_batch_size, run.device)
+    return recs, set(users)
+
+
+# ---- shared inference path ------------------------------------------------------------------------
+# The pipeline's evaluation (stage_recommend, stage_personas) and the user-facing API
+# (sessionbert.inference.SessionBERT, the `sessionbert` command) call these same functions:
+# serialisation (Corpus) -> SessionEncoder -> infer -> recommend / mean-pooled user embedding.
+
+def serialise_events(events: pd.DataFrame, billing: pd.DataFrame | None, cutoff=None, use_region: bool = True,
+                     use_billing: bool = True):
+    """A Corpus of `events` (event schema) without a train/val/test split: sessions starting before `cutoff`
+    (UTC; None = all) are the history (window "train"), later ones window "test", so `history_sessions` and
+    `used_and_adopted(events, corpus.split)` read exactly as in the pipeline with cutoff = the test start.
+    Serialisation as `Corpus.build` (same ordering, event texts, region and previous-month billing metadata)."""
+    from .data.corpus import Corpus
+    from .data.serialize import event_texts, session_metadata
+    from .data.split import TimeSplit, session_table
+
+    ev = events.copy()
+    ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
+    start, end = ev["timestamp"].min(), ev["timestamp"].max()
+    cut = end + pd.Timedelta(1, "ms") if cutoff is None else _utc(cutoff)
+    split = TimeSplit(start=start, val_start=cut, test_start=cut, end=end)
+    # the rest is Corpus.build's, line for line (sessions contiguous, by user then session start)
+    first_ts = ev.groupby("session_id")["timestamp"].transform("min")
+    ev = ev.assign(_start=first_ts).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")
+    ev = ev.drop(columns="_start").reset_index(drop=True)
+    sessions = session_table(ev, split)
+    order = pd.Index(ev["session_id"]).unique()
+    sessions = sessions.set_index("session_id").loc[order].reset_index()
+    bounds = np.concatenate([[0], np.cumsum(sessions["n_events"].to_numpy())])
+    first = ev.iloc[bounds[:-1]]
+    sessions["region"] = first["region"].to_numpy() if "region" in ev else None
+    meta = session_metadata(sessions, billing, use_region, use_billing).tolist()
+    return Corpus(ev, sessions, bounds, split, meta, event_texts(ev))
+
+
+def _utc(ts) -> pd.Timestamp:
+    t = pd.Timestamp(ts)
+    return t.tz_localize("UTC") if t.tzinfo is None else t.tz_convert("UTC")
+
+
+def history_sessions(corpus) -> np.ndarray:
+    """Session indices whose session starts before the corpus' test start (the pipeline: train + val windows)."""
+    return np.flatnonzero(corpus.sessions["window"].to_numpy() != "test")
+
+
+def recommend_sessions(module, tok, labels, corpus, used: dict[str, set[str]], seq_len: int, rec_cfg,
+                       batch_size: int, device):
+    """The paper's recommender over each user's last `rec_cfg.last_sessions` history sessions.
+
+    Returns (recs user -> [(service, times recommended, summed prob)], session users (S,), session indices (S,),
+    infer's outputs over those sessions: {"page": (S, P), "service": (S, C)} probabilities), sessions in corpus
+    order (per user, oldest first)."""
     from .data.datasets import SessionDataset
     from .data.serialize import SessionEncoder
     from .recommend.recommender import recommend
 
-    cfg, corpus = run.cfg, run.corpus()
-    module, tok, labels = load_finetuned(ft_dir, run.device)
-    sess = _history_sessions(run)
+    sess = history_sessions(corpus)
     table = corpus.sessions.iloc[sess]
-    last = table.groupby("user_id", sort=False).tail(cfg.recommend.last_sessions).index.to_numpy()
-    enc_obj = SessionEncoder(tok, cfg.seq_len)
+    last = table.groupby("user_id", sort=False).tail(rec_cfg["last_sessions"]).index.to_numpy()
+    enc_obj = SessionEncoder(tok, seq_len)
     ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([last, -np.ones_like(last)], 1))
-    probs = infer(module, ds, cfg.runtime.eval_batch_size, run.device)["service"]  # (S, C)
+    out = infer(module, ds, batch_size, device)  # service: (S, C)
     users = corpus.sessions["user_id"].to_numpy()[last]
-    recs = recommend(users, probs, labels.services, used, cfg.recommend.per_session_k, cfg.recommend.k,
-                     cfg.recommend.ranker, cfg.recommend.filter_used)
-    return recs, set(users)
+    recs = recommend(users, out["service"], labels.services, used, rec_cfg["per_session_k"], rec_cfg["k"],
+                     rec_cfg["ranker"], rec_cfg["filter_used"])
+    return recs, users, last, out
+
+
+def use_persona_encoder(module, embedding: str, stage_dirs: dict) -> None:
+    """personas.embedding=pretrained: swap the pretrained (MLM) encoder into `module` (in place)."""
+    if embedding == "pretrained" and "pretrain" in stage_dirs:
+        from .models.encoder import load_encoder
+
+        module.encoder.load_state_dict(load_encoder(Path(stage_dirs["pretrain"]) / "encoder").state_dict())
+
+
+def embed_users(module, tok, corpus, seq_len: int, batch_size: int, device) -> pd.DataFrame:
+    """(U, H) user embeddings indexed by user_id (sorted): mean of the embeddings of the user's history sessions."""
+    from .data.datasets import SessionDataset
+    from .data.serialize import SessionEncoder
+
+    enc_obj = SessionEncoder(tok, seq_len)
+    sess = history_sessions(corpus)
+    ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([sess, -np.ones_like(sess)], 1))
+    emb = infer(module, ds, batch_size, device, what="embed")["embedding"]  # (S, H)
+    users = corpus.sessions["user_id"].to_numpy()[sess]
+    return pd.DataFrame(emb).groupby(users).mean()
+
+
+def write_run_config(cfg: DictConfig, out: Path) -> None:
+    """The run's resolved config as `run_config.yaml` (what `SessionBERT.from_run` reads: seq_len, recommend, ...)."""
+    try:
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that only resolves inside Hydra (e.g. ${hydra:...}): keep what resolves
+        plain = {}
+        for k in cfg:
+            try:
+                plain[k] = _plain(cfg[k])
+            except Exception:
+                continue
+    tmp = out / f".run_config.yaml.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(OmegaConf.to_yaml(OmegaConf.create(plain)))
+    os.replace(tmp, out / "run_config.yaml")
 
 
 def run_pipeline(cfg: DictConfig) -> dict:
@@ -516,7 +635,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if cfg.stage == "pretrain":
             return _finish(run, report=False)
         ft = stage_finetune(run, enc_dir)
-        if cfg.stage in ("all", "personas", "report"):
+        if cfg.stage in ("all", "personas", "report") or cfg.recommend.ranker == "persona":  # persona: Issue 3
             stage_personas(run, ft)
         if cfg.stage in ("all", "recommend", "report"):
             stage_recommend(run, ft)
@@ -534,6 +653,7 @@ def _finish(run: Run, report: bool) -> dict:
                          "seed": run.cfg.seed, "model": run.cfg.model.name, "data": run.cfg.data.name}
     metrics["stage_dirs"] = {k: str(v) for k, v in run.stage_dirs.items()}
     _write_json(run.out / "metrics.json", metrics)
+    write_run_config(run.cfg, run.out)
     if report:
         from .report import write_run_report
 

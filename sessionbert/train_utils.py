@@ -7,7 +7,14 @@ import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks import (
+    LearningRateMonitor,
+    ModelCheckpoint,
+    OnExceptionCheckpoint,
+    RichModelSummary,
+    RichProgressBar,
+)
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -88,11 +95,99 @@ def log_summary(run, metrics: dict) -> None:
         lg.experiment.log({"plots/silhouette": wandb.Image(str(png))})
 
 
-def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int) -> L.Trainer:
+#: Exit status of a run stopped by SIGTERM (pre-emption) after writing a resumable checkpoint. Lightning alone
+#: exits 0 there, so a pre-empted job would look finished; 75 is EX_TEMPFAIL ("try again").
+EXIT_PREEMPTED = 75
+
+
+class Preempted(RuntimeError):
+    """Training stopped by SIGTERM; a resumable checkpoint was written."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+class SigtermCheckpoint(OnExceptionCheckpoint):
+    """Lightning's on-exception checkpoint, written only for SIGTERM (never for a NaN loss or a bug, so the last
+    good checkpoint is never replaced by a broken state). It is the file `resume=auto` picks first."""
+
+    def on_exception(self, trainer, *args, **kwargs) -> None:
+        exc = args[-1] if args else kwargs.get("exception")
+        if isinstance(exc, SIGTERMException):
+            super().on_exception(trainer, *args, **kwargs)
+
+
+class _SigtermAt(L.Callback):
+    """Sends this process SIGTERM after optimizer step N (once), like a cluster pre-empting the job."""
+
+    def __init__(self, step: int):
+        self.step, self.sent = step, False
+
+    def on_train_batch_end(self, trainer, *_) -> None:
+        if not self.sent and trainer.global_step >= self.step:
+            import signal
+
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from: `resume=auto` (newest of preempted.ckpt / last.ckpt in this stage's
+    checkpoint folder, else a fresh start), `resume=PATH`, or none. A fresh run (resume unset) refuses to start
+    over existing checkpoints instead of silently resuming or overwriting them."""
+    found = [p for p in (ckpt_dir / "preempted.ckpt", ckpt_dir / "last.ckpt") if p.exists()]
+    mode = cfg.get("resume")
+    if mode is None:
+        if found:
+            raise FileExistsError(
+                f"{ckpt_dir} holds checkpoints of an interrupted run ({', '.join(p.name for p in found)}): "
+                "pass resume=auto to continue it, or delete the folder to start over"
+            )
+        return None
+    if mode == "auto":
+        if not found:
+            log.info("resume=auto: no checkpoint in %s, starting fresh", ckpt_dir)
+            return None
+        path = max(found, key=lambda p: p.stat().st_mtime)
+    else:
+        path = Path(mode)
+        if not path.is_file():
+            raise FileNotFoundError(f"resume: checkpoint {path} does not exist")
+    _check_loadable(path)
+    log.info("resuming from checkpoint %s", path)
+    return str(path)
+
+
+def _check_loadable(path: Path) -> None:
+    """A truncated or corrupt checkpoint is an error naming the file, never a silent fresh start."""
+    import torch
+
+    try:
+        torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any load failure means the file is unusable
+        raise RuntimeError(f"checkpoint {path} cannot be loaded ({type(e).__name__}: {e}); "
+                           "delete it or pass resume=PATH to another checkpoint") from e
+
+
+def fit(trainer: L.Trainer, module, train_dl, val_dl, ckpt_path: str | None) -> None:
+    try:
+        trainer.fit(module, train_dl, val_dl, ckpt_path=ckpt_path)
+    except SIGTERMException:  # a SystemExit with code 0 in Lightning: turn it into a distinct failure
+        pass
+    if trainer.received_sigterm:
+        raise Preempted(f"SIGTERM: stopped at step {trainer.global_step}; resumable checkpoint written, "
+                        "rerun the same command with resume=auto")
+
+
+def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Path | None = None) -> L.Trainer:
     t = cfg.trainer
     cb = []
+    ckpt_dir = ckpt_dir or out / "checkpoints"
     if cfg.callbacks.checkpoint:
-        cb.append(ModelCheckpoint(dirpath=str(out / "checkpoints"), save_last=True, save_top_k=0))
+        cb.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
+                                  every_n_train_steps=cfg.callbacks.get("every_n_train_steps") or None))
+    cb.append(SigtermCheckpoint(dirpath=str(ckpt_dir), filename="preempted"))
+    if os.environ.get("SESSIONBERT_SIGTERM_AT_STEP"):  # fault injection for tests and pre-emption drills
+        cb.append(_SigtermAt(int(os.environ["SESSIONBERT_SIGTERM_AT_STEP"])))
     if cfg.callbacks.lr_monitor and not t.fast_dev_run:
         cb.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.model_summary:

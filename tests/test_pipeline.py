@@ -87,11 +87,9 @@ def test_k_change_reuses_finetuned_model(smoke, caplog):
 
 
 def test_fast_dev_run_both_modules(tmp_path):
-    cfg = make_cfg(tmp_path, ["experiment=smoke", "debug=fast_dev_run", "stage=finetune"])
-    with pytest.raises(RuntimeError, match="stage=finetune needs the 'data' stage"):
-        run_pipeline(cfg)  # cache off and nothing upstream: a clear error, not a silent fresh start
-    m = run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "debug=fast_dev_run"]))
+    m = run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "debug=fast_dev_run", "stage=finetune"]))
     assert m["pretrain"]["train_sessions"] > 0 and "page_f1_micro" in m["finetune"]
+    assert "personas" not in m and "recommend" not in m  # stage=finetune stops after fine-tuning
 
 
 def test_malformed_input_file_gives_clear_error(tmp_path):

@@ -7,7 +7,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-RANKERS = ("count", "prob")
+RANKERS = ("count", "prob", "persona")  # persona: sessionbert.recommend.persona (no model scores)
+MODEL_RANKERS = ("count", "prob")
 
 
 def recommend(
@@ -27,8 +28,8 @@ def recommend(
     used services first, so every session contributes `per_session_k` new ones.
     ranker "count" (the paper): by times recommended, ties by summed probability; "prob": by summed probability.
     """
-    if ranker not in RANKERS:
-        raise ValueError(f"recommend.ranker must be one of {RANKERS}, got {ranker!r}")
+    if ranker not in MODEL_RANKERS:
+        raise ValueError(f"recommend.ranker must be one of {MODEL_RANKERS} here, got {ranker!r}")
     if filter_used not in ("after_topk", "before_topk"):
         raise ValueError(f"recommend.filter_used must be after_topk or before_topk, got {filter_used!r}")
     names = np.asarray(services, dtype=object)

@@ -1,0 +1,162 @@
+"""Issue 7: a trained run used from Python (`SessionBERT`) and from the `sessionbert` command, and exported.
+
+One module-scoped smoke run; the command reproduces the pipeline's Hit@5 on the pipeline's own users."""
+from __future__ import annotations
+
+import json
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from sessionbert.cli import main
+from sessionbert.data.split import used_and_adopted
+from sessionbert.inference import COLUMNS, SKIP_NO_HISTORY, MissingRunFileError, SessionBERT
+from sessionbert.pipeline import Run, run_pipeline
+from sessionbert.recommend.metrics import hit_at_k
+
+from .conftest import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("smoke_inference")
+    cfg = make_cfg(tmp, ["experiment=smoke"])
+    m = run_pipeline(cfg)
+    run = Run(cfg)
+    run.stage_dirs = {k: Path(v) for k, v in m["stage_dirs"].items()}
+    return tmp / "run", run, m
+
+
+@pytest.fixture(scope="module")
+def model(smoke):
+    return SessionBERT.from_run(smoke[0], device="cpu")
+
+
+def test_cli_recommend_reproduces_pipeline_hit_at_5(smoke, tmp_path, capsys):
+    run_dir, run, m = smoke
+    corpus = run.corpus()
+    d = run.stage_dirs["data"]
+    out = tmp_path / "recs.parquet"
+    args = ["recommend", "--run", str(run_dir), "--events", str(d / "events.parquet"), "--out", str(out),
+            "--cutoff", str(corpus.split.test_start), "--batch-users", "64"]
+    if (d / "billing.parquet").exists():
+        args += ["--billing", str(d / "billing.parquet")]
+    assert main(args) == 0
+    df = pd.read_parquet(out)
+    assert list(df.columns) == list(COLUMNS) and df["user_id"].is_unique
+    _, adopted = used_and_adopted(corpus.events, corpus.split)
+    top = {u: list(s) for u, s in zip(df["user_id"], df["new_services"])}
+    assert hit_at_k(top, adopted, 5) == m["recommend"]["hit@5"]
+    # same recommendations as the pipeline's, and the same persona clusters as stage_personas
+    pipe = pd.read_parquet(run.stage_dirs["recommend"] / "recommendations.parquet")
+    for u, services in pipe.sort_values("rank").groupby("user_id")["service"]:
+        assert top[u] == list(services)
+    scored = df[df["skipped_reason"].isna()].set_index("user_id")
+    users = pd.read_parquet(run.stage_dirs["personas"] / "users.parquet").set_index("user_id")
+    assert len(scored) == len(users) == m["recommend"]["users_with_history"]
+    assert (scored.loc[users.index, "cluster"].to_numpy() == users["cluster"].to_numpy()).all()
+    if "persona" in users:
+        assert (scored.loc[users.index, "persona"].to_numpy() == users["persona"].to_numpy()).all()
+    assert scored["persona_similarity"].between(-1, 1.0001).all()
+    assert all(len(p) == 5 for p in scored["next_pages"])
+    for c in scored["new_service_counts"]:
+        assert all(1 <= n <= 8 for n in c)
+    n_skip = int(df["skipped_reason"].notna().sum())
+    assert (df.loc[df["skipped_reason"].notna(), "skipped_reason"] == SKIP_NO_HISTORY).all()
+    err = capsys.readouterr().err
+    assert f"{len(scored)} users scored, {n_skip} skipped" in err
+
+
+def test_api_jsonl_cutoff_unknown_services_and_batches(model, smoke, tmp_path, capsys):
+    ev = pd.DataFrame({
+        "user_id": ["a", "a", "a", "b", "b"],
+        "session_id": ["a1", "a1", "a2", "b1", "b1"],
+        "timestamp": ["2024-01-01T10:00:00Z", "2024-01-01T10:01:00Z", "2024-01-03T09:00:00Z",
+                      "2024-02-01T10:00:00Z", "2024-02-01T10:02:00Z"],
+        "service": ["Compute Engine", "Totally New Service", "Object Storage", "Compute Engine", "Logging"],
+        "page": ["compute/home", "zz/unseen-page", "storage/home", "compute/home", "logging/home"],
+    })
+    p = tmp_path / "events.csv"
+    ev.to_csv(p, index=False)
+    out = tmp_path / "out.jsonl"
+    assert main(["recommend", "--run", str(smoke[0]), "--events", str(p), "--out", str(out),
+                 "--cutoff", "2024-01-15", "--batch-users", "1", "--device", "cpu"]) == 0
+    rows = {r["user_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["b"]["skipped_reason"] == SKIP_NO_HISTORY and rows["b"]["new_services"] == []
+    a = rows["a"]
+    assert a["skipped_reason"] is None and a["n_sessions"] == 2 and a["cluster"] is not None
+    assert not {"Compute Engine", "Object Storage", "Totally New Service"} & set(a["new_services"])
+    assert "1 users scored, 1 skipped (1 no sessions before the cut-off)" in capsys.readouterr().err
+    # the API: no cut-off = every session; batches give the same rows as one call
+    whole = model.predict(ev)
+    assert whole["skipped_reason"].isna().all()
+    parts = pd.concat(list(model.predict_batches(ev, batch_users=1)), ignore_index=True)
+    pd.testing.assert_frame_equal(whole.drop(columns="persona_similarity"), parts.drop(columns="persona_similarity"))
+
+
+def test_missing_run_pieces_and_bad_input_are_named(smoke, tmp_path, capsys):
+    run_dir = smoke[0]
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    shutil.copy(run_dir / "metrics.json", broken / "metrics.json")
+    with pytest.raises(MissingRunFileError, match="run_config.yaml"):
+        SessionBERT.from_run(broken)
+    shutil.copy(run_dir / "run_config.yaml", broken / "run_config.yaml")
+    m = json.loads((run_dir / "metrics.json").read_text())
+    m["stage_dirs"]["personas"] = str(tmp_path / "gone")
+    (broken / "metrics.json").write_text(json.dumps(m))
+    with pytest.raises(MissingRunFileError, match="gone"):
+        SessionBERT.from_run(broken)
+    bad = tmp_path / "events.csv"
+    bad.write_text("user_id,session_id,timestamp,service,page\n"
+                   "u1,s1,2024-01-01T00:00:00Z,Compute,compute/home\n"
+                   "u1,s1,not-a-time,Compute,compute/list\n")
+    assert main(["recommend", "--run", str(run_dir), "--events", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "events.csv:3" in capsys.readouterr().err and not (tmp_path / "o.jsonl").exists()
+    assert main(["recommend", "--run", str(broken), "--events", str(bad), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert "gone" in capsys.readouterr().err
+
+
+def test_export_hf_and_onnx_match_torch(model, smoke, tmp_path):
+    from transformers import AutoModel, AutoTokenizer
+
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(smoke[0]), "--out", str(out), "--onnx"]) == 0
+    hf = AutoModel.from_pretrained(str(out), add_pooling_layer=False, local_files_only=True).eval()
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    texts = ["region eu-west [EVT] compute engine : instances . launch",
+             "region us [EVT] home : home [EVT] 漢字 service : 漢字 page"]  # unseen characters
+    b, b0 = tok(texts, padding=True, return_tensors="pt"), model.tok(texts, padding=True, return_tensors="pt")
+    assert torch.equal(b["input_ids"], b0["input_ids"]) and tok.unk_token_id in b["input_ids"][1].tolist()  # [UNK]
+    with torch.no_grad():
+        ref = model.module.encoder(input_ids=b0["input_ids"], attention_mask=b0["attention_mask"]).last_hidden_state
+        got = hf(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).last_hidden_state
+    assert torch.allclose(got, ref, atol=1e-6)
+
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(out / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    for batch, seq in ((1, 5), (3, 57)):  # other shapes than the export's (2, 16): dynamic axes
+        ids = torch.randint(6, len(model.tok), (batch, seq), generator=g)
+        mask = torch.ones_like(ids)
+        mask[-1, seq // 2:] = 0
+        o = sess.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})[0]
+        with torch.no_grad():
+            r = model.module.encoder(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+        assert o.shape == r.shape and np.abs(o - r).max() < 1e-4
+
+
+def test_console_script_declared():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["sessionbert"] == "sessionbert.cli:main"
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0

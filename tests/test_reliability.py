@@ -1,0 +1,102 @@
+"""Reliability: SIGTERM writes a resumable checkpoint and exits 75; resume=auto continues it and says from
+where; a fresh run refuses to start over checkpoints; a truncated checkpoint is an error naming the file;
+a NaN loss stops within the step; the pipeline runs with the network cut off."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sessionbert.pipeline import run_pipeline
+from sessionbert.train_utils import EXIT_PREEMPTED
+
+from .conftest import make_cfg
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tmp: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "train.py", "experiment=smoke", "stage=pretrain", f"hydra.run.dir={tmp}/run",
+           f"paths.cache_dir={tmp}/cache", "callbacks.every_n_train_steps=2", *overrides]
+    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline", **(env or {})},
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_checkpoint_exit_code_then_resume(tmp_path):
+    r = _train(tmp_path, env={"SESSIONBERT_SIGTERM_AT_STEP": "3"})
+    assert r.returncode == EXIT_PREEMPTED, r.stderr[-3000:]
+    ckpts = list((tmp_path / "cache" / "pretrain").glob(".ckpt-*/preempted.ckpt"))
+    assert len(ckpts) == 1, "a resumable checkpoint is written on SIGTERM"
+    assert not list((tmp_path / "cache" / "pretrain").glob("*/DONE")), "a pre-empted stage is not marked done"
+    # a fresh run never silently resumes or overwrites
+    r2 = _train(tmp_path)
+    assert r2.returncode != 0 and "resume=auto" in r2.stderr
+    # resume=auto continues, says which checkpoint it picked, and finishes the stage
+    r3 = _train(tmp_path, "resume=auto")
+    assert r3.returncode == 0, r3.stderr[-3000:]
+    assert f"resuming from checkpoint {ckpts[0]}" in (r3.stdout + r3.stderr)
+    assert list((tmp_path / "cache" / "pretrain").glob("*/DONE"))
+    assert not ckpts[0].exists(), "checkpoints of a finished stage are cleaned up"
+
+
+def test_resume_truncated_checkpoint_names_file(tmp_path, monkeypatch):
+    """A checkpoint cut short (a write killed half-way) is an error naming the file, never a fresh start."""
+    import sessionbert.train_utils as tu
+
+    seen, orig = {}, tu.resolve_resume
+
+    def truncate_then_resolve(cfg_, ckpt_dir):
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        (ckpt_dir / "last.ckpt").write_bytes(b"PK\x03\x04truncated")
+        seen["dir"] = ckpt_dir
+        return orig(cfg_, ckpt_dir)
+
+    monkeypatch.setattr(tu, "resolve_resume", truncate_then_resolve)
+    with pytest.raises(RuntimeError, match=r"last\.ckpt cannot be loaded"):
+        run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "resume=auto"]))
+    assert (seen["dir"] / "last.ckpt").exists(), "the bad checkpoint is left for inspection, not deleted"
+
+
+def test_nan_loss_stops_within_the_step(tmp_path, monkeypatch):
+    import torch
+
+    from sessionbert.models.modules import MLMModule
+
+    orig = MLMModule.forward
+
+    def poisoned(self, *a, **k):
+        loss = orig(self, *a, **k)
+        return loss * torch.tensor(float("nan")) if self.global_step >= 2 else loss
+
+    monkeypatch.setattr(MLMModule, "forward", poisoned)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "callbacks.every_n_train_steps=1"]))
+    last = list((tmp_path / "cache" / "pretrain").glob(".ckpt-*/last.ckpt"))
+    assert last and torch.load(last[0], map_location="cpu", weights_only=False)["global_step"] == 2, \
+        "the last good checkpoint (step 2) is kept, not overwritten by the broken step"
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any non-loopback connection fails; the Hugging Face hub is off."""
+    real = socket.socket.connect
+
+    def guarded(self, address):
+        host = address[0] if isinstance(address, tuple) else address
+        if isinstance(host, str) and not (host.startswith("127.") or host in ("localhost", "::1") or host.startswith("/")):
+            raise OSError(f"network disabled in tests: {address}")
+        return real(self, address)
+
+    monkeypatch.setattr(socket.socket, "connect", guarded)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+
+
+def test_offline_whole_pipeline_with_wandb(tmp_path, no_network):
+    m = run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "logger=wandb"]))
+    assert m["recommend"]["users"] > 0
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*")), "W&B wrote an offline run"
