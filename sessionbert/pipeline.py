@@ -529,28 +529,15 @@ def serialise_events(events: pd.DataFrame, billing: pd.DataFrame | None, cutoff=
     """A Corpus of `events` (event schema) without a train/val/test split: sessions starting before `cutoff`
     (UTC; None = all) are the history (window "train"), later ones window "test", so `history_sessions` and
     `used_and_adopted(events, corpus.split)` read exactly as in the pipeline with cutoff = the test start.
-    Serialisation as `Corpus.build` (same ordering, event texts, region and previous-month billing metadata)."""
+    Serialisation is `Corpus.build`'s (same ordering, event texts, region and previous-month billing metadata)."""
     from .data.corpus import Corpus
-    from .data.serialize import event_texts, session_metadata
-    from .data.split import TimeSplit, session_table
+    from .data.split import TimeSplit
 
-    ev = events.copy()
-    ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
-    start, end = ev["timestamp"].min(), ev["timestamp"].max()
+    t = pd.to_datetime(events["timestamp"], utc=True)
+    start, end = t.min(), t.max()
     cut = end + pd.Timedelta(1, "ms") if cutoff is None else _utc(cutoff)
     split = TimeSplit(start=start, val_start=cut, test_start=cut, end=end)
-    # the rest is Corpus.build's, line for line (sessions contiguous, by user then session start)
-    first_ts = ev.groupby("session_id")["timestamp"].transform("min")
-    ev = ev.assign(_start=first_ts).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")
-    ev = ev.drop(columns="_start").reset_index(drop=True)
-    sessions = session_table(ev, split)
-    order = pd.Index(ev["session_id"]).unique()
-    sessions = sessions.set_index("session_id").loc[order].reset_index()
-    bounds = np.concatenate([[0], np.cumsum(sessions["n_events"].to_numpy())])
-    first = ev.iloc[bounds[:-1]]
-    sessions["region"] = first["region"].to_numpy() if "region" in ev else None
-    meta = session_metadata(sessions, billing, use_region, use_billing).tolist()
-    return Corpus(ev, sessions, bounds, split, meta, event_texts(ev))
+    return Corpus.build(events, billing, 0, 0, use_region, use_billing, split=split)
 
 
 def _utc(ts) -> pd.Timestamp:
