@@ -122,8 +122,10 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str) -> tuple
     """n batches from one shuffled epoch of TokenBudgetBatchSampler over the capped lengths, collated by
     MLMCollator on the CPU. Token ids: [CLS] random-in-vocabulary [SEP], like a serialised session."""
     lens = np.minimum(lengths, seq)
-    sampler = TokenBudgetBatchSampler(lens, a.tokens_per_step, shuffle=True, seed=0)
-    coll = MLMCollator(SPECIAL["pad"], SPECIAL["mask"], a.vocab, list(SPECIAL.values()), 0.15)
+    m = a.pad_multiple or 1
+    sampler = TokenBudgetBatchSampler(-(-lens // m) * m, a.tokens_per_step, shuffle=True, seed=0)
+    coll = MLMCollator(SPECIAL["pad"], SPECIAL["mask"], a.vocab, list(SPECIAL.values()), 0.15,
+                       pad_to_multiple_of=a.pad_multiple)
     g = np.random.default_rng(0)
     out, t_coll, epoch = [], 0.0, 0
     while len(out) < n:
@@ -240,6 +242,7 @@ def main() -> None:
     # only the shapes both sides define alike (the reference's "small" is 512 wide, ours 256)
     p.add_argument("--model", choices=["base", "tiny"], default="base")
     p.add_argument("--vocab", type=int, default=30000)
+    p.add_argument("--pad-multiple", type=int, default=None, help="round batch widths up to this multiple (few shapes)")
     p.add_argument("--tokens-per-step", type=int, default=131072, help="slot (B x T) tokens per step, both paths")
     p.add_argument("--steps", type=int, default=40, help="timed steps of ours")
     p.add_argument("--warmup", type=int, default=8)

@@ -241,12 +241,16 @@ def stage_pretrain(run: Run) -> Path:
         val_s = corpus.window_sessions("val")[: pa.val_max_sessions]
         whole = lambda s: np.stack([s, -np.ones_like(s)], 1)  # noqa: E731
         nw = cfg.runtime.num_workers
-        train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability)
+        mult = pa.get("pad_to_multiple_of")
+        train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability,
+                                 pad_to_multiple_of=mult)
         train_ds = SessionDataset(enc_obj, enc, whole(train_s))
         if pa.get("max_tokens"):  # length bucketing: batches of similar length, B x T <= max_tokens (GPU path)
             from .data.sampler import TokenBudgetBatchSampler
 
-            lengths = [len(enc_obj.build(enc, int(s))) for s in train_s]
+            lengths = np.array([len(enc_obj.build(enc, int(s))) for s in train_s])
+            if mult:
+                lengths = -(-lengths // mult) * mult  # the widths the collator will pad to
             sampler = TokenBudgetBatchSampler(lengths, int(pa.max_tokens), shuffle=True, seed=cfg.seed)
             train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, num_workers=nw)
         else:

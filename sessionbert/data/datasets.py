@@ -37,9 +37,12 @@ class SessionDataset(Dataset):
         return out
 
 
-def pad_batch(batch: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Dynamic padding to the longest sequence in the batch."""
+def pad_batch(batch: list[dict], pad_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
+    """Dynamic padding to the longest sequence in the batch, rounded up to `multiple` when given (few distinct
+    batch shapes: on a GPU every new shape costs kernel selection and allocator work)."""
     width = max(len(b["input_ids"]) for b in batch)
+    if multiple:
+        width = -(-width // multiple) * multiple
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
     for r, b in enumerate(batch):
         ids[r, : len(b["input_ids"])] = torch.as_tensor(b["input_ids"])
@@ -67,12 +70,13 @@ class MLMCollator:
     """
 
     def __init__(self, pad_id: int, mask_id: int, vocab_size: int, special_ids: list[int], prob: float = 0.15,
-                 fixed_seed: int | None = None):
+                 fixed_seed: int | None = None, pad_to_multiple_of: int | None = None):
         if not 0.0 < prob < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {prob}")
         self.pad_id, self.mask_id, self.vocab_size, self.prob = pad_id, mask_id, vocab_size, prob
         self.special = torch.tensor(sorted(set(special_ids) | {pad_id}))
         self.fixed_seed = fixed_seed
+        self.multiple = pad_to_multiple_of
         # random replacements are drawn from non-special tokens only
         keep = torch.ones(vocab_size, dtype=torch.bool)
         keep[self.special[self.special < vocab_size]] = False
@@ -89,7 +93,7 @@ class MLMCollator:
         return tuple(torch.stack(x) for x in zip(*rows))  # type: ignore[return-value]
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
-        batch = pad_batch(items, self.pad_id)
+        batch = pad_batch(items, self.pad_id, self.multiple)
         ids = batch["input_ids"]  # (B, T)
         u_select, u_kind, r_tok = self._rand(batch, tuple(ids.shape))
         maskable = ~torch.isin(ids, self.special)
