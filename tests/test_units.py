@@ -144,3 +144,12 @@ def test_recommender_never_returns_used_service_and_counts():
     assert [s for s, _, _ in r] == ["s2", "s4", "s3"] and [c for _, c, _ in r] == [2, 2, 1]
     r2 = recommend(["u"] * 3, p, services, {"u": {"s2"}}, per_session_k=2, k=3)["u"]
     assert [s for s, _, _ in r2] == ["s4", "s3", "s1"]  # top-2 first, then s2 dropped; ties by summed prob
+
+
+def test_pad_to_multiple_rounds_width_and_masks_padding():
+    from sessionbert.data.datasets import pad_batch
+
+    b = pad_batch([{"idx": 0, "input_ids": [2, 7, 8, 3]}, {"idx": 1, "input_ids": [2, 9, 3]}], pad_id=0, multiple=32)
+    assert b["input_ids"].shape == (2, 32)
+    assert b["attention_mask"].sum(1).tolist() == [4, 3]
+    assert pad_batch([{"idx": 0, "input_ids": [2, 3]}], pad_id=0)["input_ids"].shape == (1, 2)
