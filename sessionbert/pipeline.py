@@ -26,9 +26,6 @@ from .config import validate
 
 log = logging.getLogger("sessionbert")
 
-ORDER = ("data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "report")
-
-
 def _key(*parts) -> str:
     blob = json.dumps(parts, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

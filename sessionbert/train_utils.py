@@ -85,11 +85,9 @@ def log_summary(run, metrics: dict) -> None:
     if sil:
         data["tables/silhouette"] = wandb.Table(columns=["k", "silhouette"],
                                                 data=[[int(k), v] for k, v in sorted(sil.items(), key=lambda x: int(x[0]))])
-    rec = metrics.get("recommend", {})
     flat = {f"summary/{s}.{k}": v for s in ("finetune", "personas", "recommend", "pretrain")
             for k, v in metrics.get(s, {}).items() if isinstance(v, (int, float))}
-    lg.experiment.log({**data, **flat, **{f"summary/recommend.{k}": v for k, v in rec.items()
-                                          if isinstance(v, (int, float))}})
+    lg.experiment.log({**data, **flat})
     png = run.out / "silhouette.png"
     if png.exists():
         lg.experiment.log({"plots/silhouette": wandb.Image(str(png))})

@@ -18,8 +18,7 @@ def _all_options():
         for opt in options:
             if group in ("hydra", "paths"):
                 continue
-            prefix = "+" if group in () else ""
-            yield f"{prefix}{group}={opt}"
+            yield f"{group}={opt}"
 
 
 @pytest.mark.parametrize("override", list(_all_options()))

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -50,7 +50,7 @@ def test_parity_eval_equals_inference(smoke):
     """Metrics of the test loop equal those recomputed through the inference path on the same examples."""
     tmp, cfg, m = smoke
     run = Run(cfg)
-    run.stage_dirs = {k: __import__("pathlib").Path(v) for k, v in m["stage_dirs"].items()}
+    run.stage_dirs = {k: Path(v) for k, v in m["stage_dirs"].items()}
     module, tok, labels = load_finetuned(run.stage_dirs["finetune"])
     test = finetune_data(run, tok, labels)["test"]
     out = infer(module, test, 64, "cpu")
@@ -67,7 +67,7 @@ def test_recommendations_never_hold_used_services(smoke):
     from sessionbert.data.split import used_and_adopted
 
     run = Run(cfg)
-    run.stage_dirs = {k: __import__("pathlib").Path(v) for k, v in m["stage_dirs"].items()}
+    run.stage_dirs = {k: Path(v) for k, v in m["stage_dirs"].items()}
     used, _ = used_and_adopted(run.corpus().events, run.corpus().split)
     recs = pd.read_parquet(run.stage_dirs["recommend"] / "recommendations.parquet")
     assert len(recs)

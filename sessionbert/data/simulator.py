@@ -241,7 +241,7 @@ class _Compiled:
 
 def _compile(cat: Catalog) -> _Compiled:
     svcs, pages = cat.services, cat.pages
-    S, P = len(svcs), len(pages)
+    S = len(svcs)
     slug_idx = {s: i for i, s in enumerate(svcs["slug"])}
     page_service = pages["service_slug"].map(slug_idx).to_numpy(np.int32)
     svc_page0 = np.full(S, 0, np.int64)
@@ -920,7 +920,7 @@ def simulate_to_dir(
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sessionbert.data.stats import data_stats, write_data_stats
+    from sessionbert.data.stats import data_stats
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sessionbert.data.simulator")
     ap.add_argument("--size", default="default", choices=sorted(SIZES))

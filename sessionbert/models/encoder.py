@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModel, BertConfig, BertForMaskedLM, PreTrainedModel
+from transformers import AutoModel, BertConfig, PreTrainedModel
 
 ARCHS: dict[str, dict[str, int]] = {
     # CPU / tests
@@ -27,21 +27,12 @@ def bert_config(vocab_size: int, pad_token_id: int, arch: dict, max_position_emb
     return cfg
 
 
-def new_mlm_model(config: BertConfig) -> BertForMaskedLM:
-    model = BertForMaskedLM(config)
-    return model
-
-
 def load_encoder(path: str | Path) -> PreTrainedModel:
     """Load a BERT-family encoder from a local HF directory, offline (never the hub)."""
     p = Path(path)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.pretrained_dir: no config.json in {p} (a local Hugging Face model dir)")
     return AutoModel.from_pretrained(str(p), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False)
-
-
-def encoder_config(path: str | Path):
-    return AutoConfig.from_pretrained(str(path), local_files_only=True)
 
 
 def default_general_bert_dir() -> Path:
