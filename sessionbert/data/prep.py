@@ -1,0 +1,704 @@
+"""Streaming CPU prep: events Parquet -> serialised sessions -> WordPiece ids -> token-id shards on disk.
+
+    python -m sessionbert.data.prep EVENTS.parquet OUT_DIR [--billing BILLING.parquet] [--seq-len 128]
+
+The events file is read in record batches (pyarrow) and cut at user boundaries, so memory is bounded by one
+batch of events plus one shard of output, never by the dataset. Per batch everything is vectorised: event
+texts are built once per distinct (service, page, title, action) and tokenised once per distinct text
+(tokenizers' Rust `encode_batch`), metadata once per distinct metadata text, and sessions are assembled
+with numpy gathers (no Python loop over events or sessions). Billing is merge-joined in the same pass.
+
+The ids are exactly those of the in-memory path (`Corpus.build` + `SessionEncoder.build`, tested): the same
+event text, previous-month billing metadata, time split and truncation (metadata first, then the most
+recent events that fit `seq_len`, cut at event boundaries).
+
+Input contract (what `simulate_to_dir` writes; checked, with the row named when violated): events sorted by
+user_id, a user's sessions contiguous and in start order, events of a session in time order; billing, when
+given, sorted by user_id. The time split needs the period's end first: it comes from the Parquet row-group
+statistics of `timestamp` (a streaming pass over that one column when a file has none).
+
+Output (`out_dir`, written under a temporary name and renamed when complete):
+  shard-00000.parquet ...  `shard_sessions` sessions each (the last one fewer), SHARD_SCHEMA: session_id,
+                           user_id, start, window (index into WINDOWS), n_events, input_ids (list<int32>,
+                           [CLS] ... [SEP], at most seq_len ids; untruncated when seq_len is None)
+  tokenizer/               the WordPiece tokenizer (HF format), trained on the first `tokenizer_sample`
+                           training-window sessions unless one was given
+  manifest.json            counts, shards, split, tokenizer note, settings
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .serialize import EVENT_SEP
+from .split import TimeSplit, time_split
+
+WINDOWS = ("train", "val", "test")
+FORMAT = "sessionbert-token-shards-v1"
+SHARD_SCHEMA = pa.schema(
+    [
+        ("session_id", pa.string()),
+        ("user_id", pa.string()),
+        ("start", pa.timestamp("ms", tz="UTC")),
+        ("window", pa.int8()),  # index into WINDOWS
+        ("n_events", pa.int32()),
+        ("input_ids", pa.list_(pa.int32())),
+    ]
+)
+_EVENT_COLUMNS = ("user_id", "session_id", "timestamp", "service", "page", "page_title", "action", "region")
+_DICT_COLUMNS = ("service", "page", "page_title", "action", "region")  # few distinct values: read as codes
+_BILLING_COLUMNS = ("user_id", "month", "service", "spend_usd")
+_TIER_BOUNDS = np.array([10.0, 100.0, 1000.0])  # serialize.spend_tier's bounds, vectorised
+_MS = np.int64(1_000_000)  # ns per ms
+
+
+class PrepInputError(ValueError):
+    """The input breaks the streaming contract; the message names the file and row."""
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def _ranks(lengths: np.ndarray) -> np.ndarray:
+    """0..n-1 within each of consecutive runs of the given lengths: [2, 3] -> [0, 1, 0, 1, 2]."""
+    total = int(lengths.sum())
+    starts = np.cumsum(lengths) - lengths
+    return np.arange(total, dtype=np.int64) - np.repeat(starts, lengths)
+
+
+def _np(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    return arr.to_numpy(zero_copy_only=False)
+
+
+def _changes(arr: pa.Array) -> np.ndarray:
+    """(n,) bool: row i differs from row i-1 (row 0: True)."""
+    n = len(arr)
+    out = np.ones(n, bool)
+    if n > 1:
+        out[1:] = _np(pc.not_equal(arr.slice(1), arr.slice(0, n - 1)))
+    return out
+
+
+def _period_end(ef: pq.ParquetFile, path: Path, batch_rows: int) -> tuple[pd.Timestamp, pd.Timestamp]:
+    """(min, max) timestamp from row-group statistics, or from a streaming pass over the column."""
+    col = ef.schema_arrow.get_field_index("timestamp")
+    lo = hi = None
+    md = ef.metadata
+    pcol = ef.schema.names.index("timestamp") if "timestamp" in ef.schema.names else -1
+    if col < 0 or pcol < 0:
+        raise PrepInputError(f"{path}: no 'timestamp' column")
+    stats_ok = md.num_row_groups > 0
+    for g in range(md.num_row_groups):
+        st = md.row_group(g).column(pcol).statistics
+        if st is None or not st.has_min_max:
+            stats_ok = False
+            break
+        a, b = pd.Timestamp(st.min), pd.Timestamp(st.max)
+        lo = a if lo is None else min(lo, a)
+        hi = b if hi is None else max(hi, b)
+    if not stats_ok:
+        lo = hi = None
+        for rb in ef.iter_batches(batch_size=batch_rows, columns=["timestamp"]):
+            mm = pc.min_max(rb.column(0))
+            a, b = mm["min"].as_py(), mm["max"].as_py()
+            if a is None:
+                continue
+            lo = a if lo is None else min(lo, a)
+            hi = b if hi is None else max(hi, b)
+    if lo is None:
+        raise PrepInputError(f"{path}: no events")
+    lo, hi = pd.Timestamp(lo), pd.Timestamp(hi)
+    return (lo.tz_localize("UTC") if lo.tzinfo is None else lo), (hi.tz_localize("UTC") if hi.tzinfo is None else hi)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _user_chunks(path: Path, columns: list[str], batch_rows: int) -> Iterator[tuple[int, pa.Table]]:
+    """(first row index, table) of consecutive whole users: record batches cut at the last user boundary."""
+    ef = pq.ParquetFile(path, read_dictionary=[c for c in _DICT_COLUMNS if c in columns])
+    carry: pa.Table | None = None
+    row0 = 0
+    for rb in ef.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
+        t = pa.Table.from_batches([rb])
+        if carry is not None:
+            t = pa.concat_tables([carry, t])
+        chg = np.flatnonzero(_changes(t.column("user_id")))
+        cut = int(chg[-1])  # first row of the last user in the batch: it may go on in the next batch
+        if cut == 0:
+            carry = t
+            continue
+        yield row0, t.slice(0, cut)
+        row0 += cut
+        carry = t.slice(cut)
+    if carry is not None and carry.num_rows:
+        yield row0, carry
+
+
+class _BillingCursor:
+    """Merge join: the billing rows of users <= a given user id, from a file sorted by user_id."""
+
+    def __init__(self, path: Path, batch_rows: int):
+        self.path = path
+        self.it = pq.ParquetFile(path, read_dictionary=["month", "service"]).iter_batches(
+            batch_size=batch_rows, columns=list(_BILLING_COLUMNS))
+        self.buf: pa.Table | None = None
+        self.done = False
+        self.row0 = 0  # file row of buf's first row
+        self.last_user: str | None = None
+
+    def _pull(self) -> bool:
+        try:
+            rb = next(self.it)
+        except StopIteration:
+            self.done = True
+            return False
+        t = pa.Table.from_batches([rb])
+        u = t.column("user_id").combine_chunks()
+        if len(u) > 1:
+            bad = _np(pc.less(u.slice(1), u.slice(0, len(u) - 1)))
+            if bad.any():
+                i = int(np.argmax(bad)) + 1
+                raise PrepInputError(f"{self.path}: billing must be sorted by user_id for streaming prep "
+                                     f"(row {self.row0 + (self.buf.num_rows if self.buf else 0) + i + 1})")
+        if len(u) and self.last_user is not None and u[0].as_py() < self.last_user:
+            raise PrepInputError(f"{self.path}: billing must be sorted by user_id for streaming prep "
+                                 f"(row {self.row0 + (self.buf.num_rows if self.buf else 0) + 1})")
+        if len(u):
+            self.last_user = u[-1].as_py()
+        self.buf = t if self.buf is None else pa.concat_tables([self.buf, t])
+        return True
+
+    def upto(self, user: str) -> pa.Table:
+        """Billing rows with user_id <= user (all earlier rows were taken before)."""
+        while not self.done and (self.buf is None or self.last_user is None or self.last_user <= user):
+            self._pull()
+        if self.buf is None:
+            return pa.table({c: pa.array([], pa.string()) for c in _BILLING_COLUMNS[:3]} |
+                            {"spend_usd": pa.array([], pa.float64())})
+        u = self.buf.column("user_id").combine_chunks()
+        n = int(_np(pc.less_equal(u, user)).sum())  # sorted: a prefix
+        out, self.buf = self.buf.slice(0, n), self.buf.slice(n)
+        self.row0 += n
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- one chunk
+#: metadata is built from parts (ids of "a b" = ids of "a" + ids of "b": BERT pre-tokenisation splits at
+#: whitespace and the normaliser works per character), so each part is tokenised once, not each session's text
+_BILL_PREFIX = ["tier low billed", "tier mid billed", "tier high billed", "tier top billed", "tier none"]
+_MONTH_RE = re.compile(r"^(\d{4})-(\d{2})$")
+
+
+@dataclass
+class _Chunk:
+    """One batch of whole users, serialised as codes into distinct texts; not tokenised yet."""
+
+    session_id: pa.ChunkedArray  # (S,)
+    user_id: pa.ChunkedArray  # (S,)
+    start_ms: np.ndarray  # (S,) int64
+    window: np.ndarray  # (S,) int8
+    bounds: np.ndarray  # (S + 1,) event offsets
+    ev_code: np.ndarray  # (E,) index into ev_texts
+    ev_texts: np.ndarray  # (D,) object: distinct event texts of the chunk
+    meta_parts: np.ndarray  # (S, K) index into part_texts, -1 = no part
+    part_texts: np.ndarray  # (P,) object: metadata parts ("region eu-west-1", "tier mid billed", service names)
+
+    def meta_text(self, s: int) -> str:
+        return " ".join(self.part_texts[p] for p in self.meta_parts[s] if p >= 0)
+
+    def train_texts(self, limit: int) -> list[str]:
+        """Serialised text of up to `limit` training-window sessions (Corpus.train_texts' form)."""
+        rows = np.flatnonzero(self.window == 0)[:limit]
+        ev = self.ev_texts[self.ev_code]
+        return [self.meta_text(s) + " [EVT] " + " [EVT] ".join(ev[self.bounds[s]:self.bounds[s + 1]]) for s in rows]
+
+
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes int64 with -1 for null, dictionary object array) of a column, dictionary-typed or not."""
+    if not pa.types.is_dictionary(col.type):
+        col = pc.dictionary_encode(col)
+    if col.num_chunks == 0:
+        return np.zeros(0, np.int64), np.zeros(0, object)
+    if col.num_chunks > 1:
+        col = pa.chunked_array(pa.table({"c": col}).unify_dictionaries().column("c").chunks)
+    codes = np.concatenate([_np(pc.fill_null(c.indices, -1)).astype(np.int64) for c in col.chunks])
+    return codes, _np(col.chunk(0).dictionary).astype(object)
+
+
+def _serialise_chunk(t: pa.Table, billing: pa.Table | None, split: TimeSplit, use_region: bool, path: Path,
+                     row0: int, prev_user: str | None) -> _Chunk:
+    n = t.num_rows
+    u, sid, tcol = t.column("user_id"), t.column("session_id"), t.column("timestamp")
+    if u.null_count or sid.null_count or tcol.null_count:
+        raise PrepInputError(f"{path}: null user_id/session_id/timestamp near row {row0 + 1}")
+    ts = _np(tcol.cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()))
+    # ---- contract checks (vectorised; rows reported 1-based as in sessionbert.data.io)
+    if prev_user is not None and u[0].as_py() < prev_user:
+        raise PrepInputError(f"{path}: events must be sorted by user_id (row {row0 + 1})")
+    if n > 1:
+        bad = _np(pc.less(u.slice(1), u.slice(0, n - 1)))
+        if bad.any():
+            raise PrepInputError(f"{path}: events must be sorted by user_id (row {row0 + int(np.argmax(bad)) + 2})")
+    new_user = _changes(u)
+    new_sess = _changes(sid) | new_user
+    starts = np.flatnonzero(new_sess)
+    S = len(starts)
+    if pc.count_distinct(sid).as_py() != S:
+        raise PrepInputError(f"{path}: a session's events must be contiguous (rows {row0 + 1}..{row0 + n})")
+    back = np.zeros(n, bool)
+    back[1:] = (np.diff(ts) < 0) & ~new_sess[1:]
+    if back.any():
+        raise PrepInputError(f"{path}: events of a session must be in time order (row {row0 + int(np.argmax(back)) + 1})")
+    start_ms = ts[starts]
+    late = np.zeros(S, bool)
+    late[1:] = (np.diff(start_ms) < 0) & ~new_user[starts][1:]
+    if late.any():
+        raise PrepInputError(f"{path}: a user's sessions must be in start order (row {row0 + int(starts[np.argmax(late)]) + 1})")
+    bounds = np.append(starts, n).astype(np.int64)
+    take = pa.array(starts)
+    s_user = pc.take(u, take)
+    # ---- windows: TimeSplit.window_of on integer ms (t >= boundary <=> t_ms >= ceil(boundary in ms))
+    val_ms = -(-split.val_start.value // _MS)
+    test_ms = -(-split.test_start.value // _MS)
+    window = np.where(start_ms >= test_ms, 2, np.where(start_ms >= val_ms, 1, 0)).astype(np.int8)
+    # ---- event texts (serialize.event_texts) once per distinct (service, page, title, action)
+    parts = [_codes(t.column(c)) if c in t.column_names else (np.full(n, -1, np.int64), np.zeros(0, object))
+             for c in ("service", "page", "page_title", "action")]
+    key = np.zeros(n, np.int64)
+    for c, d in parts:  # mixed-radix key, re-factorised before it could overflow
+        if (int(key.max()) + 1) * (len(d) + 1) >= 2**62:
+            key = pd.factorize(key)[0].astype(np.int64)
+        key = key * (len(d) + 1) + (c + 1)
+    ev_code, uniq = pd.factorize(key)
+    first = np.zeros(len(uniq), np.int64)
+    first[ev_code[::-1]] = np.arange(n - 1, -1, -1)  # a row of each distinct key
+    (svc_c, svc_d), (page_c, page_d), (title_c, title_d), (act_c, act_d) = parts
+    texts = []
+    for r in first:
+        title = title_d[title_c[r]] if title_c[r] >= 0 else page_d[page_c[r]]
+        text = f"{svc_d[svc_c[r]]} : {title}"
+        if act_c[r] >= 0:
+            text += f" . {act_d[act_c[r]]}"
+        texts.append(text.lower())
+    ev_texts = np.array(texts, dtype=object)
+    # ---- metadata parts (serialize.session_metadata): region of the first event, previous month's billing
+    part_texts: list[str] = []
+    cols = []
+    if use_region and "region" in t.column_names:
+        rc, rd = _codes(pc.take(t.column("region"), take))
+        part_texts += [f"region {r}".lower() for r in rd] + ["region unknown"]
+        cols.append(np.where(rc >= 0, rc, len(rd)))  # null -> "unknown"
+    if billing is not None:
+        b0 = len(part_texts)
+        bill = _billing_parts(billing, s_user, start_ms)  # (S, 4): prefix, top-3 services (codes, -1 = none)
+        part_texts += _BILL_PREFIX + [str(x).lower() for x in bill[1]]
+        codes = bill[0]
+        cols.append(codes[:, 0] + b0)
+        for j in (1, 2, 3):
+            cols.append(np.where(codes[:, j] >= 0, codes[:, j] + b0 + len(_BILL_PREFIX), -1))
+    meta_parts = np.stack(cols, 1) if cols else np.full((S, 1), -1, np.int64)
+    return _Chunk(pc.take(sid, take), s_user, start_ms, window, bounds, ev_code.astype(np.int64),
+                  ev_texts, meta_parts.astype(np.int64), np.array(part_texts, dtype=object))
+
+
+def _months(strings: np.ndarray) -> np.ndarray:
+    """'YYYY-MM' -> months since year 0 (-1 when not in that exact form: it would not match in the corpus)."""
+    out = np.full(len(strings), -1, np.int64)
+    for i, s in enumerate(strings):
+        m = _MONTH_RE.match(str(s))
+        if m and 1 <= int(m[2]) <= 12:
+            out[i] = int(m[1]) * 12 + int(m[2]) - 1
+    return out
+
+
+def _billing_parts(billing: pa.Table, s_user: pa.ChunkedArray, start_ms: np.ndarray):
+    """Per session: [prefix code into _BILL_PREFIX, top-3 service codes] from the billing of the month before the
+    session starts (the month's bill is not known during it), and the service dictionary."""
+    S = len(start_ms)
+    out = np.full((S, 4), -1, np.int64)
+    out[:, 0] = len(_BILL_PREFIX) - 1  # "tier none"
+    if billing.num_rows == 0:
+        return out, np.zeros(0, object)
+    prev = start_ms.astype("datetime64[ms]").astype("datetime64[M]").astype(np.int64) + 1970 * 12 - 1  # (S,)
+    users = pc.unique(s_user)
+    s_uc = _np(pc.index_in(s_user, value_set=users)).astype(np.int64)
+    b_uc = _np(pc.fill_null(pc.index_in(billing.column("user_id"), value_set=users), -1)).astype(np.int64)
+    mc, md = _codes(billing.column("month"))
+    b_month = np.where(mc >= 0, _months(md)[np.maximum(mc, 0)], -1)
+    svc_c, svc_d = _codes(billing.column("service"))
+    spend = np.nan_to_num(_np(billing.column("spend_usd")).astype(float))
+    ok = (b_uc >= 0) & (b_month >= 0)
+    b_uc, b_month, svc_c, spend = b_uc[ok], b_month[ok], svc_c[ok], spend[ok]
+    # serialize.session_metadata's order: user, month, spend descending (stable: ties keep file order)
+    o = np.lexsort((-spend, b_month, b_uc))
+    gk = b_uc[o] * 100_000 + b_month[o]  # (B,) group key, months < 100000
+    new = np.ones(len(gk), bool)
+    new[1:] = gk[1:] != gk[:-1]
+    gid = np.cumsum(new) - 1
+    G = int(gid[-1]) + 1 if len(gid) else 0
+    rank = np.arange(len(gk)) - np.flatnonzero(new)[gid]
+    tot = np.bincount(gid, weights=spend[o], minlength=G)
+    top = np.full((G, 3), -1, np.int64)
+    m = rank < 3
+    top[gid[m], rank[m]] = svc_c[o][m]
+    idx = pd.Index(gk[new]).get_indexer(s_uc * 100_000 + prev)
+    hit = idx >= 0
+    out[hit, 0] = np.searchsorted(_TIER_BOUNDS, tot[idx[hit]], side="right")
+    out[hit, 1:] = top[idx[hit]]
+    return out, svc_d
+
+
+# ---------------------------------------------------------------------------------------------- tokenising
+class _Ids:
+    """Token ids of texts, tokenised once (Rust encode_batch) and cached; the cache is bounded."""
+
+    def __init__(self, tokenizer, max_cache: int = 1_000_000):
+        self.tok = tokenizer.backend_tokenizer
+        self.cache: dict[str, np.ndarray] = {}
+        self.max_cache = max_cache
+
+    def __call__(self, texts: np.ndarray) -> list[np.ndarray]:
+        missing = [t for t in dict.fromkeys(texts.tolist()) if t not in self.cache]
+        if missing:
+            if len(self.cache) + len(missing) > self.max_cache:
+                self.cache.clear()
+            for t, e in zip(missing, self.tok.encode_batch(missing, add_special_tokens=False)):
+                self.cache[t] = np.asarray(e.ids, np.int32)
+        return [self.cache[t] for t in texts.tolist()]
+
+
+def _pool(pieces: list[np.ndarray], prefix: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Concatenate id lists (each optionally prefixed by one id): (pool, starts, lengths)."""
+    if prefix is not None:
+        pieces = [np.concatenate([[prefix], p]).astype(np.int32) for p in pieces]
+    lens = np.array([len(p) for p in pieces], np.int64)
+    pool = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    return pool, np.cumsum(lens) - lens, lens
+
+
+def assemble(
+    meta_pool: np.ndarray, meta_start: np.ndarray, meta_len: np.ndarray,  # (S, K) parts of each session's metadata
+    piece_pool: np.ndarray, piece_start: np.ndarray, piece_len: np.ndarray,  # (E,) [EVT] + the event's text ids
+    bounds: np.ndarray, cls_id: int, end_id: int, seq_len: int | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """[CLS] meta ([EVT] event)* [SEP] per session as (ids int32, offsets int64), SessionEncoder.build's
+    truncation: metadata first (its start when it alone is too long), then the newest events that fit; when
+    not even the newest fits, its last tokens. Vectorised: one gather over all output tokens."""
+    S = len(bounds) - 1
+    n_ev = np.diff(bounds)
+    ev_sess = np.repeat(np.arange(S), n_ev)  # (E,)
+    el = piece_len  # (E,)
+    mlen = meta_len.sum(1)  # (S,)
+    c = np.cumsum(el)
+    end_c = np.zeros(S, np.int64)
+    has = n_ev > 0
+    end_c[has] = c[bounds[1:][has] - 1]
+    suffix = end_c[ev_sess] - c + el  # (E,) tokens from this event to the session's end
+    if seq_len is None:
+        mkeep, keep, plen = mlen, np.ones(len(el), bool), np.zeros(S, np.int64)
+    else:
+        budget = seq_len - 2 - mlen
+        mkeep = np.where(budget < 0, seq_len - 2, mlen)
+        budget = np.maximum(budget, 0)
+        keep = suffix <= budget[ev_sess]
+        kept_n = np.bincount(ev_sess[keep], minlength=S)
+        plen = np.where(has & (kept_n == 0) & (budget > 0), budget, 0)
+    kept_tok = np.bincount(ev_sess[keep], weights=el[keep], minlength=S).astype(np.int64)
+    L = 2 + mkeep + plen + kept_tok  # (S,)
+    off = np.zeros(S + 1, np.int64)
+    np.cumsum(L, out=off[1:])
+    # one pool: [CLS], [SEP], metadata ids, event pieces
+    pool = np.concatenate([np.array([cls_id, end_id], np.int32), meta_pool, piece_pool])
+    m0, p0 = 2, 2 + len(meta_pool)
+    # segments: (source start, length, destination start); metadata parts cut to mkeep in total
+    mcum = np.cumsum(meta_len, 1) - meta_len  # (S, K) tokens before each part
+    mpart = np.clip(mkeep[:, None] - mcum, 0, meta_len)
+    seg_src = [np.zeros(S, np.int64), (meta_start + m0).ravel(), np.ones(S, np.int64)]
+    seg_len = [np.ones(S, np.int64), mpart.ravel(), np.ones(S, np.int64)]
+    seg_dst = [off[:-1], (off[:-1, None] + 1 + mcum).ravel(), off[1:] - 1]
+    ke = np.flatnonzero(keep)
+    seg_src.append(piece_start[ke] + p0)
+    seg_len.append(el[ke])
+    seg_dst.append(off[1:][ev_sess[ke]] - 1 - suffix[ke])  # kept events end right before [SEP]
+    if plen.any():
+        ps = np.flatnonzero(plen)
+        newest = bounds[1:][ps] - 1
+        seg_src.append(piece_start[newest] + piece_len[newest] - plen[ps] + p0)
+        seg_len.append(plen[ps])
+        seg_dst.append(off[ps] + 1 + mkeep[ps])
+    total = int(off[-1])
+    idx = np.int32 if total < 2**31 and len(pool) < 2**31 else np.int64  # half the bytes of the big gathers
+    src, ln, dst = (np.concatenate(x).astype(idx) for x in (seg_src, seg_len, seg_dst))
+    nz = ln > 0
+    src, ln, dst = src[nz], ln[nz], dst[nz]
+    seg0 = (np.cumsum(ln) - ln).astype(idx)  # segment starts in the concatenated copy order
+    at = np.arange(total, dtype=idx)
+    out = np.empty(total, np.int32)
+    out[at + np.repeat(dst - seg0, ln)] = pool[at + np.repeat(src - seg0, ln)]
+    return out, off
+
+
+# ---------------------------------------------------------------------------------------------- the run
+def _encode_chunk(ch: _Chunk, ids: _Ids, evt_id: int, cls_id: int, end_id: int, seq_len: int | None) -> pa.Table:
+    mp, ms, ml = _pool(ids(ch.part_texts))
+    mp_i = np.maximum(ch.meta_parts, 0)
+    ml_s = np.where(ch.meta_parts >= 0, ml[mp_i] if len(ml) else 0, 0)  # (S, K), 0 for absent parts
+    ms_s = ms[mp_i] if len(ms) else np.zeros_like(mp_i)
+    pp, ps, pl = _pool(ids(ch.ev_texts), prefix=evt_id)
+    flat, off = assemble(mp, ms_s, ml_s, pp, ps[ch.ev_code], pl[ch.ev_code], ch.bounds, cls_id, end_id, seq_len)
+    input_ids = pa.ListArray.from_arrays(pa.array(off.astype(np.int32)), pa.array(flat))
+    return pa.table(
+        {
+            "session_id": ch.session_id,
+            "user_id": ch.user_id,
+            "start": pa.array(ch.start_ms, pa.int64()).cast(pa.timestamp("ms", tz="UTC")),
+            "window": pa.array(ch.window, pa.int8()),
+            "n_events": pa.array(np.diff(ch.bounds).astype(np.int32)),
+            "input_ids": input_ids,
+        },
+        schema=SHARD_SCHEMA,
+    )
+
+
+class _ShardWriter:
+    """Writes exactly `size` sessions per shard (the last fewer), each file atomically (tmp + os.replace)."""
+
+    def __init__(self, out: Path, size: int, compression: str | None):
+        self.out, self.size, self.compression = out, size, compression
+        self.buf: list[pa.Table] = []
+        self.n_buf = 0
+        self.shards: list[dict] = []
+
+    def add(self, t: pa.Table) -> None:
+        self.buf.append(t)
+        self.n_buf += t.num_rows
+        while self.n_buf >= self.size:
+            self._write(self.size)
+
+    def close(self) -> None:
+        if self.n_buf:
+            self._write(self.n_buf)
+
+    def _write(self, n: int) -> None:
+        t = pa.concat_tables(self.buf)
+        shard, rest = t.slice(0, n), t.slice(n)
+        name = f"shard-{len(self.shards):05d}.parquet"
+        tmp = self.out / (name + ".tmp")
+        pq.write_table(shard, tmp, compression=self.compression or "none")
+        os.replace(tmp, self.out / name)
+        counts = np.bincount(_np(shard.column("window")), minlength=len(WINDOWS))
+        self.shards.append({"file": name, "sessions": n,
+                            "tokens": int(len(shard.column("input_ids").combine_chunks().values)),
+                            "windows": {w: int(c) for w, c in zip(WINDOWS, counts)}})
+        self.buf, self.n_buf = ([rest] if rest.num_rows else []), rest.num_rows
+
+
+def prep_shards(
+    events_path: str | Path,
+    out_dir: str | Path,
+    billing_path: str | Path | None = None,
+    *,
+    seq_len: int | None = 128,
+    val_days: float = 14,
+    test_days: float = 28,
+    use_region: bool = True,
+    use_billing: bool = True,
+    tokenizer=None,
+    vocab_size: int = 30000,
+    min_frequency: int = 2,
+    tokenizer_sample: int = 50_000,
+    shard_sessions: int = 100_000,
+    batch_rows: int = 1 << 20,
+    compression: str | None = "zstd",
+    overwrite: bool = False,
+) -> dict:
+    """Events (+ billing) Parquet -> token-id shards in `out_dir`; returns the manifest (with step times).
+
+    `tokenizer`: a PreTrainedTokenizerFast, a tokenizer dir, or None to train WordPiece (vocab_size,
+    min_frequency) on the first `tokenizer_sample` training-window sessions (a bounded sample: WordPiece
+    training on the whole stream would cost as much as the rest of the prep).
+    """
+    from .tokenizer import load_tokenizer, train_wordpiece
+
+    t_all = time.perf_counter()
+    events_path, out = Path(events_path), Path(out_dir)
+    if seq_len is not None and seq_len < 3:
+        raise ValueError(f"prep: seq_len must be >= 3 or None, got {seq_len}")
+    if shard_sessions < 1 or batch_rows < 1:
+        raise ValueError("prep: shard_sessions and batch_rows must be >= 1")
+    if not events_path.exists():
+        raise FileNotFoundError(f"prep: events file {events_path} does not exist")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"prep: {out} exists (overwrite=True replaces it)")
+    ef = pq.ParquetFile(events_path)
+    names = set(ef.schema_arrow.names)
+    missing = [c for c in ("user_id", "session_id", "timestamp", "service", "page") if c not in names]
+    if missing:
+        raise PrepInputError(f"{events_path}: missing required columns {missing}")
+    columns = [c for c in _EVENT_COLUMNS if c in names]
+    lo, hi = _period_end(ef, events_path, batch_rows)
+    split = time_split(pd.Series([lo, hi]), val_days, test_days)
+    bill: _BillingCursor | None = None
+    if use_billing and billing_path is not None:
+        billing_path = Path(billing_path)
+        if not billing_path.exists():
+            raise FileNotFoundError(f"prep: billing file {billing_path} does not exist")
+        bschema = pq.ParquetFile(billing_path).schema_arrow.names
+        if [c for c in _BILLING_COLUMNS if c not in bschema]:
+            raise PrepInputError(f"{billing_path}: billing needs columns {list(_BILLING_COLUMNS)}")
+        # serialize.session_metadata adds billing only when the table has rows
+        if pq.ParquetFile(billing_path).metadata.num_rows:
+            bill = _BillingCursor(billing_path, batch_rows)
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    times = dict(read_serialise=0.0, tokenizer_train=0.0, encode_assemble=0.0, write=0.0)
+    writer = _ShardWriter(tmp, shard_sessions, compression)
+    tok_note: dict = {"given": True}
+    if tokenizer is not None and not hasattr(tokenizer, "backend_tokenizer"):
+        tokenizer = load_tokenizer(tokenizer)
+    ids = evt_id = cls_id = end_id = None
+    pending: list[_Chunk] = []
+    n_sample = 0
+    n_events = 0
+
+    def ready(tk) -> None:
+        nonlocal ids, evt_id, cls_id, end_id
+        ids = _Ids(tk)
+        vocab = tk.get_vocab()
+        evt_id = vocab[EVENT_SEP] if EVENT_SEP in vocab else tk.sep_token_id  # as SessionEncoder does
+        cls_id, end_id = tk.cls_token_id, tk.sep_token_id
+
+    def flush(chunks: list[_Chunk]) -> None:
+        for ch in chunks:
+            t = time.perf_counter()
+            table = _encode_chunk(ch, ids, evt_id, cls_id, end_id, seq_len)
+            t2 = time.perf_counter()
+            writer.add(table)
+            times["encode_assemble"] += t2 - t
+            times["write"] += time.perf_counter() - t2
+
+    if tokenizer is not None:
+        ready(tokenizer)
+    try:
+        prev_user = None
+        t = time.perf_counter()
+        for row0, tab in _user_chunks(events_path, columns, batch_rows):
+            last = tab.column("user_id")[-1].as_py()
+            btab = bill.upto(last) if bill is not None else None
+            ch = _serialise_chunk(tab, btab, split, use_region, events_path, row0, prev_user)
+            prev_user = last
+            n_events += tab.num_rows
+            del tab, btab
+            times["read_serialise"] += time.perf_counter() - t
+            if ids is None:  # still collecting the tokenizer's sample
+                pending.append(ch)
+                n_sample += int((ch.window == 0).sum())
+                if n_sample >= tokenizer_sample:
+                    tokenizer, tok_note = _train(pending, tokenizer_sample, vocab_size, min_frequency, times,
+                                                 train_wordpiece)
+                    ready(tokenizer)
+                    flush(pending)
+                    pending = []
+            else:
+                flush([ch])
+            t = time.perf_counter()
+        if ids is None:  # fewer training sessions than the sample size: train on all of them
+            tokenizer, tok_note = _train(pending, tokenizer_sample, vocab_size, min_frequency, times, train_wordpiece)
+            ready(tokenizer)
+            flush(pending)
+            pending = []
+        t = time.perf_counter()
+        writer.close()
+        tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        times["write"] += time.perf_counter() - t
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    n_sessions = sum(s["sessions"] for s in writer.shards)
+    win = {w: sum(s["windows"][w] for s in writer.shards) for w in WINDOWS}
+    manifest = {
+        "format": FORMAT, "n_sessions": n_sessions, "n_events": n_events,
+        "n_tokens": sum(s["tokens"] for s in writer.shards), "windows": win, "window_names": list(WINDOWS),
+        "shards": writer.shards, "shard_sessions": shard_sessions, "seq_len": seq_len,
+        "split": split.to_dict(), "tokenizer": "tokenizer", "tokenizer_note": tok_note,
+        "settings": {"val_days": val_days, "test_days": test_days, "use_region": use_region,
+                     "use_billing": bill is not None, "tokenizer_sample": tokenizer_sample, "batch_rows": batch_rows,
+                     "compression": compression},
+        "source": {"events": str(events_path), "billing": str(billing_path) if bill is not None else None},
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    manifest["seconds"] = {k: round(v, 3) for k, v in times.items()} | {"total": round(time.perf_counter() - t_all, 3)}
+    return manifest
+
+
+def _train(pending: list[_Chunk], sample: int, vocab_size: int, min_frequency: int, times: dict, train_wordpiece):
+    t = time.perf_counter()
+    texts: list[str] = []
+    for ch in pending:
+        texts += ch.train_texts(sample - len(texts))
+    if not texts:
+        raise PrepInputError("prep: no training-window sessions to train the tokenizer on")
+    tok, note = train_wordpiece(texts, vocab_size, min_frequency)
+    times["tokenizer_train"] += time.perf_counter() - t
+    return tok, note | {"sample_sessions": len(texts)}
+
+
+# ---------------------------------------------------------------------------------------------- reading back
+def read_manifest(shard_dir: str | Path) -> dict:
+    p = Path(shard_dir) / "manifest.json"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: not a complete shard folder (no manifest.json)")
+    m = json.loads(p.read_text())
+    if m.get("format") != FORMAT:
+        raise ValueError(f"{p}: format {m.get('format')!r}, expected {FORMAT!r}")
+    return m
+
+
+def iter_shards(shard_dir: str | Path, windows: tuple[str, ...] | None = None) -> Iterator[pa.Table]:
+    """The shards as tables (one at a time), optionally only the sessions of the given windows."""
+    d = Path(shard_dir)
+    m = read_manifest(d)
+    keep = None if windows is None else pa.array([WINDOWS.index(w) for w in windows], pa.int8())
+    for s in m["shards"]:
+        t = pq.read_table(d / s["file"])
+        yield t if keep is None else t.filter(pc.is_in(t.column("window"), keep))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sessionbert.data.prep")
+    ap.add_argument("events", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--billing", type=Path, default=None)
+    ap.add_argument("--seq-len", type=int, default=128, help="truncate to this many ids (0: keep whole sessions)")
+    ap.add_argument("--vocab-size", type=int, default=30000)
+    ap.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer dir instead of training one")
+    ap.add_argument("--tokenizer-sample", type=int, default=50_000)
+    ap.add_argument("--shard-sessions", type=int, default=100_000)
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    m = prep_shards(a.events, a.out, a.billing, seq_len=a.seq_len or None, vocab_size=a.vocab_size,
+                    tokenizer=a.tokenizer, tokenizer_sample=a.tokenizer_sample, shard_sessions=a.shard_sessions,
+                    overwrite=a.overwrite)
+    json.dump({k: m[k] for k in ("n_sessions", "n_events", "n_tokens", "windows", "seconds")}, sys.stdout)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
