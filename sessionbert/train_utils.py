@@ -114,18 +114,75 @@ class SigtermCheckpoint(OnExceptionCheckpoint):
             super().on_exception(trainer, *args, **kwargs)
 
 
-class _SigtermAt(L.Callback):
-    """Sends this process SIGTERM after optimizer step N (once), like a cluster pre-empting the job."""
+class _SignalAt(L.Callback):
+    """Sends this process a signal after optimizer step N (once): SIGTERM like a cluster pre-empting the job,
+    SIGKILL like a crash or an OOM kill (before that step's checkpoint is written: checkpoint callbacks run last)."""
 
-    def __init__(self, step: int):
-        self.step, self.sent = step, False
+    def __init__(self, step: int, sig: int):
+        self.step, self.sig, self.sent = step, sig, False
 
     def on_train_batch_end(self, trainer, *_) -> None:
         if not self.sent and trainer.global_step >= self.step:
-            import signal
-
             self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), self.sig)
+
+
+class ResumeState(L.Callback):
+    """What makes a resumed run bit-identical to an uninterrupted one (tests/test_reliability.py).
+
+    - **RNG**: at the start of every training step the torch (CPU and CUDA), numpy and Python RNGs are seeded from
+      (seed, global step, rank), as fairseq does per update. Dropout then depends only on the step, not on what
+      else drew random numbers before it (data-loader workers' base seeds, validation, a restart), so the RNG state
+      at any step is checkpointed exactly by the integers (seed, global_step).
+    - **Data position**: the checkpoint holds the epoch and the number of batches already trained in it; on load
+      the train sampler (``SeededBatchSampler`` / ``TokenBudgetBatchSampler``, both pure functions of
+      (seed, epoch)) skips those batches, so no batch is lost or replayed. MLM masks are seeded per batch
+      (``MLMCollator``), so they do not depend on the worker count.
+    Everything is stored as plain ints under ``checkpoint["sessionbert_resume"]`` (loads with weights_only=True).
+    """
+
+    KEY = "sessionbert_resume"
+
+    def __init__(self, seed: int, sampler=None):
+        self.seed, self.sampler = int(seed), sampler
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        import random
+
+        import numpy as np
+        import torch
+
+        s = int(np.random.SeedSequence([self.seed, trainer.global_step, trainer.global_rank]).generate_state(1)[0])
+        torch.manual_seed(s)  # CPU and every CUDA device
+        np.random.seed(s)
+        random.seed(s)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        checkpoint[self.KEY] = {
+            "seed": self.seed, "epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
+            "batches_done": int(progress.current.processed), "last_batch": bool(progress.is_last_batch),
+        }
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        st = checkpoint.get(self.KEY)
+        if st is None:
+            log.warning("checkpoint has no data-position state (%s): the interrupted epoch restarts from its first "
+                        "batch", self.KEY)
+            return
+        if st["seed"] != self.seed:
+            raise ValueError(f"seed: the checkpoint was trained with seed={st['seed']}, this run has seed={self.seed}; "
+                             "a resumed run must use the interrupted run's seed")
+        if self.sampler is not None:
+            # Set the epoch now: on a restart Lightning creates the train iterator *before* it calls set_epoch, and
+            # with workers that iterator starts drawing batches at once (from the wrong epoch's order otherwise).
+            if st.get("last_batch"):
+                self.sampler.set_epoch(st["epoch"] + 1)  # the interrupted epoch was complete: a fresh one follows
+            else:
+                self.sampler.set_epoch(st["epoch"])
+                self.sampler.resume_from(st["epoch"], st["batches_done"])
+        log.info("resume: epoch %d after %d batches (global step %d)", st["epoch"], st["batches_done"],
+                 st["global_step"])
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
@@ -176,16 +233,22 @@ def fit(trainer: L.Trainer, module, train_dl, val_dl, ckpt_path: str | None) -> 
                         "rerun the same command with resume=auto")
 
 
-def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Path | None = None) -> L.Trainer:
+def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Path | None = None,
+                  train_sampler=None) -> L.Trainer:
+    """The stage's Trainer. `train_sampler`: the train loader's resumable batch sampler (see ResumeState)."""
+    import signal
+
     t = cfg.trainer
-    cb = []
+    cb: list[L.Callback] = [ResumeState(cfg.seed, train_sampler)]
     ckpt_dir = ckpt_dir or out / "checkpoints"
     if cfg.callbacks.checkpoint:
         cb.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,
                                   every_n_train_steps=cfg.callbacks.get("every_n_train_steps") or None))
     cb.append(SigtermCheckpoint(dirpath=str(ckpt_dir), filename="preempted"))
-    if os.environ.get("SESSIONBERT_SIGTERM_AT_STEP"):  # fault injection for tests and pre-emption drills
-        cb.append(_SigtermAt(int(os.environ["SESSIONBERT_SIGTERM_AT_STEP"])))
+    # fault injection for tests and pre-emption / crash drills
+    for env, sig in (("SESSIONBERT_SIGTERM_AT_STEP", signal.SIGTERM), ("SESSIONBERT_KILL_AT_STEP", signal.SIGKILL)):
+        if os.environ.get(env):
+            cb.append(_SignalAt(int(os.environ[env]), sig))
     if cfg.callbacks.lr_monitor and not t.fast_dev_run:
         cb.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.model_summary:
@@ -200,6 +263,9 @@ def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Pa
         num_sanity_val_steps=t.num_sanity_val_steps, fast_dev_run=t.fast_dev_run, overfit_batches=t.overfit_batches,
         max_epochs=max_epochs, callbacks=cb, logger=run.logger, enable_progress_bar=progress,
         default_root_dir=str(out), enable_model_summary=bool(cfg.callbacks.model_summary),
+        # our train samplers deal batches to DDP ranks themselves (and must stay resumable): Lightning must not
+        # swap in a DistributedSampler. Evaluation loaders then run whole on every rank (same metrics).
+        use_distributed_sampler=False,
     )
     if t.limit_train_batches is not None:
         kwargs["limit_train_batches"] = t.limit_train_batches

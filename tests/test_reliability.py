@@ -43,6 +43,59 @@ def test_sigterm_checkpoint_exit_code_then_resume(tmp_path):
     assert not ckpts[0].exists(), "checkpoints of a finished stage are cleaned up"
 
 
+# ---- resume after kill -9: bit-identical to an uninterrupted run ----------------------------------------------
+# 2 epochs of 6 steps, a checkpoint every 2 steps. Killed after step 9 (last checkpoint: step 8, mid-epoch 2) with
+# no workers, and after step 7 (last checkpoint: step 6, the end of epoch 1, before its validation) with 2 workers.
+RESUME_ARGS = ("experiment=smoke", "stage=pretrain", "pretrain.epochs=2", "trainer.limit_train_batches=6",
+               "callbacks.every_n_train_steps=2")
+
+
+def _encoder_state(cache: Path) -> tuple[dict, dict]:
+    import json
+
+    from safetensors.torch import load_file
+
+    done = [d for d in (cache / "pretrain").iterdir() if (d / "DONE").exists()]
+    assert len(done) == 1, done
+    metrics = json.loads((done[0] / "metrics.json").read_text())
+    return load_file(str(done[0] / "encoder" / "model.safetensors")), metrics
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The reference: the same training, never interrupted, in-process, no data-loader workers."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run_pipeline(make_cfg(tmp, [*RESUME_ARGS, "runtime.num_workers=0"]))
+    return tmp / "cache"
+
+
+@pytest.mark.parametrize("workers,kill_at", [(0, 9), (2, 7), (2, 9)])
+def test_resume_kill9_bit_identical(tmp_path, uninterrupted, workers, kill_at):
+    import shutil
+
+    import torch
+
+    # the events and the tokenizer come from the reference's cache: only the training stage is re-run
+    for stage in ("data", "tokenizer"):
+        shutil.copytree(uninterrupted / stage, tmp_path / "cache" / stage)
+    args = [*RESUME_ARGS[2:], f"runtime.num_workers={workers}"]
+    r = _train(tmp_path, *args, env={"SESSIONBERT_KILL_AT_STEP": str(kill_at)})
+    assert r.returncode == -9, f"expected SIGKILL, got {r.returncode}: {r.stderr[-2000:]}"
+    assert not list((tmp_path / "cache" / "pretrain").glob("*/DONE"))
+    r2 = _train(tmp_path, *args, "resume=auto")
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    out = r2.stdout + r2.stderr
+    assert "last.ckpt" in out and "resuming from checkpoint" in out
+    epoch, batches = (1, 2) if kill_at == 9 else (0, 6)
+    assert f"resume: epoch {epoch} after {batches} batches (global step {kill_at - 1})" in out
+    ref_w, ref_m = _encoder_state(uninterrupted)
+    got_w, got_m = _encoder_state(tmp_path / "cache")
+    assert ref_w.keys() == got_w.keys()
+    diff = [k for k in ref_w if not torch.equal(ref_w[k], got_w[k])]
+    assert not diff, f"weights differ from the uninterrupted run in {len(diff)} tensors, e.g. {diff[:3]}"
+    assert got_m["mlm_loss"] == ref_m["mlm_loss"]
+
+
 def test_resume_truncated_checkpoint_names_file(tmp_path, monkeypatch):
     """A checkpoint cut short (a write killed half-way) is an error naming the file, never a fresh start."""
     import sessionbert.train_utils as tu

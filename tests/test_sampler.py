@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from sessionbert.data.sampler import TokenBudgetBatchSampler, pack_sorted
+from sessionbert.data.sampler import SeededBatchSampler, TokenBudgetBatchSampler, pack_sorted
 
 
 def _lengths(n=2000, seed=0, cap=512):
@@ -144,3 +144,35 @@ def test_lightning_advances_the_epoch():
     e0 = list(s)
     _set_sampler_epoch(dl, 3)
     assert s.epoch == 3 and list(s) != e0
+
+
+@pytest.mark.parametrize("make", [
+    lambda: TokenBudgetBatchSampler(np.arange(1, 200) % 37 + 1, max_tokens=256, shuffle=True, seed=5),
+    lambda: SeededBatchSampler(199, 16, shuffle=True, seed=5),
+])
+def test_resume_skips_exactly_the_batches_done(make):
+    """After resume_from(epoch, k) the sampler yields the rest of that epoch (nothing lost or replayed), the full
+    epoch length is still reported, and later epochs are untouched."""
+    ref = make()
+    ref.set_epoch(1)
+    full1 = list(ref)
+    ref.set_epoch(2)
+    full2 = list(ref)
+    s = make()
+    s.set_epoch(1)
+    s.resume_from(1, 3)
+    assert list(s) == full1[3:] and list(s) == full1[3:], "every iterator of the resumed epoch skips"
+    assert len(s) == len(full1)
+    s.set_epoch(2)
+    assert list(s) == full2
+
+
+def test_seeded_batch_sampler_covers_and_deals_to_ranks():
+    s = SeededBatchSampler(50, 8, shuffle=True, seed=0)
+    got = [i for b in s for i in b]
+    assert sorted(got) == list(range(50)) and len(s) == 7
+    s.set_epoch(1)
+    assert [i for b in s for i in b] != got, "a new order per epoch"
+    ranks = [SeededBatchSampler(50, 8, seed=0, num_replicas=2, rank=r) for r in (0, 1)]
+    assert len(list(ranks[0])) == len(list(ranks[1])) == len(ranks[0]) == 4
+    assert set(i for r in ranks for b in r for i in b) == set(range(50)), "no example dropped across ranks"

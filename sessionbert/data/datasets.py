@@ -1,6 +1,8 @@
 """Torch datasets over encoded sessions: whole sessions for MLM, session prefixes for next-page/next-service."""
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -64,18 +66,22 @@ class PadCollator:
 class MLMCollator:
     """BERT masking: `prob` of the maskable tokens become targets; of those 80% [MASK], 10% random, 10% kept.
 
-    Special tokens ([CLS], [SEP], [EVT], [PAD]) are never targets. With `fixed_seed` set (evaluation) each
-    example's mask depends only on (fixed_seed, example index), so validation losses are comparable across
-    epochs and runs; without it (training) the torch RNG is used, seeded by Lightning's seed_everything.
+    Special tokens ([CLS], [SEP], [EVT], [PAD]) are never targets. The masks never come from the global RNG, so
+    they do not depend on the number of data-loader workers, on prefetching, or on where a resumed run restarts:
+    - training (`fixed_seed` None): one generator per batch, seeded by (`seed`, the batch's example indices in
+      order); the sampler's order is a pure function of (seed, epoch), so an interrupted and resumed run sees the
+      same masks as an uninterrupted one (tests/test_reliability.py::test_resume_kill9_bit_identical);
+    - evaluation (`fixed_seed` set): each example's mask depends only on (fixed_seed, example index), so
+      validation losses are comparable across epochs and runs.
     """
 
     def __init__(self, pad_id: int, mask_id: int, vocab_size: int, special_ids: list[int], prob: float = 0.15,
-                 fixed_seed: int | None = None, pad_to_multiple_of: int | None = None):
+                 fixed_seed: int | None = None, pad_to_multiple_of: int | None = None, seed: int = 0):
         if not 0.0 < prob < 1.0:
             raise ValueError(f"mlm_probability must be in (0, 1), got {prob}")
         self.pad_id, self.mask_id, self.vocab_size, self.prob = pad_id, mask_id, vocab_size, prob
         self.special = torch.tensor(sorted(set(special_ids) | {pad_id}))
-        self.fixed_seed = fixed_seed
+        self.fixed_seed, self.seed = fixed_seed, int(seed)
         self.multiple = pad_to_multiple_of
         # random replacements are drawn from non-special tokens only
         keep = torch.ones(vocab_size, dtype=torch.bool)
@@ -84,7 +90,10 @@ class MLMCollator:
 
     def _rand(self, batch: dict, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fixed_seed is None:
-            return torch.rand(shape), torch.rand(shape), torch.randint(len(self.random_pool), shape)
+            idx = batch["idx"].numpy().astype(np.int64)
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + zlib.crc32(idx.tobytes()))
+            return (torch.rand(shape, generator=g), torch.rand(shape, generator=g),
+                    torch.randint(len(self.random_pool), shape, generator=g))
         rows = []
         for i in batch["idx"].tolist():
             g = torch.Generator().manual_seed(self.fixed_seed * 1_000_003 + i)

@@ -47,6 +47,54 @@ def pack_sorted(lengths: np.ndarray, max_tokens: int, max_sentences: int | None 
     return np.asarray(bounds, dtype=np.int64).reshape(-1, 2)
 
 
+class _ResumableEpochs:
+    """Mid-epoch resume for a batch sampler whose epoch order is a pure function of (seed, epoch).
+
+    ``resume_from(epoch, batches_done)`` (called by ``train_utils.ResumeState`` when a checkpoint is loaded) makes
+    every iterator created while the sampler is at that epoch skip the batches already trained, so the resumed run
+    sees exactly the rest of the interrupted epoch: no batch lost or replayed. ``len()`` stays the full epoch's
+    count, which is what Lightning's loop expects on a mid-epoch restart (it adds the batches already done to its
+    fetch counter). Later epochs are not affected."""
+
+    epoch: int
+    _resume: tuple[int, int] | None = None
+    _replicas_arg: int | None = None
+    _rank_arg: int | None = None
+
+    @property
+    def num_replicas(self) -> int:
+        if self._replicas_arg is not None:
+            return int(self._replicas_arg)
+        import torch.distributed as dist
+
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @property
+    def rank(self) -> int:
+        if self._rank_arg is not None:
+            r = int(self._rank_arg)
+        else:
+            import torch.distributed as dist
+
+            r = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        if not 0 <= r < self.num_replicas:
+            raise ValueError(f"need 0 <= rank < num_replicas, got {r}, {self.num_replicas}")
+        return r
+
+    def resume_from(self, epoch: int, batches_done: int) -> None:
+        self._resume = (int(epoch), int(batches_done))
+
+    def _skip(self) -> int:
+        if self._resume is not None and self._resume[0] == self.epoch:
+            return self._resume[1]
+        return 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if self._resume is not None and self.epoch > self._resume[0]:
+            self._resume = None
+
+
 class _EpochHook:
     """Exposed as ``batch_sampler.sampler``: Lightning's ``_set_sampler_epoch`` calls ``set_epoch`` on
     ``dataloader.sampler`` and ``dataloader.batch_sampler.sampler``, never on the batch sampler itself."""
@@ -58,10 +106,10 @@ class _EpochHook:
         self._owner.set_epoch(epoch)
 
     def __len__(self) -> int:
-        return len(self._owner.lengths)
+        return self._owner.num_examples
 
 
-class TokenBudgetBatchSampler(Sampler[list[int]]):
+class TokenBudgetBatchSampler(_ResumableEpochs, Sampler[list[int]]):
     """Batches of dataset indices with ``len(batch) * max(lengths[batch]) <= max_tokens``.
 
     lengths: per-example token counts *as the collator will see them* (after truncation to seq_len).
@@ -99,29 +147,6 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         self.epoch = 0
         self.sampler = _EpochHook(self)  # so that Lightning advances the epoch (see _EpochHook)
         self._cache: tuple[tuple[int, int, int], list[np.ndarray]] | None = None
-
-    @property
-    def num_replicas(self) -> int:
-        if self._replicas_arg is not None:
-            return int(self._replicas_arg)
-        import torch.distributed as dist
-
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @property
-    def rank(self) -> int:
-        if self._rank_arg is not None:
-            r = int(self._rank_arg)
-        else:
-            import torch.distributed as dist
-
-            r = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        if not 0 <= r < self.num_replicas:
-            raise ValueError(f"need 0 <= rank < num_replicas, got {r}, {self.num_replicas}")
-        return r
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
 
     # ---------------------------------------------------------------------------------------------- internals
     def _all_batches(self, epoch: int) -> list[np.ndarray]:
@@ -166,9 +191,54 @@ class TokenBudgetBatchSampler(Sampler[list[int]]):
         return self._cache[1]
 
     # ------------------------------------------------------------------------------------------------- API
+    @property
+    def num_examples(self) -> int:
+        return len(self.lengths)
+
     def __iter__(self) -> Iterator[list[int]]:
-        for b in self._rank_batches():
+        for b in self._rank_batches()[self._skip():]:
             yield b.tolist()
 
     def __len__(self) -> int:
         return len(self._rank_batches())
+
+
+class SeededBatchSampler(_ResumableEpochs, Sampler[list[int]]):
+    """Fixed-size batches of a per-epoch permutation drawn from ``np.random.default_rng([seed, epoch])``.
+
+    torch's ``DataLoader(shuffle=True)`` draws its permutation from the global RNG when the iterator is created,
+    so a run resumed mid-epoch cannot reproduce the rest of the interrupted epoch. Here the order is a pure function
+    of (seed, epoch) and the sampler skips the batches already trained after a resume (``resume_from``).
+    With several replicas (DDP) batches are dealt round-robin; when their count does not divide the number of
+    replicas the first batches are repeated (like torch's DistributedSampler pads with repeated examples), so every
+    rank runs the same number of steps and no example is dropped."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool = True, seed: int = 0, drop_last: bool = False,
+                 num_replicas: int | None = None, rank: int | None = None):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.n, self.batch_size, self.shuffle, self.seed, self.drop_last = int(n), int(batch_size), shuffle, int(seed), drop_last
+        self._replicas_arg, self._rank_arg = num_replicas, rank
+        self.epoch = 0
+        self.sampler = _EpochHook(self)
+
+    @property
+    def num_examples(self) -> int:
+        return self.n
+
+    def _batches(self) -> list[np.ndarray]:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n) if self.shuffle else np.arange(self.n)
+        stop = self.n - self.n % self.batch_size if self.drop_last else self.n
+        batches = [order[i : i + self.batch_size] for i in range(0, stop, self.batch_size)]
+        r = self.num_replicas
+        if r > 1 and batches and len(batches) % r:
+            batches += [batches[i % len(batches)] for i in range(r - len(batches) % r)]
+        return batches[self.rank :: r]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self._batches()[self._skip():]:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        b = self.n // self.batch_size if self.drop_last else -(-self.n // self.batch_size)
+        return -(-b // self.num_replicas)
