@@ -240,8 +240,9 @@ def stage_pretrain(run: Run) -> Path:
         nw = cfg.runtime.num_workers
         mult = pa.get("pad_to_multiple_of")
         train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability,
-                                 pad_to_multiple_of=mult)
+                                 pad_to_multiple_of=mult, seed=cfg.seed)
         train_ds = SessionDataset(enc_obj, enc, whole(train_s))
+        # both samplers are pure functions of (seed, epoch) and resumable mid-epoch (train_utils.ResumeState)
         if pa.get("max_tokens"):  # length bucketing: batches of similar length, B x T <= max_tokens (GPU path)
             from .data.sampler import TokenBudgetBatchSampler
 
@@ -249,15 +250,16 @@ def stage_pretrain(run: Run) -> Path:
             if mult:
                 lengths = -(-lengths // mult) * mult  # the widths the collator will pad to
             sampler = TokenBudgetBatchSampler(lengths, int(pa.max_tokens), shuffle=True, seed=cfg.seed)
-            train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, num_workers=nw)
         else:
-            train_dl = DataLoader(train_ds, batch_size=pa.batch_size, shuffle=True, collate_fn=train_coll,
-                                  num_workers=nw)
+            from .data.sampler import SeededBatchSampler
+
+            sampler = SeededBatchSampler(len(train_ds), pa.batch_size, shuffle=True, seed=cfg.seed)
+        train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, num_workers=nw)
         val_dl = DataLoader(SessionDataset(enc_obj, enc, whole(val_s)), batch_size=cfg.runtime.eval_batch_size,
                             collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
                                                    pa.mlm_probability, fixed_seed=cfg.seed), num_workers=nw)
         ckpt = resolve_resume(cfg, run.ckpt_dir)
-        trainer = build_trainer(cfg, run, out, pa.epochs, run.ckpt_dir)
+        trainer = build_trainer(cfg, run, out, pa.epochs, run.ckpt_dir, train_sampler=sampler)
         t0 = time.perf_counter()
         fit(trainer, module, train_dl, val_dl, ckpt)
         seconds = time.perf_counter() - t0
@@ -319,11 +321,14 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
         module.encoder.load_state_dict(enc_model.state_dict())
         sets = finetune_data(run, tok, labels)
         coll, nw = PadCollator(tok.pad_token_id), cfg.runtime.num_workers
-        train_dl = DataLoader(sets["train"], batch_size=f.batch_size, shuffle=True, collate_fn=coll, num_workers=nw)
+        from .data.sampler import SeededBatchSampler
+
+        sampler = SeededBatchSampler(len(sets["train"]), f.batch_size, shuffle=True, seed=cfg.seed)
+        train_dl = DataLoader(sets["train"], batch_sampler=sampler, collate_fn=coll, num_workers=nw)
         val_dl = DataLoader(sets["val"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
         test_dl = DataLoader(sets["test"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
         ckpt = resolve_resume(cfg, run.ckpt_dir)
-        trainer = build_trainer(cfg, run, out, f.epochs, run.ckpt_dir)
+        trainer = build_trainer(cfg, run, out, f.epochs, run.ckpt_dir, train_sampler=sampler)
         t0 = time.perf_counter()
         fit(trainer, module, train_dl, val_dl, ckpt)
         seconds = time.perf_counter() - t0
