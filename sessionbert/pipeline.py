@@ -26,8 +26,13 @@ from .config import validate
 
 log = logging.getLogger("sessionbert")
 
+#: Part of every stage's cache key: bumped whenever a code change alters what a stage writes (e.g. 2: seeded MLM
+#: masks and samplers for bit-identical resume), so artefacts of an older version are never reused.
+CACHE_VERSION = 2
+
+
 def _key(*parts) -> str:
-    blob = json.dumps(parts, sort_keys=True, default=str)
+    blob = json.dumps([CACHE_VERSION, parts], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
