@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=1000)
     ap.add_argument("--batch-users", type=int, default=256)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--device", default="cpu", help="cpu / cuda")
+    ap.add_argument("--train-args", default="", help="extra overrides for the run trained when --run is not given")
     ap.add_argument("--out", help="append the command and the result line to this file")
     a = ap.parse_args()
     os.environ.setdefault("WANDB_MODE", "offline")
@@ -49,21 +51,23 @@ def main() -> None:
 
         from sessionbert.pipeline import run_pipeline
 
-        run_pipeline(make_cfg(work, ["experiment=smoke"]))
+        run_pipeline(make_cfg(work, ["experiment=smoke", *a.train_args.split()]))
     sim_dir = work / f"sim-{a.users}-{a.seed}"
     if not (sim_dir / "events.parquet").exists():
         simulate_to_dir(sim_config("tiny", seed=a.seed, n_users=a.users), sim_dir, load_catalog(None),
                         write_stats=False)
     events = pd.read_parquet(sim_dir / "events.parquet")
     billing = pd.read_parquet(sim_dir / "billing.parquet")
-    model = SessionBERT.from_run(run_dir, device="cpu")
+    model = SessionBERT.from_run(run_dir, device=a.device)
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     n = 0
     for df in model.predict_batches(events, billing, batch_users=a.batch_users):
         n += len(df)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    res = {"users": n, "sessions": int(events["session_id"].nunique()), "events": len(events),
+    res = {"device": str(model.device), "users": n, "sessions": int(events["session_id"].nunique()), "events": len(events),
            "batch_users": a.batch_users, "seconds": round(secs, 2), "users_per_s": round(n / secs, 1),
            "sessions_per_s": round(events["session_id"].nunique() / secs, 1), "torch_threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "loadavg_before": round(load0, 2), "loadavg_after": round(os.getloadavg()[0], 2),

@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""DDP scaling of SessionBERT's MLM pretraining through Lightning (issue 6, goal 3).
+
+The real training path: `MLMModule` in a Lightning `Trainer` (bf16-mixed, `strategy=ddp` for several GPUs, exactly
+what `trainer=ddp` configures), batches from `TokenBudgetBatchSampler` (each rank its own disjoint token-budget
+batches, `use_distributed_sampler=False` as in `train_utils.build_trainer`) collated by `MLMCollator` in data-loader
+workers. Examples are random in-vocabulary ids with the session-length distribution of `--lengths` capped at
+`--seq` (only lengths matter for speed). Weak scaling: every GPU gets the same token budget per step, so the ideal
+is N x the one-GPU throughput of real (non-padding) tokens.
+
+    python experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --out experiments/results/bench_ddp.json
+
+For each device count the script launches itself (`--child`) so that each measurement starts clean; Lightning
+starts the DDP processes. Timing starts after `--warmup` steps (NCCL set-up, cuDNN/cuBLAS heuristics) and covers
+`--steps` steps; real tokens are summed over ranks with an all-reduce.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+class _Ids:
+    """Random ids of the given lengths ([CLS] ... [SEP]); deterministic per index."""
+
+    def __init__(self, lengths: np.ndarray, vocab: int):
+        self.lengths, self.vocab = lengths, vocab
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i: int) -> dict:
+        import torch
+
+        g = torch.Generator().manual_seed(int(i))
+        n = int(self.lengths[i])
+        ids = torch.randint(6, self.vocab, (n,), generator=g)
+        ids[0], ids[-1] = 2, 3
+        return {"idx": i, "input_ids": ids}
+
+
+def child(a) -> None:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from sessionbert.data.datasets import MLMCollator
+    from sessionbert.data.sampler import TokenBudgetBatchSampler
+    from sessionbert.models.encoder import ARCHS, bert_config
+    from sessionbert.models.modules import MLMModule
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    gpu = torch.cuda.is_available()
+
+    def _sync():
+        if gpu:
+            torch.cuda.synchronize()
+    lengths = np.minimum(np.load(a.lengths).astype(np.int64), a.seq)
+    lengths = lengths[lengths >= 3]
+    cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
+    module = MLMModule(cfg.to_dict(), lr=1e-4)
+    sampler = TokenBudgetBatchSampler(lengths, a.tokens_per_step, shuffle=True, seed=0)
+    coll = MLMCollator(0, 4, a.vocab, [0, 1, 2, 3, 4, 5], 0.15, seed=0)
+    dl = DataLoader(_Ids(lengths, a.vocab), batch_sampler=sampler, collate_fn=coll, num_workers=a.workers,
+                    pin_memory=True, persistent_workers=a.workers > 0, prefetch_factor=4 if a.workers else None)
+
+    class Clock(L.Callback):
+        def __init__(self):
+            self.tokens, self.t0, self.t1 = 0, None, None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == a.warmup:
+                _sync()
+                self.t0 = time.perf_counter()
+            if trainer.global_step >= a.warmup:
+                self.tokens += int(batch["attention_mask"].sum())
+
+        def on_train_end(self, trainer, pl_module):
+            _sync()
+            self.t1 = time.perf_counter()
+            t = torch.tensor([float(self.tokens)], device=pl_module.device)
+            if trainer.world_size > 1:
+                torch.distributed.all_reduce(t)
+            if trainer.is_global_zero:
+                secs = self.t1 - self.t0
+                res = {"devices": trainer.world_size, "seq": a.seq, "model": a.model, "steps": a.steps,
+                       "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
+                       "real_tokens_per_s": t.item() / secs,
+                       "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
+                Path(a.child).write_text(json.dumps(res))
+
+    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=a.devices,
+                        strategy="ddp" if a.devices > 1 else "auto", precision="bf16-mixed" if gpu else "32-true", max_steps=a.warmup + a.steps, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[Clock()])
+    trainer.fit(module, dl)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--lengths", default=str(ROOT / ".bench" / "lengths_sim.npy"))
+    ap.add_argument("--devices", default="1,2", help="device counts to measure, e.g. 1,2")
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--model", default="base")
+    ap.add_argument("--vocab", type=int, default=30000)
+    ap.add_argument("--tokens-per-step", type=int, default=131072, help="padded slots per step per GPU")
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--out")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child:
+        a.devices = int(a.devices)
+        return child(a)
+    import torch
+
+    runs = []
+    for d in [int(x) for x in a.devices.split(",")]:
+        res_file = Path(f"/tmp/bench_ddp_{d}.json")
+        res_file.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--child", str(res_file), "--devices", str(d), "--lengths", a.lengths,
+               "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
+               str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers)]
+        print("+", " ".join(cmd), flush=True)
+        subprocess.run(cmd, check=True)
+        runs.append(json.loads(res_file.read_text()))
+        print(json.dumps(runs[-1]), flush=True)
+    base = runs[0]["real_tokens_per_s"] / runs[0]["devices"]
+    out = {"date": dt.date.today().isoformat(),
+           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
+           "runs": runs, "per_device_efficiency": {str(r["devices"]): r["real_tokens_per_s"] / (base * r["devices"])
+                                                   for r in runs}}
+    if len(runs) > 1:
+        out["ddp_scaling_2gpu"] = next((r["real_tokens_per_s"] / runs[0]["real_tokens_per_s"] for r in runs
+                                        if r["devices"] == 2), None)
+    print(json.dumps(out, indent=1))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
