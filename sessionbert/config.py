@@ -61,6 +61,10 @@ def validate(cfg: DictConfig) -> None:
     ks = list(cfg.personas.k_range)
     if not ks or any((not isinstance(x, int)) or x < 2 for x in ks):
         raise ConfigError(f"personas.k_range: integers >= 2 expected, got {ks}")
+    from .personas.cluster import ALGORITHMS
+
+    if cfg.personas.algorithm not in ALGORITHMS:
+        raise ConfigError(f"personas.algorithm: one of {ALGORITHMS}, got {cfg.personas.algorithm!r}")
     if cfg.model.kind not in ("scratch", "pretrained"):
         raise ConfigError(f"model.kind: scratch or pretrained, got {cfg.model.kind!r}")
     if cfg.model.kind == "scratch":

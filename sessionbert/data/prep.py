@@ -30,10 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import queue
 import re
 import shutil
 import sys
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,8 +284,7 @@ def _serialise_chunk(t: pa.Table, billing: pa.Table | None, split: TimeSplit, us
             key = pd.factorize(key)[0].astype(np.int64)
         key = key * (len(d) + 1) + (c + 1)
     ev_code, uniq = pd.factorize(key)
-    first = np.zeros(len(uniq), np.int64)
-    first[ev_code[::-1]] = np.arange(n - 1, -1, -1)  # a row of each distinct key
+    first = pd.Series(ev_code).drop_duplicates().index.to_numpy()  # the first row of each distinct key, in code order
     (svc_c, svc_d), (page_c, page_d), (title_c, title_d), (act_c, act_d) = parts
     texts = []
     for r in first:
@@ -421,31 +423,38 @@ def assemble(
     # one pool: [CLS], [SEP], metadata ids, event pieces
     pool = np.concatenate([np.array([cls_id, end_id], np.int32), meta_pool, piece_pool])
     m0, p0 = 2, 2 + len(meta_pool)
-    # segments: (source start, length, destination start); metadata parts cut to mkeep in total
+    # Segments (source start, length) laid out in output order, so that the copy is one gather:
+    # per session [CLS], K metadata parts (cut to mkeep in total), the partial newest event, kept events, [SEP].
+    K = meta_len.shape[1]
+    part = (plen > 0).astype(np.int64)
+    kept_n = np.bincount(ev_sess[keep], minlength=S)
+    nseg = K + 2 + part + kept_n  # (S,)
+    base = np.cumsum(nseg) - nseg  # (S,) first segment of each session
+    n_all = int(nseg.sum())
+    idx = np.int32 if int(off[-1]) < 2**31 and len(pool) < 2**31 else np.int64  # half the bytes in the big gather
+    src = np.zeros(n_all, idx)
+    ln = np.zeros(n_all, idx)
+    ln[base] = 1  # [CLS] (source 0)
     mcum = np.cumsum(meta_len, 1) - meta_len  # (S, K) tokens before each part
-    mpart = np.clip(mkeep[:, None] - mcum, 0, meta_len)
-    seg_src = [np.zeros(S, np.int64), (meta_start + m0).ravel(), np.ones(S, np.int64)]
-    seg_len = [np.ones(S, np.int64), mpart.ravel(), np.ones(S, np.int64)]
-    seg_dst = [off[:-1], (off[:-1, None] + 1 + mcum).ravel(), off[1:] - 1]
-    ke = np.flatnonzero(keep)
-    seg_src.append(piece_start[ke] + p0)
-    seg_len.append(el[ke])
-    seg_dst.append(off[1:][ev_sess[ke]] - 1 - suffix[ke])  # kept events end right before [SEP]
-    if plen.any():
-        ps = np.flatnonzero(plen)
+    mslot = base[:, None] + 1 + np.arange(K)[None, :]  # (S, K)
+    src[mslot] = meta_start + m0
+    ln[mslot] = np.clip(mkeep[:, None] - mcum, 0, meta_len)
+    ps = np.flatnonzero(plen)
+    if len(ps):
         newest = bounds[1:][ps] - 1
-        seg_src.append(piece_start[newest] + piece_len[newest] - plen[ps] + p0)
-        seg_len.append(plen[ps])
-        seg_dst.append(off[ps] + 1 + mkeep[ps])
+        src[base[ps] + 1 + K] = piece_start[newest] + piece_len[newest] - plen[ps] + p0
+        ln[base[ps] + 1 + K] = plen[ps]
+    ke = np.flatnonzero(keep)
+    ks = ev_sess[ke]
+    rank = np.arange(len(ks)) - np.searchsorted(ks, ks)  # (kept,) order within the session (ks is sorted)
+    eslot = base[ks] + 1 + K + part[ks] + rank
+    src[eslot] = piece_start[ke] + p0
+    ln[eslot] = el[ke]
+    last = base + nseg - 1
+    src[last], ln[last] = 1, 1  # [SEP]
     total = int(off[-1])
-    idx = np.int32 if total < 2**31 and len(pool) < 2**31 else np.int64  # half the bytes of the big gathers
-    src, ln, dst = (np.concatenate(x).astype(idx) for x in (seg_src, seg_len, seg_dst))
-    nz = ln > 0
-    src, ln, dst = src[nz], ln[nz], dst[nz]
-    seg0 = (np.cumsum(ln) - ln).astype(idx)  # segment starts in the concatenated copy order
-    at = np.arange(total, dtype=idx)
-    out = np.empty(total, np.int32)
-    out[at + np.repeat(dst - seg0, ln)] = pool[at + np.repeat(src - seg0, ln)]
+    seg0 = (np.cumsum(ln, dtype=np.int64) - ln).astype(idx)  # where each segment starts in the output
+    out = pool[np.arange(total, dtype=idx) + np.repeat(src - seg0, ln)]
     return out, off
 
 
@@ -472,13 +481,16 @@ def _encode_chunk(ch: _Chunk, ids: _Ids, evt_id: int, cls_id: int, end_id: int, 
 
 
 class _ShardWriter:
-    """Writes exactly `size` sessions per shard (the last fewer), each file atomically (tmp + os.replace)."""
+    """Writes exactly `size` sessions per shard (the last fewer), each file atomically (tmp + os.replace), on a
+    background thread (Parquet encoding releases the GIL), at most one shard in flight (bounded memory)."""
 
     def __init__(self, out: Path, size: int, compression: str | None):
         self.out, self.size, self.compression = out, size, compression
         self.buf: list[pa.Table] = []
         self.n_buf = 0
         self.shards: list[dict] = []
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.pending: Future | None = None
 
     def add(self, t: pa.Table) -> None:
         self.buf.append(t)
@@ -489,19 +501,69 @@ class _ShardWriter:
     def close(self) -> None:
         if self.n_buf:
             self._write(self.n_buf)
+        self._wait()
+        self.pool.shutdown()
+
+    def abort(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            self.shards.append(self.pending.result())
+            self.pending = None
 
     def _write(self, n: int) -> None:
         t = pa.concat_tables(self.buf)
         shard, rest = t.slice(0, n), t.slice(n)
-        name = f"shard-{len(self.shards):05d}.parquet"
+        self.buf, self.n_buf = ([rest] if rest.num_rows else []), rest.num_rows
+        name = f"shard-{len(self.shards) + (self.pending is not None):05d}.parquet"
+        self._wait()
+        self.pending = self.pool.submit(self._write_file, shard, name)
+
+    def _write_file(self, shard: pa.Table, name: str) -> dict:
         tmp = self.out / (name + ".tmp")
-        pq.write_table(shard, tmp, compression=self.compression or "none")
+        # dictionary encoding of the ids costs more write time than it saves after zstd
+        pq.write_table(shard, tmp, compression=self.compression or "none", use_dictionary=["window"])
         os.replace(tmp, self.out / name)
         counts = np.bincount(_np(shard.column("window")), minlength=len(WINDOWS))
-        self.shards.append({"file": name, "sessions": n,
-                            "tokens": int(len(shard.column("input_ids").combine_chunks().values)),
-                            "windows": {w: int(c) for w, c in zip(WINDOWS, counts)}})
-        self.buf, self.n_buf = ([rest] if rest.num_rows else []), rest.num_rows
+        return {"file": name, "sessions": shard.num_rows,
+                "tokens": int(pc.sum(pc.list_value_length(shard.column("input_ids"))).as_py() or 0),
+                "windows": {w: int(c) for w, c in zip(WINDOWS, counts)}}
+
+
+def _prefetch(items: Iterator, depth: int = 1) -> Iterator:
+    """Run `items` on a background thread, `depth` items ahead (Parquet decoding overlaps the numpy work)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def work() -> None:
+        try:
+            for x in items:
+                while not stop.is_set():
+                    try:
+                        q.put((x, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((end, None))
+        except BaseException as e:  # re-raised in the consumer
+            q.put((end, e))
+
+    th = threading.Thread(target=work, daemon=True, name="prep-reader")
+    th.start()
+    try:
+        while True:
+            x, err = q.get()
+            if x is end:
+                if err is not None:
+                    raise err
+                return
+            yield x
+    finally:
+        stop.set()
 
 
 def prep_shards(
@@ -595,7 +657,7 @@ def prep_shards(
     try:
         prev_user = None
         t = time.perf_counter()
-        for row0, tab in _user_chunks(events_path, columns, batch_rows):
+        for row0, tab in _prefetch(_user_chunks(events_path, columns, batch_rows)):
             last = tab.column("user_id")[-1].as_py()
             btab = bill.upto(last) if bill is not None else None
             ch = _serialise_chunk(tab, btab, split, use_region, events_path, row0, prev_user)
@@ -625,6 +687,7 @@ def prep_shards(
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         times["write"] += time.perf_counter() - t
     except BaseException:
+        writer.abort()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     n_sessions = sum(s["sessions"] for s in writer.shards)
