@@ -153,3 +153,33 @@ def test_pad_to_multiple_rounds_width_and_masks_padding():
     assert b["input_ids"].shape == (2, 32)
     assert b["attention_mask"].sum(1).tolist() == [4, 3]
     assert pad_batch([{"idx": 0, "input_ids": [2, 3]}], pad_id=0)["input_ids"].shape == (1, 2)
+
+
+def test_gradient_clipping_with_fused_optimizer_under_bf16():
+    """Lightning refuses to clip for a fused optimizer under bf16-mixed (the GPU default); our modules clip
+    themselves, and the gradients really are clipped."""
+    import lightning as L
+    import torch
+
+    from sessionbert.models.encoder import ARCHS, bert_config
+    from sessionbert.models.modules import MLMModule
+
+    cfg = bert_config(50, 0, ARCHS["tiny"], 64, 0.0)
+    module = MLMModule(cfg.to_dict(), lr=1e-3)
+    module.configure_optimizers = lambda: torch.optim.AdamW(module.parameters(), lr=1e-3, fused=True)
+    norms = []
+    orig = module.configure_gradient_clipping
+
+    def spy(optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        orig(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norms.append(torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None]))
+
+    module.configure_gradient_clipping = spy
+    ids = torch.randint(6, 50, (4, 12))
+    labels = torch.where(torch.rand(4, 12) < 0.3, ids, torch.full_like(ids, -100))
+    labels[0, 0] = ids[0, 0]
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", gradient_clip_val=1e-3, max_steps=2, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(module, torch.utils.data.DataLoader([batch, batch], batch_size=None))
+    assert len(norms) == 2 and all(float(n) <= 1e-3 * 1.01 for n in norms)

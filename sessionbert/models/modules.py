@@ -39,6 +39,20 @@ class _Schedule:
         sched = get_linear_schedule_with_warmup(opt, warm, total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip here instead of through Lightning's precision plugin: under `bf16-mixed` Lightning refuses to clip
+        for a fused optimizer ("performs unscaling of gradients internally"), although bf16 has no grad scaler and
+        the gradients are not scaled. With a scaler (fp16) Lightning's own path, which unscales first, is kept."""
+        if not gradient_clip_val:
+            return
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if gradient_clip_algorithm in (None, "norm"):
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+
 
 class MLMModule(_Schedule, L.LightningModule):
     """BERT masked-language modelling on serialised sessions. The decoder runs on masked positions only."""
