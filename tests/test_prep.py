@@ -103,7 +103,7 @@ def test_prep_tokenizer_sample_is_corpus_train_texts(sim, corpus, shards, tmp_pa
     monkeypatch.setattr(tk, "train_wordpiece", spy)
     m = prep_shards(sim / "events.parquet", tmp_path / "s", sim / "billing.parquet", vocab_size=400, batch_rows=3000)
     assert seen == [list(corpus.train_texts())]
-    assert m["tokenizer_note"]["sample_sessions"] == m["windows"]["train"]  # default sample (50k) > tiny data
+    assert m["tokenizer_note"]["sample_sessions"] == m["windows"]["train"]  # default sample (20k) > tiny data
     assert shards[1]["tokenizer_note"]["vocab_size"] > 300
 
 

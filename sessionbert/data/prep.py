@@ -579,7 +579,7 @@ def prep_shards(
     tokenizer=None,
     vocab_size: int = 30000,
     min_frequency: int = 2,
-    tokenizer_sample: int = 50_000,
+    tokenizer_sample: int = 20_000,
     shard_sessions: int = 100_000,
     batch_rows: int = 1 << 20,
     compression: str | None = "zstd",
@@ -751,7 +751,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=128, help="truncate to this many ids (0: keep whole sessions)")
     ap.add_argument("--vocab-size", type=int, default=30000)
     ap.add_argument("--tokenizer", type=Path, default=None, help="use this tokenizer dir instead of training one")
-    ap.add_argument("--tokenizer-sample", type=int, default=50_000)
+    ap.add_argument("--tokenizer-sample", type=int, default=20_000)
     ap.add_argument("--shard-sessions", type=int, default=100_000)
     ap.add_argument("--overwrite", action="store_true")
     a = ap.parse_args(argv)
