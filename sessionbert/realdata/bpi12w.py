@@ -1,0 +1,14 @@
+"""BPI Challenge 2012, W subprocess (Tax et al. 2017): adapter and the next-activity protocol."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .base import Adapted
+from .processlog import load_file
+
+NAME = "bpi12w"
+FILE = "process-logs/bpi_12_w.csv"
+
+
+def load(data_dir: Path | None = None) -> Adapted:
+    return load_file(NAME, FILE, data_dir)
