@@ -136,6 +136,9 @@ def _user_chunks(path: Path, columns: list[str], batch_rows: int) -> Iterator[tu
         t = pa.Table.from_batches([rb])
         if carry is not None:
             t = pa.concat_tables([carry, t])
+        if t.num_rows < batch_rows // 2:  # batches end at row groups: gather small ones (less per-batch overhead)
+            carry = t
+            continue
         chg = np.flatnonzero(_changes(t.column("user_id")))
         cut = int(chg[-1])  # first row of the last user in the batch: it may go on in the next batch
         if cut == 0:
@@ -382,11 +385,18 @@ class _Ids:
 
 def _pool(pieces: list[np.ndarray], prefix: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Concatenate id lists (each optionally prefixed by one id): (pool, starts, lengths)."""
-    if prefix is not None:
-        pieces = [np.concatenate([[prefix], p]).astype(np.int32) for p in pieces]
     lens = np.array([len(p) for p in pieces], np.int64)
-    pool = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
-    return pool, np.cumsum(lens) - lens, lens
+    flat = np.concatenate(pieces).astype(np.int32) if pieces else np.zeros(0, np.int32)
+    if prefix is None:
+        return flat, np.cumsum(lens) - lens, lens
+    lens = lens + 1
+    starts = np.cumsum(lens) - lens
+    pool = np.empty(len(flat) + len(pieces), np.int32)
+    rest = np.ones(len(pool), bool)
+    rest[starts] = False
+    pool[starts] = prefix
+    pool[rest] = flat
+    return pool, starts, lens
 
 
 def assemble(
