@@ -44,6 +44,8 @@ ABL_DIR ?= multirun/ablations_$(SCALE)
 # vocab grid up to what the corpus supports (the tokenizer reports the cap it reached)
 VOCABS_cpu ?= 250,500,1000,2000
 VOCABS_gpu ?= 5000,10000,20000,30000
+# rankers differ by a few points of Hit@5: several seeds (data, model and split all change), spread in the report
+SEEDS ?= 0,1,2
 ABL_ARGS ?=
 ABL = $(PY) train.py -m experiment=ablations_$(SCALE) $(ABL_ARGS)
 
@@ -53,7 +55,7 @@ report:  ## report.md, results.csv, plots over run / multirun dirs: make report 
 ablations: install  ## the paper's ablations as multirun grids (SCALE=cpu|gpu), then the report
 	@status=0; \
 	$(ABL) model=sessionbert,bert_base seq_len=64,512 hydra.sweep.dir=$(ABL_DIR)/model_x_seq_len || status=1; \
-	$(ABL) recommend.ranker=count,prob,persona hydra.sweep.dir=$(ABL_DIR)/rankers || status=1; \
+	$(ABL) recommend.ranker=count,prob,persona seed=$(SEEDS) hydra.sweep.dir=$(ABL_DIR)/rankers || status=1; \
 	$(ABL) vocab_size=$(VOCABS_$(SCALE)) hydra.sweep.dir=$(ABL_DIR)/vocab_size || status=1; \
 	$(ABL) seq_len=64,128,256,512 hydra.sweep.dir=$(ABL_DIR)/seq_len || status=1; \
 	$(PY) -m sessionbert.report $(ABL_DIR) || status=1; \

@@ -262,11 +262,13 @@ def _claims(df) -> list[str]:
             f"{m}: k = {k}, ARI {_f(float(ari.get(m)) if m in ari else None)}" for m, k in ks.items()) + " |")
     if "hit@5" in ok and ok["hit@5"].notna().any():
         rk = _fix_others(ok.dropna(subset=["hit@5"]), ("ranker",), ("model", "seq_len", "vocab_size"))
-        parts = [f"{r} {g['hit@5'].mean():.4f}" for r, g in rk.groupby("ranker")]
+        # one value per seed: jobs of other grids with the same seed and ranker repeat the same cached result
+        parts = [f"{r} {_mean_sd(g.drop_duplicates('seed')['hit@5'] if 'seed' in g else g['hit@5'])}"
+                 for r, g in rk.groupby("ranker")]
         for b in ("popularity", "cooccurrence", "persona_popularity", "persona_oracle"):
             c = f"hit@5_{b}"
             if c in rk and rk[c].notna().any():
-                parts.append(f"{b} {rk[c].mean():.4f}")
+                parts.append(f"{b} {_mean_sd(rk.drop_duplicates('seed')[c] if 'seed' in rk else rk[c])}")
         rows.append(f"| new-service Hit@5 | {PAPER['hit@5']} | " + ", ".join(parts) + " |")
     v = _fix_others(ok[ok["model"] != "bert_base"], ("vocab_size", "model"), ("seq_len",)).dropna(
         subset=["service_f1_micro"])
@@ -275,6 +277,37 @@ def _claims(df) -> list[str]:
         rows.append("| vocabulary size | 30k WordPiece vocabulary (no ablation) | " + ", ".join(
             f"{int(s)} (actual {_f(a if a == a else None, 0)}): {f:.4f}" for s, (a, f) in g.iterrows()) + " |")
     return rows
+
+
+def _mean_sd(v) -> str:
+    """'mean' for one value, 'mean ± sd (n seeds)' for several (sample standard deviation)."""
+    v = v.dropna().astype(float)
+    if len(v) <= 1:
+        return f"{v.mean():.4f}" if len(v) else ""
+    return f"{v.mean():.4f} ± {v.std(ddof=1):.4f} (n={len(v)})"
+
+
+SEED_METRICS = ("hit@5", "hit@5_popularity", "hit@5_cooccurrence", "hit@5_persona_popularity", "service_f1_micro",
+                "page_f1_micro", "ari")
+
+
+def seed_spread(df) -> list[str]:
+    """Markdown table of every configuration run with several seeds: mean ± sd over seeds per metric."""
+    ok = df[df["status"] == "COMPLETED"]
+    keys = [c for c in ("model", "seq_len", "vocab_size", "ranker") if c in ok]
+    if "seed" not in ok or ok["seed"].nunique(dropna=True) < 2:
+        return []
+    mets = [m for m in SEED_METRICS if m in ok and ok[m].notna().any()]
+    lines = ["## Spread over seeds", "", "Mean ± sample standard deviation over the seeds of each configuration.", "",
+             "| " + " | ".join(keys + ["seeds"] + mets) + " |", "|" + "---|" * (len(keys) + 1 + len(mets))]
+    for k, g in ok.groupby(keys, dropna=False):
+        g = g.drop_duplicates("seed")  # the same configuration and seed in two grids is one cached result
+        if len(g) < 2:
+            continue
+        k = k if isinstance(k, tuple) else (k,)
+        lines.append("| " + " | ".join([_cell(x) for x in k] + [str(g["seed"].nunique())] +
+                                        [_mean_sd(g[m]) for m in mets]) + " |")
+    return lines + [""] if len(lines) > 6 else []
 
 
 def _cell(x) -> str:
@@ -310,9 +343,10 @@ def write_grid_report(paths, out: Path | None = None) -> Path:
     lines = ["# SessionBERT grid report", "",
              f"{len(done)} runs ({(df['status'] == 'FAILED').sum()} failed) from " + ", ".join(f"`{p}`" for p in paths),
              "", "| experiment | paper | ours |", "|---|---|---|", *_claims(df), ""]
-    cols = [c for c in ("overrides", "model", "seq_len", "vocab_size", "ranker", "mlm_loss", "service_f1_micro",
+    cols = [c for c in ("overrides", "model", "seq_len", "vocab_size", "ranker", "seed", "mlm_loss", "service_f1_micro",
                         "page_f1_micro", "finetune_seconds", "k_chosen", "ari", "hit@5", "hit@5_popularity",
                         "hit@5_cooccurrence", "hit@5_persona_popularity", "status") if c in df]
+    lines += seed_spread(df)
     lines += ["## Runs", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for _, r in df.iterrows():
         lines.append("| " + " | ".join(_cell(r[c]) for c in cols) + " |")

@@ -116,10 +116,11 @@ def test_grid_report_on_multirun(tokenizer_grid):
 
 
 def _fake_run(d: Path, overrides: list[str], model: str, seq_len: int, vocab: int, ranker: str, f1: float,
-              secs: float, hit: float) -> None:
+              secs: float, hit: float, seed: int = 0) -> None:
     (d / ".hydra").mkdir(parents=True)
     (d / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
-    m = {"config": {"model": model, "seq_len": seq_len, "vocab_size": vocab, "k": None, "seed": 0, "data": "console"},
+    m = {"config": {"model": model, "seq_len": seq_len, "vocab_size": vocab, "k": None, "seed": seed,
+                    "data": "console"},
          "pretrain": {"mlm_loss": 3.0, "vocab_size": min(vocab, 1500)},
          "finetune": {"service_f1_micro": f1, "page_f1_micro": f1 / 2, "seconds": secs},
          "personas": {"k": 3, "ari": 0.1, "silhouette": {str(k): 0.3 - 0.02 * k for k in range(3, 10)}},
@@ -154,6 +155,23 @@ def test_grid_report_tables_and_plots(tmp_path):
     assert "512 / 64 = 8.0x" in text
     assert "persona 0.4500" in text and "cooccurrence 0.3200" in text
     assert "data.size=bogus" in text and "(1 failed)" in text
+
+
+def test_grid_report_spread_over_seeds(tmp_path):
+    """Rankers run with 3 seeds: the claim row and the spread table give mean ± sample sd over distinct seeds
+    (a second job with the same seed, e.g. from another grid, is one result, not two)."""
+    from sessionbert.report import write_grid_report
+
+    i = 0
+    for seed, hits in ((0, (0.40, 0.50)), (1, (0.44, 0.52)), (2, (0.42, 0.54))):
+        for r, h in zip(("count", "persona"), hits):
+            _fake_run(tmp_path / f"{i}_{r}", [f"recommend.ranker={r}", f"seed={seed}"], "sessionbert", 64, 2000, r,
+                      0.6, 8, h, seed=seed)
+            i += 1
+    _fake_run(tmp_path / f"{i}_dup", ["seq_len=64"], "sessionbert", 64, 2000, "count", 0.6, 8, 0.40, seed=0)
+    text = write_grid_report([tmp_path]).read_text()
+    assert "count 0.4200 ± 0.0200 (n=3)" in text and "persona 0.5200 ± 0.0200 (n=3)" in text
+    assert "## Spread over seeds" in text
 
 
 def test_grid_cooccurrence_and_persona_rankers():
