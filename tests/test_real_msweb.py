@@ -145,3 +145,35 @@ def test_set_encoder_is_order_free():
     a = ib.last_hidden_scores(model, [[1, 4, 7]], causal=False, append_mask=True)
     b = ib.last_hidden_scores(model, [[7, 1, 4]], causal=False, append_mask=True)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def _toy_files(d, seed):
+    g = np.random.default_rng(seed)
+    head = 'I,4,"www.microsoft.com","x"\n' + "".join(f'A,{1000 + a},1,"area {a}","/a{a}"\n' for a in range(6))
+    for split, n in (("train", 80), ("test", 30)):
+        body = []
+        for u in range(n):
+            body.append(f'C,"{10001 + u}",{10001 + u}')
+            p = int(g.integers(3))  # three "personas": areas {0,1}, {2,3}, {4,5}, sometimes one more
+            extra = [f"V,{1000 + int(g.integers(6))},1"] * int(g.integers(2))
+            body += [f"V,{1000 + 2 * p},1", f"V,{1001 + 2 * p},1"] + extra
+        _gz(d / M.FILES[split], head + "\n".join(body) + "\n")
+    return d
+
+
+def test_evaluate_end_to_end_on_toy_files(tmp_path):
+    import yaml
+    from pathlib import Path
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "conf/experiment/real_msweb.yaml").read_text())
+    c = cfg["realdata"]["msweb"]
+    c["dir"] = str(_toy_files(tmp_path, 0))
+    c["model"].update(hidden=16, heads=2, layers=1, epochs=2, batch_size=16)
+    c["personas"].update(ks=[2, 3], n_init=1)
+    rows = M.evaluate(cfg)
+    assert len([r for r in rows if r.metric == "Hit@5"]) == 3 * 4  # 3 scorers x 4 protocols
+    pub = [r for r in rows if r.published is not None]
+    assert sorted(r.published for r in pub) == [0.493, 0.596] and all("AllBut1" in r.protocol for r in pub)
+    assert all(0 <= r.ours <= 1 for r in rows if r.metric == "Hit@5" and "Given5" not in r.protocol
+               and "Given10" not in r.protocol)
+    assert all(r.ours is None and "not run" in r.source for r in rows if "Given10" in r.protocol)  # <= 3 areas
+    assert [r.metric for r in rows if r.metric.startswith("silhouette")] == ["silhouette (k=2)", "silhouette (k=3)"]

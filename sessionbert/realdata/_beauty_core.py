@@ -123,9 +123,11 @@ def sample_negatives(seqs: list[list[int]], n_items: int, n_neg: int, seed: int)
     out = np.empty((len(seqs), n_neg), dtype=np.int64)
     for u, s in enumerate(seqs):
         seen = {i - 1 for i in s}
+        if n_items - len(seen) < n_neg:
+            raise ValueError(f"user {u}: only {n_items - len(seen)} unseen items for {n_neg} negatives")
         got: list[int] = []
         while len(got) < n_neg:
-            for c in g.choice(n_items, size=2 * n_neg, replace=False):
+            for c in g.choice(n_items, size=min(2 * n_neg, n_items), replace=False):
                 if c not in seen and c not in got:
                     got.append(int(c))
                     if len(got) == n_neg:
@@ -208,6 +210,8 @@ def run(cfg: dict, data_dir: str | Path, device: str = "cpu") -> dict:
 
     t_all = time.time()
     data = read_beauty(data_dir)
+    if cfg.get("max_users"):  # smoke runs only: the first N users (the catalogue stays all items)
+        data.seqs, data.users = data.seqs[:int(cfg["max_users"])], data.users[:int(cfg["max_users"])]
     seed = int(cfg.get("seed", 0))
     mc = cfg["model"]
     train = train_part(data.seqs)
@@ -233,8 +237,8 @@ def run(cfg: dict, data_dir: str | Path, device: str = "cpu") -> dict:
                               mlm_epochs=tr.get("mlm_epochs", 0), mlm_prob=tr.get("mlm_prob", 0.2),
                               label_smoothing=tr.get("label_smoothing", 0.0), evaluate=val,
                               eval_every=tr.get("eval_every", 1), patience=tr.get("patience", 0),
-                              log=log.info)
-    neg = sample_negatives(data.seqs, data.n_items, 99, seed)
+                              time_budget_s=tr.get("time_budget_s", 0.0), log=log.info)
+    neg = sample_negatives(data.seqs, data.n_items, int(cfg.get("n_negatives", 99)), seed)
     full, samp = model_ranks(model, t_in, t_tg, neg, device=device)
     pfull, psamp = popularity_ranks(popularity(train, data.n_items), t_in, t_tg, neg)
     out = {
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--data", default=None, help="folder with Beauty.txt (default: ../shared/data/amazon-beauty)")
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="results JSON")
-    p.add_argument("--set", nargs="*", default=[], help="overrides a.b=value (YAML value)")
+    p.add_argument("--set", nargs="*", default=[], help="overrides a.b=value (YAML value), keys must exist")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     cfg = load_config(a.config)

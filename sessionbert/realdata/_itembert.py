@@ -244,10 +244,11 @@ def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batc
                     weight_decay: float, seed: int, device: str = "cpu", mlm_epochs: int = 0,
                     mlm_prob: float = 0.2, label_smoothing: float = 0.0,
                     evaluate: Callable[[ItemBert], float] | None = None, eval_every: int = 1, patience: int = 0,
-                    log: Callable[[str], None] = print) -> dict:
+                    time_budget_s: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """Optional short MLM pretraining (bidirectional, mask `mlm_prob` of items, predict them), then next-item
     training: causal attention, at every position the next item as target, full softmax over all items.
-    `seqs` are item-column lists (0-based). Best state by `evaluate(model)` is kept (early stopping)."""
+    `seqs` are item-column lists (0-based). Best state by `evaluate(model)` is kept (early stopping).
+    `time_budget_s` > 0: stop next-item training after the first evaluation past that many seconds."""
     dev = _device(device)
     model.to(dev)
     g = np.random.default_rng(seed)
@@ -311,6 +312,10 @@ def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batc
                 if patience and bad >= patience:
                     hist.append(rec)
                     break
+            if time_budget_s and time.time() - t0 > time_budget_s:
+                hist.append(rec)
+                log(f"  time budget {time_budget_s:.0f}s reached: stopping")
+                break
         else:
             log(f"  epoch {ep + 1}: loss {tot / n:.4f} ({time.time() - t0:.0f}s)")
         hist.append(rec)

@@ -24,7 +24,7 @@ log = logging.getLogger("sessionbert.realdata.beauty")
 DATASET = "beauty"
 FULL = "leave-one-out (last item test, second-to-last validation), full ranking over all 12,101 items, " \
        "items already in the user's history removed"
-SAMPLED = "leave-one-out, 99 sampled negatives (uniform over items the user never interacted with, seed {seed})"
+SAMPLED = "leave-one-out, {n} sampled negatives (uniform over items the user never interacted with, seed {seed})"
 
 #: Published full-ranking numbers (shared/data/README.md: S3-Rec authors' figure, ICLRec README).
 PUBLISHED_FULL = {
@@ -84,7 +84,7 @@ def load(data_dir: Path | None = None) -> Adapted:
     )
 
 
-def rows_from_results(res: dict, seed: int) -> list[ResultRow]:
+def rows_from_results(res: dict, seed: int, n_negatives: int = 99) -> list[ResultRow]:
     """Result rows (one per published number, ours beside it, plus our floors) from `core.run`'s output."""
     rows = []
     ours, pop = res["ours"], res["popularity"]
@@ -97,14 +97,15 @@ def rows_from_results(res: dict, seed: int) -> list[ResultRow]:
     rows.append(ResultRow(DATASET, "NDCG@20", FULL, ours["NDCG@20"], None, "SessionBERT (ours)"))
     for metric in ("HR@5", "NDCG@5", "HR@10", "NDCG@10", "HR@20", "NDCG@20"):
         rows.append(ResultRow(DATASET, metric, FULL, pop[metric], None, "floor (ours): popularity"))
+    sampled = SAMPLED.format(seed=seed, n=n_negatives)
     for model, pub in PUBLISHED_SAMPLED.items():
-        rows.append(ResultRow(DATASET, "HR@5", SAMPLED.format(seed=seed), res["ours_sampled99"]["HR@5"], pub,
+        rows.append(ResultRow(DATASET, "HR@5", sampled, res["ours_sampled99"]["HR@5"], pub,
                               f"{model}, S3-Rec paper main table (Zhou et al., CIKM 2020); ours: SessionBERT"))
     for metric, v in res["ours_sampled99"].items():
         if metric != "HR@5":
-            rows.append(ResultRow(DATASET, metric, SAMPLED.format(seed=seed), v, None, "SessionBERT (ours)"))
+            rows.append(ResultRow(DATASET, metric, sampled, v, None, "SessionBERT (ours)"))
     for metric, v in res["popularity_sampled99"].items():
-        rows.append(ResultRow(DATASET, metric, SAMPLED.format(seed=seed), v, None, "floor (ours): popularity"))
+        rows.append(ResultRow(DATASET, metric, sampled, v, None, "floor (ours): popularity"))
     return rows
 
 
@@ -125,4 +126,4 @@ def evaluate(cfg: dict) -> list[ResultRow]:
         device = cfg.get("device", "cpu")
         with cpu_threads(cfg.get("cpu_threads", 1) if device == "cpu" else None):
             res = core.run(cfg, _dir(cfg.get("dir")), device)
-    return rows_from_results(res, seed)
+    return rows_from_results(res, seed, int(cfg.get("n_negatives", 99)))
