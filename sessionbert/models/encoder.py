@@ -32,7 +32,13 @@ def load_encoder(path: str | Path) -> PreTrainedModel:
     p = Path(path)
     if not (p / "config.json").exists():
         raise FileNotFoundError(f"model.pretrained_dir: no config.json in {p} (a local Hugging Face model dir)")
-    return AutoModel.from_pretrained(str(p), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False)
+    # fp32 master weights whatever the checkpoint's dtype (mixed precision is the trainer's job); the keyword is
+    # `dtype` from transformers 5 on, `torch_dtype` before
+    import transformers
+
+    kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    return AutoModel.from_pretrained(str(p), local_files_only=True, attn_implementation="sdpa", add_pooling_layer=False,
+                                     **{kw: torch.float32})
 
 
 def default_general_bert_dir() -> Path:
