@@ -60,3 +60,8 @@ ablations: install  ## the paper's ablations as multirun grids (SCALE=cpu|gpu), 
 	$(ABL) seq_len=64,128,256,512 hydra.sweep.dir=$(ABL_DIR)/seq_len || status=1; \
 	$(PY) -m sessionbert.report $(ABL_DIR) || status=1; \
 	exit $$status
+
+# ---- real public session data (Issue 5) ----------------------------------------------------------------
+REAL_DATASETS ?= msnbc,fifa,helpdesk,bpi12w,msweb,beauty
+real-data: install  ## the published protocols on the public datasets -> experiments/results/real_data.{md,csv}
+	$(PY) -m sessionbert.realdata --datasets $(REAL_DATASETS) --out experiments/results

@@ -129,7 +129,9 @@ class Run:
             events = pd.read_parquet(d / "events.parquet")
             billing = pd.read_parquet(d / "billing.parquet") if (d / "billing.parquet").exists() else None
             sp = self.cfg.data.split
-            self._corpus = Corpus.build(events, billing, sp.val_days, sp.test_days,
+            split = self.metrics.get("data", {}).get("realdata", {}).get("split", {})  # file-order split days
+            val_days, test_days = split.get("val_days", sp.val_days), split.get("test_days", sp.test_days)
+            self._corpus = Corpus.build(events, billing, val_days, test_days,
                                         self.cfg.tokenizer.metadata, self.cfg.tokenizer.billing)
         return self._corpus
 
@@ -157,6 +159,8 @@ def stage_data(run: Run) -> Path:
             if (sp.val_days, sp.test_days) != (14, 28):  # the simulator measured on the default split
                 stats = data_stats(pd.read_parquet(out / "events.parquet"), pd.read_parquet(out / "truth_users.parquet"),
                                    val_days=sp.val_days, test_days=sp.test_days, seed=cfg.seed)
+        elif cfg.data.kind == "realdata":  # a public dataset (issue 5), read in place by its adapter
+            stats = _realdata_events(cfg, out)
         else:
             from .data.io import read_billing, read_events, write_parquet_atomic
             from .data.schema import BILLING_SCHEMA, EVENT_SCHEMA
@@ -173,12 +177,64 @@ def stage_data(run: Run) -> Path:
             stats = {"read": report.to_dict(), "n_events": len(events), "n_users": events["user_id"].nunique(),
                      "n_sessions": events["session_id"].nunique()}
         _write_json(out / "data_stats.json", stats)
-        return {"n_events": stats.get("n_events"), "n_sessions": stats.get("n_sessions"),
-                "n_users": stats.get("n_users")}
+        m = {"n_events": stats.get("n_events"), "n_sessions": stats.get("n_sessions"), "n_users": stats.get("n_users")}
+        if "realdata" in stats:
+            m["realdata"] = stats["realdata"]
+        return m
 
     d = run.stage("data", {"data": data_cfg}, fn)
     shutil.copyfile(d / "data_stats.json", run.out / "data_stats.json")
     return d
+
+
+def _realdata_events(cfg: DictConfig, out: Path) -> dict:
+    """events.parquet of a public dataset through the same atomic write as the other sources. What the data
+    lack is recorded (stats["realdata"]) so later stages skip what needs it; without timestamps the file order
+    is encoded as ranks (realdata.file_order_times) and the split is a file-order split by sessions."""
+    from .data.io import write_parquet_atomic
+    from .data.schema import EVENT_SCHEMA
+    from .realdata import file_order_split_days, file_order_times, load_adapted
+
+    ad = load_adapted(cfg.data.name, max_lines=cfg.data.get("max_lines"))
+    events = ad.events
+    sp = cfg.data.split
+    info = {"dataset": ad.name, "has_users": ad.has_users, "has_time": ad.has_time, "has_services": ad.has_services,
+            "missing": ad.missing(), "counts": ad.counts, "notes": ad.notes}
+    if not ad.has_time:
+        events = file_order_times(events)
+        n = events["session_id"].nunique()
+        val_days, test_days = file_order_split_days(n, sp.val_frac, sp.test_frac)
+        info["timestamps"] = "none in the data: file-order ranks (session i at minute i), not times"
+        info["split"] = {"kind": "file order", "val_frac": sp.val_frac, "test_frac": sp.test_frac,
+                         "val_days": val_days, "test_days": test_days}
+    else:
+        info["split"] = {"kind": "time", "val_days": sp.val_days, "test_days": sp.test_days}
+    if not ad.has_services:
+        # the event text is "service : page"; one pseudo-service (the dataset name) stands for "none", and the
+        # service head / recommendations that would need real services are skipped (run_pipeline)
+        events = events.assign(service=ad.name)
+    write_parquet_atomic(events, out / "events.parquet", schema=EVENT_SCHEMA)
+    return {"n_events": len(events), "n_users": int(events["user_id"].nunique()),
+            "n_sessions": int(events["session_id"].nunique()), "realdata": info}
+
+
+def realdata_skips(run: "Run") -> dict[str, str]:
+    """Stages a public dataset cannot support, with the reason (recorded in metrics.json["skipped"])."""
+    info = run.metrics.get("data", {}).get("realdata")
+    if not info:
+        return {}
+    name, skip = info["dataset"], {}
+    if not info["has_users"]:
+        skip["personas"] = f"{name} has no user ids (each session is its own user): no user personas"
+    if not info["has_users"] or not info["has_services"]:
+        what = " and ".join(w for w, ok in (("user ids", info["has_users"]), ("services", info["has_services"]))
+                            if not ok)
+        skip["recommend"] = f"{name} has no {what}: no new-service recommendation"
+    if not info["has_services"]:
+        skip["finetune.service_head"] = f"{name} has no services: the service head sees one pseudo-service"
+    if not info["has_time"]:
+        skip["time_split"] = f"{name} has no timestamps: file-order split ({info['split']})"
+    return skip
 
 
 def _fingerprint(p: Path) -> list:
@@ -641,9 +697,15 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if cfg.stage == "pretrain":
             return _finish(run, report=False)
         ft = stage_finetune(run, enc_dir)
-        if cfg.stage in ("all", "personas", "report") or cfg.recommend.ranker == "persona":  # persona: Issue 3
+        skips = realdata_skips(run)  # what a public dataset lacks: said and skipped, never faked
+        if skips:
+            run.metrics["skipped"] = skips
+            for stage, why in skips.items():
+                log.warning("skipped %s: %s", stage, why)
+        if ((cfg.stage in ("all", "personas", "report") or cfg.recommend.ranker == "persona")  # persona: Issue 3
+                and "personas" not in skips):
             stage_personas(run, ft)
-        if cfg.stage in ("all", "recommend", "report"):
+        if cfg.stage in ("all", "recommend", "report") and "recommend" not in skips:
             stage_recommend(run, ft)
         return _finish(run, report=cfg.stage in ("all", "report"))
     finally:

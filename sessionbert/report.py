@@ -60,6 +60,10 @@ def write_run_report(out: Path, m: dict) -> Path:
         f"persona oracle {_f(rc.get('hit@5_persona_oracle'))}; {rc.get('users')} users) |",
         "",
     ]
+    skipped = m.get("skipped") or {}
+    if skipped:  # public data lacking users / services / time (issue 5): skipped and said, never faked
+        lines += ["## Skipped", "", "| stage | why |", "|---|---|"] + [f"| {k} | {v} |" for k, v in skipped.items()]
+        lines += [""]
     sil = pe.get("silhouette")
     if sil:
         lines += ["## Silhouette vs k", "", "| k | silhouette |", "|---|---|"]

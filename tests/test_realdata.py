@@ -3,6 +3,7 @@ next-item model, the runner's table. Data are read in place from ../shared/data 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,46 @@ def test_ahead_loss_hand_value():
 def test_result_row_columns():
     r = ResultRow("msnbc", "accuracy", "p", 0.5, 0.61, "CPT+")
     assert tuple(r.as_dict()) == RESULT_COLUMNS
+
+
+# ---- pipeline integration: data=<name> --------------------------------------------------------------
+def test_file_order_times_and_split_days():
+    from sessionbert.data.split import time_split
+    from sessionbert.realdata import file_order_split_days, file_order_times
+
+    ev = pd.DataFrame({"session_id": ["a", "a", "b", "c", "d", "d", "e"], "page": list("1234567")})
+    t = file_order_times(ev)["timestamp"]
+    assert t.is_monotonic_increasing and t.iloc[2] - t.iloc[0] == pd.Timedelta(minutes=1)
+    val_days, test_days = file_order_split_days(5, 0.2, 0.4)
+    sp = time_split(t, val_days, test_days)
+    starts = t.groupby(ev["session_id"]).min()
+    assert sp.window_of(starts).tolist() == ["train", "train", "val", "test", "test"]
+
+
+@pytest.mark.parametrize("name,lack", [("helpdesk", {"personas", "recommend", "finetune.service_head"}),
+                                       pytest.param("msnbc", {"personas", "recommend", "finetune.service_head",
+                                                              "time_split"}, marks=pytest.mark.slow)])
+def test_realdata_pipeline_tiny(cfg_factory, name, lack):
+    import json
+
+    from sessionbert.pipeline import run_pipeline
+
+    if not (shared_data_dir() / "README.md").exists():
+        pytest.skip("shared data not present")
+    over = [f"data={name}", "logger=csv", "model.arch=tiny", "seq_len=32", "vocab_size=200",
+            "pretrain.epochs=1", "finetune.epochs=1", "pretrain.val_max_sessions=50",
+            "finetune.train_prefixes_per_session=1", "finetune.eval_prefixes_per_session=1",
+            "trainer.limit_train_batches=3", "trainer.limit_val_batches=2"]
+    if name == "msnbc":
+        over.append("data.max_lines=600")
+    else:
+        over += ["data.split.val_days=30", "data.split.test_days=60"]
+    cfg = cfg_factory(over)
+    m = run_pipeline(cfg)
+    assert set(m["skipped"]) == lack and "personas" not in m and "recommend" not in m
+    assert m["data"]["realdata"]["dataset"] == name and m["finetune"]["test_examples"] > 0
+    on_disk = json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+    assert on_disk["skipped"] == m["skipped"]
+    assert "## Skipped" in (Path(cfg.paths.output_dir) / "report.md").read_text()
+    ev = pd.read_parquet(Path(m["stage_dirs"]["data"]) / "events.parquet")
+    assert ev["timestamp"].notna().all() and (ev["service"] == name).all()

@@ -256,14 +256,14 @@ def run(cfg: dict, data_dir: str | Path, device: str = "cpu") -> dict:
 
 
 def load_config(path: str | Path) -> dict:
-    """The `realdata.beauty` block of conf/experiment/real_beauty.yaml (plain YAML, no Hydra needed)."""
+    """The `realdata` node of conf/experiment/real_beauty.yaml (plain YAML, no Hydra needed)."""
     import yaml
     with open(path, encoding="utf-8") as fh:
         raw = yaml.safe_load(fh)
     try:
-        return raw["realdata"]["beauty"]
+        return raw["realdata"]
     except (KeyError, TypeError):
-        raise ValueError(f"{path}: no realdata.beauty block") from None
+        raise ValueError(f"{path}: no realdata node") from None
 
 
 def main(argv: list[str] | None = None) -> None:

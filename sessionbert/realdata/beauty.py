@@ -110,16 +110,21 @@ def rows_from_results(res: dict, seed: int, n_negatives: int = 99) -> list[Resul
 
 
 def evaluate(cfg: dict) -> list[ResultRow]:
-    """cfg: the `realdata.beauty` block of conf/experiment/real_beauty.yaml (or a config holding it).
+    """cfg: the `realdata` node of conf/experiment/real_beauty.yaml (or a config holding it).
     With `results_json` set, the rows are built from a finished run's JSON (e.g. the GPU run of
     experiments/real_beauty_gpu.sh) instead of training again."""
-    if "realdata" in cfg:
-        cfg = cfg["realdata"]["beauty"]
+    if "realdata" in cfg:  # the whole experiment file rather than its realdata node
+        cfg = cfg["realdata"]
     seed = int(cfg.get("seed", 0))
     if cfg.get("results_json"):
         p = Path(cfg["results_json"])
+        if not p.is_absolute():
+            p = Path(__file__).resolve().parents[2] / p
         if not p.exists():
-            raise FileNotFoundError(f"realdata.beauty.results_json: {p} not found")
+            raise FileNotFoundError(
+                f"realdata.results_json: {p} not found: run experiments/real_beauty_gpu.sh on a GPU and copy its "
+                "$OUT to experiments/results/beauty_gpu/, or set realdata.results_json=null to train here (hours "
+                "on a CPU)")
         res = json.loads(p.read_text())
     else:
         from sessionbert.realdata._itembert import cpu_threads

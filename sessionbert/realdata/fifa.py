@@ -44,3 +44,18 @@ def load(data_dir: Path | None = None, max_lines: int | None = None) -> Adapted:
     return Adapted(NAME, events, has_users=False, has_time=False, has_services=False, counts=counts,
                    notes=["one line = one session = its own user (no user ids)", "pages are the integer ids",
                           "no timestamps; no services"])
+
+
+# ---- evaluation (issue 5) ------------------------------------------------------------------------------
+def evaluate(cfg: dict) -> list:
+    """CPT+ protocol (ours vs the cpt package's CPT+, same folds; CPT+'s published FIFA numbers are on another
+    sample of the logs, so none is quoted) and the 80/20 file-order split vs the Markov floor."""
+    from .protocols import cptplus_sequences
+    from .webseq import evaluate_cptplus, evaluate_file_order
+
+    names, seqs = sequences(cfg.get("data_dir"))
+    p = cfg["cptplus"]
+    data = cptplus_sequences(seqs, p["min_len"], p.get("max_count"))
+    rows = evaluate_cptplus(NAME, data, len(names), cfg)
+    rows += evaluate_file_order(NAME, seqs, len(names), cfg, published={"raw": 0.148})
+    return rows

@@ -62,3 +62,45 @@ def load(data_dir: Path | None = None, max_lines: int | None = None) -> Adapted:
     return Adapted(NAME, events, has_users=False, has_time=False, has_services=False, counts=counts,
                    notes=["one line = one visitor's day = user and session (no ids link lines)",
                           "pages are the 17 categories of the file header; no timestamps; no services"])
+
+
+# ---- evaluation (issue 5) ------------------------------------------------------------------------------
+def cptplus_subset(seqs: list[list[int]], min_len: int, max_count: int) -> tuple[list[list[int]], int]:
+    """(the CPT+ sequences, index of the file line holding the last of them): lines after it are disjoint
+    from every cross-validation fold, so they may be used for MLM pretraining."""
+    from .protocols import cptplus_sequences
+    from .seqio import collapse_repeats
+
+    data = cptplus_sequences(seqs, min_len, max_count)
+    n = 0
+    for i, s in enumerate(seqs):
+        if len(collapse_repeats(s)) >= min_len:
+            n += 1
+            if n == len(data):
+                return data, i
+    return data, len(seqs) - 1
+
+
+def evaluate(cfg: dict) -> list:
+    """CPT+ protocol (ours vs the cpt package's CPT+ on the same folds), 80/20 file-order split vs the Markov
+    floors, and personas (silhouette over k, clusters' top categories)."""
+    from .nextitem import pretrain_mlm
+    from .seqio import collapse_repeats
+    from .webseq import evaluate_cptplus, evaluate_file_order
+
+    cats, seqs = sequences(cfg.get("data_dir"))
+    p = cfg["cptplus"]
+    data, last_line = cptplus_subset(seqs, p["min_len"], p["max_count"])
+    pre_cfg = cfg["pretrain"]
+    rest = [c for c in (collapse_repeats(s) for s in seqs[last_line + 1:]) if len(c) >= 2][: pre_cfg["max_sessions"]]
+    init = pretrain_mlm(rest, len(cats), cfg["model"], seed=cfg["seed"])
+    note = (f"MLM-pretrained once on {len(rest):,} later sessions (file lines after the CPT+ subset, repeats "
+            "collapsed, >= 2 items), disjoint from every fold")
+    rows = evaluate_cptplus(NAME, data, len(cats), cfg, init=init, init_note=note, published=0.61,
+                            published_source="CPT+ about 0.61 (Gueniche et al., PAKDD 2015)")
+    rows += evaluate_file_order(NAME, seqs, len(cats), cfg, published={"raw": 0.653, "collapsed": 0.286})
+    if cfg.get("personas"):
+        from .personas import evaluate_personas
+
+        rows += evaluate_personas(NAME, seqs, cats, init, cfg, cfg.get("out_dir"))
+    return rows

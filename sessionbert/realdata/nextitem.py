@@ -55,6 +55,7 @@ DEFAULTS: dict = {
     "mlm_max_windows": None,  # cap on MLM windows per epoch (random subset), None = all
     "ft_epochs": 5,
     "ft_max_samples": None,  # cap on fine-tuning prefixes per epoch (random subset), None = all
+    "ft_max_pool": None,  # cap on prefixes materialised at all (uniform sample of every prefix), None = all
     "ahead": 1,
     "label_smoothing": 0.0,
     "val_frac": 0.0,
@@ -112,14 +113,27 @@ def _windows(seqs: list[list[int]], max_len: int) -> np.ndarray:
     return out
 
 
-def _ft_samples(seqs: list[list[int]], max_len: int, ahead: int) -> tuple[np.ndarray, np.ndarray]:
-    """Every prefix (length >= 1) of every sequence: (P, max_len) inputs, (P, ahead) targets (-100 past the end)."""
+def _ft_samples(seqs: list[list[int]], max_len: int, ahead: int, pool: int | None = None,
+                rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Every prefix (length >= 1) of every sequence: (P, max_len) inputs, (P, ahead) targets (-100 past the end).
+
+    With `pool`, a uniform random sample of `pool` of those prefixes (millions on msnbc's 80% split)."""
+    counts = np.array([max(len(s) - 1, 0) for s in seqs], dtype=np.int64)
+    total = int(counts.sum())
+    if pool is not None and total > pool:
+        pos = np.sort((rng or np.random.default_rng(0)).choice(total, size=pool, replace=False))
+        cum = np.cumsum(counts)
+        which = np.searchsorted(cum, pos, side="right")
+        ts = pos - (cum[which] - counts[which]) + 1
+        pairs = zip(which.tolist(), ts.tolist())
+    else:
+        pairs = ((i, t) for i, s in enumerate(seqs) for t in range(1, len(s)))
     prefixes, targets = [], []
-    for s in seqs:
-        for t in range(1, len(s)):
-            prefixes.append(s[max(0, t - max_len + 1):t])
-            nxt = s[t:t + ahead]
-            targets.append(nxt + [-100] * (ahead - len(nxt)))
+    for i, t in pairs:
+        s = seqs[i]
+        prefixes.append(s[max(0, t - max_len + 1):t])
+        nxt = s[t:t + ahead]
+        targets.append(list(nxt) + [-100] * (ahead - len(nxt)))
     x = encode_prefixes(prefixes, max_len)
     y = np.asarray(targets, dtype=np.int64).reshape(len(targets), ahead)
     return x, y
@@ -311,7 +325,7 @@ def fit_next_item(train_seqs: list[list[int]], n_items: int, cfg: dict | None = 
         return model
 
     # ---- 2. next-item fine-tuning --------------------------------------------------------------------
-    x, y = _ft_samples(seqs, L, cfg["ahead"])
+    x, y = _ft_samples(seqs, L, cfg["ahead"], cfg["ft_max_pool"], rng)
     if len(x) == 0:
         raise ValueError("fit_next_item: no training prefix (every sequence has fewer than 2 items)")
     per_epoch = len(_subset(len(x), cfg["ft_max_samples"], rng))

@@ -54,3 +54,44 @@ def load_file(name: str, rel: str, data_dir: Path | None = None) -> Adapted:
     return Adapted(name, events, has_users=False, has_time=True, has_services=False, counts=counts,
                    notes=["case = session = its own user (no user ids)", "activity ids are the pages",
                           "file timestamps (no zone) read as UTC", "no services"])
+
+
+# ---- evaluation (issue 5): Tax et al. 2017 next-activity protocol ----------------------------------------
+def _protocol_name(order: str, min_prefix: int) -> str:
+    how = "cases by first event" if order == "chronological" else "cases in file order (as Tax et al.'s code)"
+    return (f"Tax et al. 2017: {how}, first 2/3 train, last 1/3 test; every test prefix of >= {min_prefix} "
+            "event(s) -> next activity (end of case not scored)")
+
+
+def evaluate_log(name: str, rel: str, cfg: dict, published: float, published_source: str) -> list:
+    """Our model and a first-order Markov floor on each configured variant of the protocol."""
+    import logging
+
+    from .base import ResultRow
+    from .nextitem import fit_next_item
+    from .protocols import accuracy, markov_floor, tax_prefixes, tax_split
+
+    log = logging.getLogger("sessionbert")
+    path = Path(cfg.get("data_dir") or shared_data_dir()) / rel
+    c = cases(read_log(path))
+    acts = sorted({a for s in c["activities"] for a in s})
+    index = {a: i for i, a in enumerate(acts)}
+    seqs = [[index[a] for a in s] for s in c["activities"]]
+    rows = []
+    models: dict[str, object] = {}
+    for v in cfg["protocols"]:
+        order, min_prefix = v["order"], int(v["min_prefix"])
+        tr, te = tax_split(c["start"].tolist(), order)
+        train, test = [seqs[i] for i in tr], [seqs[i] for i in te]
+        if order not in models:  # one model per split, shared by the prefix variants
+            models[order] = fit_next_item(train, len(acts), cfg["model"], seed=cfg["seed"])
+            log.info("%s %s: %s", name, order, models[order].history[-1])
+        prefixes, targets, _ = tax_prefixes(test, min_prefix)
+        proto = _protocol_name(order, min_prefix) + f"; {len(tr):,} / {len(te):,} cases, {len(targets):,} prefixes"
+        ours = accuracy(models[order].predict(prefixes)[:, 0], targets)
+        rows.append(ResultRow(name, "accuracy", proto, ours, published,
+                              f"SessionBERT (ours; activity tokens only, no time features) vs published {published_source}"))
+        table = markov_floor(train, len(acts))
+        rows.append(ResultRow(name, "accuracy", proto, accuracy(table[[p[-1] for p in prefixes]], targets), None,
+                              "floor: first-order Markov (ours; most frequent next activity after the last one)"))
+    return rows
