@@ -5,7 +5,7 @@ PIP ?= $(PY) -m pip
 # install their CUDA torch before `make install`, and this pin is then skipped.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run smoke test test-slow clean-cache bench-gpu bench-cpu report ablations
+.PHONY: help install run smoke test test-slow clean-cache bench-gpu bench-cpu report ablations real-data
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
