@@ -177,13 +177,13 @@ def test_evaluate_end_to_end_on_toy_files(tmp_path):
     from pathlib import Path
     g = np.random.default_rng(0)
     lines = "".join(f"{u} " + " ".join(str((s + j) % 30 + 1) for j in range(int(n))) + "\n"
-                    for u, (s, n) in enumerate(zip(g.integers(0, 30, 60), g.integers(5, 9, 60)), start=1))
+                    for u, (s, n) in enumerate(zip(g.integers(0, 30, 40), g.integers(5, 8, 40)), start=1))
     d = _toy(tmp_path, lines, {str(i): [i % 4, 10 + i % 3] for i in range(1, 31)})
     cfg = yaml.safe_load((Path(__file__).parents[1] / "conf/experiment/real_beauty.yaml").read_text())
-    c = cfg["realdata"]["beauty"]
-    c.update(dir=str(d), device="cpu", n_negatives=10)  # 30 toy items cannot give 99 negatives
+    c = cfg["realdata"]
+    c.update(dir=str(d), device="cpu", n_negatives=10, results_json=None)  # 30 toy items cannot give 99 negatives
     c["model"].update(hidden=16, max_len=10)
-    c["train"].update(epochs=2, mlm_epochs=1, eval_every=1, batch_size=16)
+    c["train"].update(epochs=1, mlm_epochs=1, eval_every=1, batch_size=16)
     rows = B.evaluate(cfg)
     assert len([r for r in rows if r.published is not None]) == 33
     assert all(r.ours is not None and 0 <= r.ours <= 1 for r in rows)
@@ -191,3 +191,5 @@ def test_evaluate_end_to_end_on_toy_files(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps(res))
     again = B.evaluate({**c, "results_json": str(tmp_path / "r.json")})
     assert [r.ours for r in again] == [r.ours for r in rows]
+    with pytest.raises(FileNotFoundError, match="real_beauty_gpu.sh"):
+        B.evaluate({**c, "results_json": str(tmp_path / "missing.json")})

@@ -165,7 +165,7 @@ def test_evaluate_end_to_end_on_toy_files(tmp_path):
     import yaml
     from pathlib import Path
     cfg = yaml.safe_load((Path(__file__).parents[1] / "conf/experiment/real_msweb.yaml").read_text())
-    c = cfg["realdata"]["msweb"]
+    c = cfg["realdata"]
     c["dir"] = str(_toy_files(tmp_path, 0))
     c["model"].update(hidden=16, heads=2, layers=1, epochs=2, batch_size=16)
     c["personas"].update(ks=[2, 3], n_init=1)
