@@ -11,7 +11,8 @@
 #
 # Variants (the epoch of each is chosen on validation NDCG@10, full ranking; the test users are never used
 # for a choice): base = the config; noattr = without attribute embeddings; nomlm = without the MLM stage;
-# h128 = hidden 128; drop03 = dropout 0.3; len200 = max_len 200 (Beauty's longest history is 204).
+# h128 = hidden 128; drop03 = dropout 0.3; len200 = max_len 200 (Beauty's longest history is 204);
+# cl = plus DuoRec's dropout-contrastive term (weight 0.1, temperature 1; Qiu et al. WSDM 2022).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-experiments/results/beauty_gpu}
@@ -36,8 +37,9 @@ declare -A VARIANTS=(
   [h128]="model.hidden=128"
   [drop03]="model.dropout=0.3"
   [len200]="model.max_len=200"
+  [cl]="train.cl_weight=0.1"
 )
-[[ "${SMOKE:-0}" == 1 ]] && VARIANTS=([base]="" [nomlm]="train.mlm_epochs=0")
+[[ "${SMOKE:-0}" == 1 ]] && VARIANTS=([base]="" [cl]="train.cl_weight=0.1")
 pids=()
 for name in "${!VARIANTS[@]}"; do
   # shellcheck disable=SC2086

@@ -127,6 +127,12 @@ def test_next_item_model_learns_successor_rule():
     assert (full == 1).mean() > 0.95 and (samp == 1).mean() > 0.95
 
 
+def test_info_nce_prefers_matching_views():
+    a = torch.eye(4) * 5
+    assert float(ib.info_nce(a, a.clone(), 1.0)) < 0.05  # each view's positive is by far the most similar
+    assert float(ib.info_nce(a, a.roll(1, 0), 1.0)) > 4  # mismatched pairs: large loss
+
+
 def test_result_rows_one_per_published_number():
     res = {"ours": {f"{m}@{k}": 0.1 for m in ("HR", "NDCG") for k in (5, 10, 20)},
            "popularity": {f"{m}@{k}": 0.01 for m in ("HR", "NDCG") for k in (5, 10, 20)},

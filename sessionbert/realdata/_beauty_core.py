@@ -235,7 +235,8 @@ def run(cfg: dict, data_dir: str | Path, device: str = "cpu") -> dict:
     info = ib.train_next_item(model, train, epochs=tr["epochs"], batch_size=tr["batch_size"], lr=tr["lr"],
                               weight_decay=tr.get("weight_decay", 0.0), seed=seed, device=device,
                               mlm_epochs=tr.get("mlm_epochs", 0), mlm_prob=tr.get("mlm_prob", 0.2),
-                              label_smoothing=tr.get("label_smoothing", 0.0), evaluate=val,
+                              label_smoothing=tr.get("label_smoothing", 0.0), cl_weight=tr.get("cl_weight", 0.0),
+                              cl_temp=tr.get("cl_temp", 1.0), evaluate=val,
                               eval_every=tr.get("eval_every", 1), patience=tr.get("patience", 0),
                               time_budget_s=tr.get("time_budget_s", 0.0), log=log.info)
     neg = sample_negatives(data.seqs, data.n_items, int(cfg.get("n_negatives", 99)), seed)

@@ -148,6 +148,17 @@ def hr_ndcg(ranks: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
 # ---------------------------------------------------------------------------------------------------------------
 # training loops
 
+def info_nce(a: torch.Tensor, b: torch.Tensor, temp: float) -> torch.Tensor:
+    """In-batch InfoNCE between two views (B, H), (B, H): row i of a and of b are positives, the other 2B - 2
+    rows negatives; dot-product similarity / temp (as DuoRec)."""
+    z = torch.cat([a, b])  # (2B, H)
+    sim = z @ z.T / temp  # (2B, 2B)
+    sim = sim.masked_fill(torch.eye(len(z), dtype=torch.bool, device=z.device), float("-inf"))
+    n = len(a)
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, target)
+
+
 def length_batches(lengths: Sequence[int], batch_size: int, g: np.random.Generator, chunk_batches: int = 50):
     """Shuffled batches of indices, each drawn from a length-sorted chunk of `chunk_batches` batches, so a batch
     pads to little (most sets/sequences are short, a few are long); batch order shuffled."""
@@ -242,13 +253,15 @@ def train_sets_mlm(model: ItemBert, sets: list[list[int]], *, epochs: int, batch
 
 def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batch_size: int, lr: float,
                     weight_decay: float, seed: int, device: str = "cpu", mlm_epochs: int = 0,
-                    mlm_prob: float = 0.2, label_smoothing: float = 0.0,
+                    mlm_prob: float = 0.2, label_smoothing: float = 0.0, cl_weight: float = 0.0,
+                    cl_temp: float = 1.0,
                     evaluate: Callable[[ItemBert], float] | None = None, eval_every: int = 1, patience: int = 0,
                     time_budget_s: float = 0.0, log: Callable[[str], None] = print) -> dict:
     """Optional short MLM pretraining (bidirectional, mask `mlm_prob` of items, predict them), then next-item
     training: causal attention, at every position the next item as target, full softmax over all items.
     `seqs` are item-column lists (0-based). Best state by `evaluate(model)` is kept (early stopping).
-    `time_budget_s` > 0: stop next-item training after the first evaluation past that many seconds."""
+    `time_budget_s` > 0: stop next-item training after the first evaluation past that many seconds.
+    `cl_weight` > 0: add DuoRec's (Qiu et al., WSDM 2022) dropout-contrastive loss on the last slot's state."""
     dev = _device(device)
     model.to(dev)
     g = np.random.default_rng(seed)
@@ -292,8 +305,11 @@ def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batc
             full = full[:, -width:]
             inp, tgt = full[:, :-1], full[:, 1:]  # next item at every position
             keep = (inp >= FIRST) & (tgt >= FIRST)
-            logits = model.scores(model(inp, causal=True)[keep])  # (N, I) only real positions
+            h = model(inp, causal=True)  # (B, T, H)
+            logits = model.scores(h[keep])  # (N, I) only real positions
             loss = F.cross_entropy(logits, tgt[keep] - FIRST, label_smoothing=label_smoothing)
+            if cl_weight:  # DuoRec's unsupervised contrastive term: a second dropout pass is the positive
+                loss = loss + cl_weight * info_nce(h[:, -1], model(inp, causal=True)[:, -1], cl_temp)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
