@@ -207,3 +207,23 @@ def test_realdata_pipeline_tiny(cfg_factory, name, lack):
     assert "## Skipped" in (Path(cfg.paths.output_dir) / "report.md").read_text()
     ev = pd.read_parquet(Path(m["stage_dirs"]["data"]) / "events.parquet")
     assert ev["timestamp"].notna().all() and (ev["service"] == name).all()
+
+
+def test_runner_goal_status_and_table(tmp_path):
+    from sessionbert.realdata.__main__ import goal_status, write_results
+
+    rows = [ResultRow("h", "accuracy", "by first event", 0.75, 0.71, "SessionBERT (ours)"),
+            ResultRow("h", "accuracy", "by first event", 0.70, None, "floor: Markov"),
+            ResultRow("m", "acc", "p", 0.60, 0.61, "SessionBERT (ours)"),
+            ResultRow("m", "acc", "p", 0.62, 0.61, "reference: CPT+ (a)")]
+    g = goal_status(rows[:2], {"metric": "accuracy", "ours_source": "SessionBERT", "protocol_contains": "first",
+                               "at_least": 0.72})
+    assert g == {0: "yes (>= 0.72)"}
+    g2 = goal_status(rows[2:], {"metric": "acc", "ours_source": "SessionBERT", "above_source": "reference: CPT+"})
+    assert g2[0].startswith("NO")
+    write_results(rows, {0: g[0], 2: g2[0]}, tmp_path, {"command": "c", "commit": "x", "date": "d", "machine": "m",
+                                                        "seconds": "{}"})
+    df = pd.read_csv(tmp_path / "real_data.csv")
+    assert tuple(df.columns) == RESULT_COLUMNS and len(df) == 4
+    md = (tmp_path / "real_data.md").read_text()
+    assert "| h | accuracy | by first event | 0.7500 | 0.7100 |" in md and "- m: NO" in md

@@ -163,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
         seconds[name] = round(time.perf_counter() - t0, 1)
         log.info("%s done in %.0fs", name, seconds[name])
+        # after every dataset, so a long run interrupted later keeps what it finished
+        write_results(rows, goals, out, _meta(argv, seconds), _personas_md(out, names))
     write_results(rows, goals, out, _meta(argv, seconds), _personas_md(out, names))
     log.info("wrote %s and %s", out / "real_data.csv", out / "real_data.md")
     return 1 if failed else 0
