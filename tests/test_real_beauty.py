@@ -35,6 +35,11 @@ def test_read_and_load_toy(tmp_path):
     assert u1.service.tolist() == ["attr7", "attr7", "attr9", "attr8"]
     assert u1.page_title.tolist()[1] == "attr7 attr9"
     assert a.events.timestamp.isna().all() and a.missing() == ["timestamps"]
+    import pyarrow as pa
+
+    from sessionbert.data.schema import EVENT_SCHEMA
+    t = pa.Table.from_pandas(a.events[EVENT_SCHEMA.names], schema=EVENT_SCHEMA, preserve_index=False)
+    assert t.num_rows == len(a.events)  # the events are in our schema
 
 
 def test_bad_input_names_file_and_line(tmp_path):

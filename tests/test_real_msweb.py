@@ -59,6 +59,11 @@ def test_load_toy_marks_split_and_metadata(tmp_path):
     assert (row.page, row.page_title) == ("/support", "Support, Desktop")
     assert a.events.timestamp.isna().all() and not a.has_time and a.has_users and a.has_services
     assert a.missing() == ["timestamps"]
+    import pyarrow as pa
+
+    from sessionbert.data.schema import EVENT_SCHEMA
+    t = pa.Table.from_pandas(a.events[EVENT_SCHEMA.names], schema=EVENT_SCHEMA, preserve_index=False)
+    assert t.num_rows == len(a.events)  # the events are in our schema
 
 
 def test_cases_allbut1_and_given_k():
