@@ -227,3 +227,20 @@ def test_runner_goal_status_and_table(tmp_path):
     assert tuple(df.columns) == RESULT_COLUMNS and len(df) == 4
     md = (tmp_path / "real_data.md").read_text()
     assert "| h | accuracy | by first event | 0.7500 | 0.7100 |" in md and "- m: NO" in md
+
+
+def test_runner_keep_merges_an_earlier_table(tmp_path):
+    """--keep: rows of datasets not run now come from the existing real_data.csv, with their goal re-checked
+    against conf/experiment/real_<name>.yaml; rows of the datasets being re-run are dropped."""
+    import json
+
+    from sessionbert.realdata.__main__ import _kept, write_results
+
+    rows = [ResultRow("helpdesk", "accuracy", "chronological 2/3-1/3, by first event, prefixes >= 1", 0.771, 0.71,
+                      "SessionBERT (ours)"),
+            ResultRow("msnbc", "acc", "p", 0.5, None, "SessionBERT (ours)")]
+    write_results(rows, {}, tmp_path, {"command": "c", "commit": "x", "date": "d", "machine": "m", "seconds": "{}"})
+    (tmp_path / "real_data_seconds.json").write_text(json.dumps({"helpdesk": 12.0, "msnbc": 99.0}))
+    kept, goals, secs = _kept(tmp_path, ["msnbc"], Path(__file__).resolve().parents[1] / "conf" / "experiment")
+    assert [r.dataset for r in kept] == ["helpdesk"] and kept[0].ours == 0.771
+    assert goals == {0: "yes (>= 0.72)"} and secs == {"helpdesk": 12.0}

@@ -127,12 +127,45 @@ def _meta(argv: list[str], seconds: dict) -> dict:
             "seconds": json.dumps(seconds)}
 
 
+def _save(rows, goals, out: Path, argv, seconds: dict) -> None:
+    ran = sorted({r.dataset for r in rows})
+    write_results(rows, goals, out, _meta(argv, seconds), _personas_md(out, ran))
+    (out / "real_data_seconds.json").write_text(json.dumps(seconds, indent=1))
+
+
+def _kept(out: Path, names: list[str], conf_dir: Path) -> tuple[list[ResultRow], dict[int, str], dict[str, float]]:
+    """Rows (and their goal status, recomputed) of the datasets in OUT/real_data.csv that are not run now."""
+    csv = out / "real_data.csv"
+    if not csv.exists():
+        return [], {}, {}
+    df = pd.read_csv(csv)
+    rows: list[ResultRow] = []
+    goals: dict[int, str] = {}
+    for name, g in df[~df["dataset"].isin(names)].groupby("dataset", sort=False):
+        r = [ResultRow(**{k: (None if pd.isna(v) else v) for k, v in rec.items()}) for rec in g.to_dict("records")]
+        try:
+            goal = dataset_cfg(name, conf_dir).get("goal")
+        except (FileNotFoundError, ValueError):
+            goal = None
+        base = len(rows)
+        rows += r
+        goals.update({base + i: st for i, st in goal_status(r, goal).items()})
+    sp = out / "real_data_seconds.json"
+    secs = json.loads(sp.read_text()) if sp.exists() else {}
+    kept = {r.dataset for r in rows}
+    log.info("kept from %s: %s", csv, ", ".join(sorted(kept)) or "nothing")
+    return rows, goals, {k: v for k, v in secs.items() if k in kept}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(prog="python -m sessionbert.realdata", description=__doc__)
     ap.add_argument("--datasets", default=",".join(ALL), help=f"comma-separated, of {ALL}")
     ap.add_argument("--out", default="experiments/results")
     ap.add_argument("--conf-dir", default=str(CONF))
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the rows of datasets not run now from an existing OUT/real_data.csv (incremental runs: "
+                         "one table from several invocations); their seconds come from OUT/real_data_seconds.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     goals: dict[int, str] = {}
     seconds: dict[str, float] = {}
     failed = False
+    if args.keep:
+        rows, goals, seconds = _kept(out, names, Path(args.conf_dir))
     for name in names:
         if importlib.util.find_spec(f"sessionbert.realdata.{name}") is None:
             log.warning("%s: no module sessionbert.realdata.%s yet, skipped", name, name)
@@ -164,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds[name] = round(time.perf_counter() - t0, 1)
         log.info("%s done in %.0fs", name, seconds[name])
         # after every dataset, so a long run interrupted later keeps what it finished
-        write_results(rows, goals, out, _meta(argv, seconds), _personas_md(out, names))
-    write_results(rows, goals, out, _meta(argv, seconds), _personas_md(out, names))
+        _save(rows, goals, out, argv, seconds)
+    _save(rows, goals, out, argv, seconds)
     log.info("wrote %s and %s", out / "real_data.csv", out / "real_data.md")
     return 1 if failed else 0
 
