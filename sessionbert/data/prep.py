@@ -129,7 +129,9 @@ def _period_end(ef: pq.ParquetFile, path: Path, batch_rows: int) -> tuple[pd.Tim
 # ---------------------------------------------------------------------------------------------- reading
 def _user_chunks(path: Path, columns: list[str], batch_rows: int) -> Iterator[tuple[int, pa.Table]]:
     """(first row index, table) of consecutive whole users: record batches cut at the last user boundary."""
-    ef = pq.ParquetFile(path, read_dictionary=[c for c in _DICT_COLUMNS if c in columns])
+    # pre_buffer=False: with it, the reader caches every column chunk it has read until it is closed, so memory
+    # grew with the file (measured: +0.6 GB of Arrow buffers over 4M sessions); without it memory stays flat
+    ef = pq.ParquetFile(path, read_dictionary=[c for c in _DICT_COLUMNS if c in columns], pre_buffer=False)
     carry: pa.Table | None = None
     row0 = 0
     for rb in ef.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
@@ -156,7 +158,7 @@ class _BillingCursor:
 
     def __init__(self, path: Path, batch_rows: int):
         self.path = path
-        self.it = pq.ParquetFile(path, read_dictionary=["month", "service"]).iter_batches(
+        self.it = pq.ParquetFile(path, read_dictionary=["month", "service"], pre_buffer=False).iter_batches(
             batch_size=batch_rows, columns=list(_BILLING_COLUMNS))
         self.buf: pa.Table | None = None
         self.done = False
