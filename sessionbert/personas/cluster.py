@@ -101,14 +101,23 @@ def _sqdist_to(x: torch.Tensor, xn: torch.Tensor, pts: torch.Tensor, rows: int) 
     return out
 
 
-def _assign(x: torch.Tensor, xn: torch.Tensor, c: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Nearest centre (squared euclidean) for every row: labels (N,), squared distances (N,)."""
+def _assign(x: torch.Tensor, xn: torch.Tensor, c: torch.Tensor, rows: int):
+    """Nearest centre (squared euclidean) for every row, and in the same pass over x the per-cluster sums and
+    counts: labels (N,), squared distances (N,), sums (k, D), counts (k,). The sums are a one-hot GEMM per row
+    block, not index_add_ (on a GPU, a million atomic adds into k rows serialise)."""
+    k = len(c)
     labels = torch.empty(len(x), dtype=torch.long, device=x.device)
     d2 = torch.empty(len(x), dtype=x.dtype, device=x.device)
+    sums = torch.zeros_like(c)
+    counts = torch.zeros(k, dtype=torch.float64, device=x.device)  # exact beyond 2**24 rows
     for i in range(0, len(x), rows):
-        m, a = _sqdist_to(x[i:i + rows], xn[i:i + rows], c, rows).min(1)  # (B,)
+        xb = x[i:i + rows]
+        m, a = _sqdist_to(xb, xn[i:i + rows], c, rows).min(1)  # (B,)
         labels[i:i + rows], d2[i:i + rows] = a, m
-    return labels, d2
+        onehot = torch.nn.functional.one_hot(a, k).to(x.dtype)  # (B, k)
+        sums += onehot.T @ xb
+        counts += onehot.sum(0, dtype=torch.float64)
+    return labels, d2, sums, counts
 
 
 def _kmeanspp(x: torch.Tensor, xn: torch.Tensor, k: int, gen: torch.Generator, rows: int) -> torch.Tensor:
@@ -148,9 +157,7 @@ def torch_kmeans(x: torch.Tensor, k: int, n_init: int = 4, seed: int = 0, max_it
         gen.manual_seed(seed * 1000 + run)
         c = _kmeanspp(x, xn, k, gen, rows)
         for _ in range(max_iter):
-            labels, d2 = _assign(x, xn, c, rows)
-            sums = torch.zeros_like(c).index_add_(0, labels, x)  # (k, D)
-            counts = torch.bincount(labels, minlength=k)
+            labels, d2, sums, counts = _assign(x, xn, c, rows)  # sums (k, D), counts (k,)
             empty = torch.nonzero(counts == 0).flatten()
             if len(empty):  # relocate empty clusters to the farthest points
                 far = torch.topk(d2, len(empty)).indices
@@ -160,7 +167,7 @@ def torch_kmeans(x: torch.Tensor, k: int, n_init: int = 4, seed: int = 0, max_it
             c = new
             if shift <= tol_abs:
                 break
-        labels, d2 = _assign(x, xn, c, rows)  # labels consistent with the returned centres
+        labels, d2, _, _ = _assign(x, xn, c, rows)  # labels consistent with the returned centres
         inertia = float(d2.sum())
         if best is None or inertia < best[2]:
             best = (labels, c, inertia)
