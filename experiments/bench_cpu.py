@@ -152,7 +152,8 @@ def _markdown(res: dict) -> str:
                      f"{p['events']:,} events | **{p['seconds']}** (simulate {p['simulate_seconds']}, prep "
                      f"{p['prep_seconds']}: read+serialise {s['read_serialise']}, tokenizer training "
                      f"{s['tokenizer_train']}, encode {s['encode_assemble']}, write {s['write']}) | "
-                     f"**{p['peak_rss_gb']}** | <= 60 s, <= 4 GB at 1M | {p['loadavg_1m_before_after']} |")
+                     f"**{p['peak_rss_gb']}** (simulate {p['peak_rss_gb_simulate']}, prep {p['peak_rss_gb_prep']}) "
+                     f"| <= 60 s, <= 4 GB at 1M | {p['loadavg_1m_before_after']} |")
     c = res["cluster"]
     if c:
         lines.append(f"| clustering: k = 3..9 MiniBatchKMeans + cosine silhouette (sample {c['silhouette_sample']:,}) "
