@@ -28,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 PERSONA_SHARE = np.array([0.16, 0.14, 0.12, 0.11, 0.10, 0.10, 0.09, 0.09, 0.09])
 
 
-def synthetic_user_embeddings(n: int, dim: int = 768, seed: int = 0, chunk: int = 131072) -> tuple[np.ndarray, np.ndarray]:
+def synthetic_user_embeddings(n: int, dim: int = 768, seed: int = 0,
+                              chunk: int = 131072) -> tuple[np.ndarray, np.ndarray]:
     """(embeddings float32 (n, dim), primary persona (n,)): a stand-in for mean-pooled encoder outputs.
 
     Like BERT mean-pooled vectors they are anisotropic: a large shared mean direction (cosine similarity of
@@ -106,7 +107,8 @@ def main() -> None:
         "generate_seconds": round(gen_s, 2),
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         "peak_gpu_gb": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.startswith("cuda") else None,
-        "cpus": os.cpu_count(), "versions": versions(), "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpus": os.cpu_count(), "versions": versions(),
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     print(json.dumps(res))
     if a.json:

@@ -7,7 +7,8 @@
    sessions to Parquet (`simulate_to_dir`, streaming, no data_stats), then `sessionbert.data.prep.prep_shards`:
    stream the events in record batches, serialise, train WordPiece on a bounded sample of training sessions,
    encode with the Rust tokenizer, write fixed-size token-id shards (seq_len 128). Time = wall clock of both;
-   peak memory = ru_maxrss of the simulator (a forked process) and of the prep, the larger reported. `--scaling N` also preps N sessions, to show the peak does not grow
+   peak memory = ru_maxrss of the simulator (a forked process) and of the prep, the larger reported.
+   `--scaling N` also preps N sessions, to show the peak does not grow
    with the data (streaming).
 2. Clustering (another child): k = 3..9 MiniBatchKMeans (scikit-learn, n_init 4, batch 4096) on `--users`
    synthetic 768-d user embeddings (`bench_cluster_gpu.synthetic_user_embeddings`: a 9-persona Gaussian
@@ -97,7 +98,8 @@ def child_cluster(users: int, dim: int, sample: int, n_init: int, seed: int) -> 
         "k_best_silhouette": max(out, key=lambda k: out[k]["silhouette"]),
         "ari_vs_truth_k9": round(float(adjusted_rand_score(truth, out[9]["labels"])), 4),
         "peak_rss_gb": _peak_gb(),
-        "embeddings": "synthetic_user_embeddings: 9-persona Gaussian mixture in 768-d (experiments/bench_cluster_gpu.py)",
+        "embeddings": "synthetic_user_embeddings: 9-persona Gaussian mixture in 768-d "
+                      "(experiments/bench_cluster_gpu.py)",
     }
 
 

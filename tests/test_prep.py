@@ -71,7 +71,8 @@ def test_prep_without_billing_or_region_matches_corpus(sim, shards, tmp_path):
     prep_shards(sim / "events.parquet", tmp_path / "s", None, seq_len=48, tokenizer=tok, use_region=False)
     enc_obj = SessionEncoder(tok, 48)
     enc = c.encode(enc_obj)
-    assert _table(tmp_path / "s").column("input_ids").to_pylist() == [enc_obj.build(enc, s) for s in range(len(c.sessions))]
+    expected = [enc_obj.build(enc, s) for s in range(len(c.sessions))]
+    assert _table(tmp_path / "s").column("input_ids").to_pylist() == expected
 
 
 def test_prep_shards_fixed_size_and_manifest(shards, corpus):

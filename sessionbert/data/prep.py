@@ -267,12 +267,14 @@ def _serialise_chunk(t: pa.Table, billing: pa.Table | None, split: TimeSplit, us
     back = np.zeros(n, bool)
     back[1:] = (np.diff(ts) < 0) & ~new_sess[1:]
     if back.any():
-        raise PrepInputError(f"{path}: events of a session must be in time order (row {row0 + int(np.argmax(back)) + 1})")
+        row = row0 + int(np.argmax(back)) + 1
+        raise PrepInputError(f"{path}: events of a session must be in time order (row {row})")
     start_ms = ts[starts]
     late = np.zeros(S, bool)
     late[1:] = (np.diff(start_ms) < 0) & ~new_user[starts][1:]
     if late.any():
-        raise PrepInputError(f"{path}: a user's sessions must be in start order (row {row0 + int(starts[np.argmax(late)]) + 1})")
+        row = row0 + int(starts[np.argmax(late)]) + 1
+        raise PrepInputError(f"{path}: a user's sessions must be in start order (row {row})")
     bounds = np.append(starts, n).astype(np.int64)
     take = pa.array(starts)
     s_user = pc.take(u, take)
