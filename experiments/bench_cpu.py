@@ -46,6 +46,13 @@ def _peak_gb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # Linux: KiB
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children: what the work costs whatever the
+    load (on an idle machine wall time ~ this / the cores it keeps busy)."""
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime, 2)
+
+
 def child_prep(sessions: int, seq_len: int, tokenizer_sample: int, seed: int) -> dict:
     from sessionbert.data.prep import prep_shards
     from sessionbert.data.simulator import sim_config, simulate_to_dir
@@ -69,6 +76,7 @@ def child_prep(sessions: int, seq_len: int, tokenizer_sample: int, seed: int) ->
     return {
         "sessions": m["n_sessions"], "events": m["n_events"], "tokens": m["n_tokens"], "users": cfg.n_users,
         "seconds": round(t2 - t0, 2), "simulate_seconds": round(t1 - t0, 2), "prep_seconds": round(t2 - t1, 2),
+        "cpu_seconds": _cpu_seconds(),
         "prep_steps_seconds": m["seconds"], "peak_rss_gb": max(peak_sim, _peak_gb()),
         "peak_rss_gb_simulate": peak_sim, "peak_rss_gb_prep": _peak_gb(),
         "shards": len(m["shards"]), "shard_sessions": m["shard_sessions"], "shards_mb": round(shard_mb, 1),
@@ -92,6 +100,7 @@ def child_cluster(users: int, dim: int, sample: int, n_init: int, seed: int) -> 
     return {
         "users": users, "dim": dim, "algorithm": "sklearn MiniBatchKMeans (batch_size 4096)", "n_init": n_init,
         "k_range": list(range(3, 10)), "silhouette_sample": min(users, sample), "seconds": round(t2 - t1, 2),
+        "cpu_seconds_incl_generation": _cpu_seconds(),
         "generate_seconds": round(t1 - t0, 2),
         "per_k_seconds": {str(k): round(v["seconds"], 2) for k, v in out.items()},
         "silhouette": {str(k): round(v["silhouette"], 4) for k, v in out.items()},
@@ -145,7 +154,7 @@ def _markdown(res: dict) -> str:
         f"Machine: {mc['cpus']} x {mc['cpu']}, {mc['memory_gb']} GB RAM; {res['date']}; python {v['python']}, "
         f"numpy {v['numpy']}, pyarrow {v['pyarrow']}, tokenizers {v['tokenizers']}, scikit-learn {v['sklearn']}, "
         f"torch {v['torch']}. Command: `{res['command']}`.", "",
-        "| step | size | seconds | peak RSS (GB) | target | load avg (1 min) before / after |",
+        "| step | size | wall seconds | peak RSS (GB) | target | load avg (1 min) before / after |",
         "|---|---|---|---|---|---|",
     ]
     for p in res["prep"]:
@@ -153,7 +162,8 @@ def _markdown(res: dict) -> str:
         lines.append(f"| prep: simulate + serialise + tokenize + write shards | {p['sessions']:,} sessions, "
                      f"{p['events']:,} events | **{p['seconds']}** (simulate {p['simulate_seconds']}, prep "
                      f"{p['prep_seconds']}: read+serialise {s['read_serialise']}, tokenizer training "
-                     f"{s['tokenizer_train']}, encode {s['encode_assemble']}, write {s['write']}) | "
+                     f"{s['tokenizer_train']}, encode {s['encode_assemble']}, write {s['write']}; CPU time "
+                     f"{p.get('cpu_seconds')} s) | "
                      f"**{p['peak_rss_gb']}** (simulate {p['peak_rss_gb_simulate']}, prep {p['peak_rss_gb_prep']}) "
                      f"| <= 60 s, <= 4 GB at 1M | {p['loadavg_1m_before_after']} |")
     c = res["cluster"]
