@@ -12,9 +12,9 @@ The ids are exactly those of the in-memory path (`Corpus.build` + `SessionEncode
 event text, previous-month billing metadata, time split and truncation (metadata first, then the most
 recent events that fit `seq_len`, cut at event boundaries).
 
-Input contract (what `simulate_to_dir` writes; checked, with the row named when violated): events sorted by
-user_id, a user's sessions contiguous and in start order, events of a session in time order; billing, when
-given, sorted by user_id. The time split needs the period's end first: it comes from the Parquet row-group
+Input contract (checked, with the row named when violated): events sorted by user_id (what `simulate_to_dir`
+and `read_events` write), billing, when given, too. Within a batch (whole users) rows are put in Corpus.build's
+order (session start, session_id, timestamp) when they are not already. The time split needs the period's end first: it comes from the Parquet row-group
 statistics of `timestamp` (a streaming pass over that one column when a file has none).
 
 Output (`out_dir`, written under a temporary name and renamed when complete):
@@ -260,21 +260,17 @@ def _serialise_chunk(t: pa.Table, billing: pa.Table | None, split: TimeSplit, us
             raise PrepInputError(f"{path}: events must be sorted by user_id (row {row0 + int(np.argmax(bad)) + 2})")
     new_user = _changes(u)
     new_sess = _changes(sid) | new_user
+    if not _in_corpus_order(sid, ts, new_user, new_sess):
+        # the batch holds whole users, so Corpus.build's order (user, session start, session_id, timestamp;
+        # stable) can be restored here: read_events, for one, sorts a user's sessions by id, not by start
+        t = _sort_users(t, ts)
+        u, sid = t.column("user_id"), t.column("session_id")
+        ts = _np(t.column("timestamp").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()))
+        new_user = _changes(u)
+        new_sess = _changes(sid) | new_user
     starts = np.flatnonzero(new_sess)
     S = len(starts)
-    if pc.count_distinct(sid).as_py() != S:
-        raise PrepInputError(f"{path}: a session's events must be contiguous (rows {row0 + 1}..{row0 + n})")
-    back = np.zeros(n, bool)
-    back[1:] = (np.diff(ts) < 0) & ~new_sess[1:]
-    if back.any():
-        row = row0 + int(np.argmax(back)) + 1
-        raise PrepInputError(f"{path}: events of a session must be in time order (row {row})")
     start_ms = ts[starts]
-    late = np.zeros(S, bool)
-    late[1:] = (np.diff(start_ms) < 0) & ~new_user[starts][1:]
-    if late.any():
-        row = row0 + int(starts[np.argmax(late)]) + 1
-        raise PrepInputError(f"{path}: a user's sessions must be in start order (row {row})")
     bounds = np.append(starts, n).astype(np.int64)
     take = pa.array(starts)
     s_user = pc.take(u, take)
@@ -319,6 +315,34 @@ def _serialise_chunk(t: pa.Table, billing: pa.Table | None, split: TimeSplit, us
     meta_parts = np.stack(cols, 1) if cols else np.full((S, 1), -1, np.int64)
     return _Chunk(pc.take(sid, take), s_user, start_ms, window, bounds, ev_code.astype(np.int64),
                   ev_texts, meta_parts.astype(np.int64), np.array(part_texts, dtype=object))
+
+
+def _in_corpus_order(sid: pa.ChunkedArray, ts: np.ndarray, new_user: np.ndarray, new_sess: np.ndarray) -> bool:
+    """Rows of whole users already in Corpus.build's order: sessions contiguous, in start order (ties by
+    session_id), events of a session in time order."""
+    starts = np.flatnonzero(new_sess)
+    if pc.count_distinct(sid).as_py() != len(starts):
+        return False
+    if ((np.diff(ts) < 0) & ~new_sess[1:]).any():
+        return False
+    d = np.diff(ts[starts])
+    same_user = ~new_user[starts][1:]
+    if ((d < 0) & same_user).any():
+        return False
+    tie = np.flatnonzero((d == 0) & same_user)  # equal starts: session_id decides
+    if len(tie):
+        s = pc.take(sid, pa.array(starts))
+        if _np(pc.greater(pc.take(s, pa.array(tie)), pc.take(s, pa.array(tie + 1)))).any():
+            return False
+    return True
+
+
+def _sort_users(t: pa.Table, ts: np.ndarray) -> pa.Table:
+    """Whole users' rows in Corpus.build's order: user, session start, session_id, timestamp (stable)."""
+    uc = pd.factorize(_np(t.column("user_id")), sort=True)[0]
+    sc = pd.factorize(_np(t.column("session_id")), sort=True)[0]
+    start = pd.Series(ts).groupby(sc).transform("min").to_numpy()
+    return t.take(pa.array(np.lexsort((ts, sc, start, uc))))
 
 
 def _months(strings: np.ndarray) -> np.ndarray:
