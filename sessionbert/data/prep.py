@@ -14,8 +14,9 @@ recent events that fit `seq_len`, cut at event boundaries).
 
 Input contract (checked, with the row named when violated): events sorted by user_id (what `simulate_to_dir`
 and `read_events` write), billing, when given, too. Within a batch (whole users) rows are put in Corpus.build's
-order (session start, session_id, timestamp) when they are not already. The time split needs the period's end first: it comes from the Parquet row-group
-statistics of `timestamp` (a streaming pass over that one column when a file has none).
+order (session start, session_id, timestamp) when they are not already. The time split needs the period's end
+first: it comes from the Parquet row-group statistics of `timestamp` (a streaming pass over that one column
+when a file has none).
 
 Output (`out_dir`, written under a temporary name and renamed when complete):
   shard-00000.parquet ...  `shard_sessions` sessions each (the last one fewer), SHARD_SCHEMA: session_id,
