@@ -192,6 +192,26 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
+class _Best:
+    """The best validation state so far, for early stopping with `patience` (0: never stop early)."""
+
+    def __init__(self, patience: int):
+        self.patience, self.score, self.state, self.bad = patience, -math.inf, None, 0
+
+    def update(self, score: float, model: nn.Module) -> bool:
+        """Record `score`; True when training should stop."""
+        if score > self.score:
+            self.score, self.bad = score, 0
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return False
+        self.bad += 1
+        return bool(self.patience) and self.bad >= self.patience
+
+    def restore(self, model: nn.Module) -> None:
+        if self.state is not None:
+            model.load_state_dict(self.state)
+
+
 def train_sets_mlm(model: ItemBert, sets: list[list[int]], *, epochs: int, batch_size: int, lr: float,
                    mask_prob: float, weight_decay: float, seed: int, device: str = "cpu",
                    evaluate: Callable[[ItemBert], float] | None = None, patience: int = 0,
@@ -206,7 +226,7 @@ def train_sets_mlm(model: ItemBert, sets: list[list[int]], *, epochs: int, batch
     torch.manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     usable = [np.asarray(s) for s in sets if len(s) >= 2]
-    best, best_state, bad, hist = -math.inf, None, 0, []
+    best, hist = _Best(patience), []
     t0 = time.time()
     for ep in range(epochs):
         model.train()
@@ -239,16 +259,10 @@ def train_sets_mlm(model: ItemBert, sets: list[list[int]], *, epochs: int, batch
         score = evaluate(model) if evaluate else -tot / n
         hist.append({"epoch": ep + 1, "loss": tot / n, "val": score, "s": round(time.time() - t0, 1)})
         log(f"  epoch {ep + 1}: loss {tot / n:.4f} val {score:.4f} ({time.time() - t0:.0f}s)")
-        if score > best:
-            best, bad = score, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            bad += 1
-            if patience and bad >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"history": hist, "best_val": best, "seconds": time.time() - t0}
+        if best.update(score, model):
+            break
+    best.restore(model)
+    return {"history": hist, "best_val": best.score, "seconds": time.time() - t0}
 
 
 def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batch_size: int, lr: float,
@@ -295,7 +309,7 @@ def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batc
         log(f"  mlm epoch {ep + 1}: loss {tot / max(n, 1):.4f} ({time.time() - t0:.0f}s)")
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    best, best_state, bad = -math.inf, None, 0
+    best = _Best(patience)
     for ep in range(epochs):
         model.train()
         tot = n = 0
@@ -320,14 +334,9 @@ def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batc
             score = evaluate(model)
             rec["val"] = score
             log(f"  epoch {ep + 1}: loss {tot / n:.4f} val {score:.4f} ({time.time() - t0:.0f}s)")
-            if score > best:
-                best, bad = score, 0
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            else:
-                bad += 1
-                if patience and bad >= patience:
-                    hist.append(rec)
-                    break
+            if best.update(score, model):
+                hist.append(rec)
+                break
             if time_budget_s and time.time() - t0 > time_budget_s:
                 hist.append(rec)
                 log(f"  time budget {time_budget_s:.0f}s reached: stopping")
@@ -335,9 +344,8 @@ def train_next_item(model: ItemBert, seqs: list[list[int]], *, epochs: int, batc
         else:
             log(f"  epoch {ep + 1}: loss {tot / n:.4f} ({time.time() - t0:.0f}s)")
         hist.append(rec)
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    return {"history": hist, "best_val": best, "seconds": time.time() - t0}
+    best.restore(model)
+    return {"history": hist, "best_val": best.score, "seconds": time.time() - t0}
 
 
 @torch.no_grad()

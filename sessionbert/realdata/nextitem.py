@@ -214,6 +214,15 @@ class NextItemModel:
         return np.concatenate(outs) if outs else np.zeros((0, self.model.config.hidden_size), np.float32)
 
 
+def _update(net, opt, sched, loss) -> None:
+    """One optimizer step: backward, clip the gradient norm at 1, step, advance the schedule."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    sched.step()
+
+
 def _optimizer(model, cfg: dict, total_steps: int):
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
@@ -310,11 +319,7 @@ def fit_next_item(train_seqs: list[list[int]], n_items: int, cfg: dict | None = 
                 h = net.bert(input_ids=inp, attention_mask=(xb != PAD).long()).last_hidden_state
                 sel = labels != -100
                 loss = F.cross_entropy(net.cls(h[sel]), labels[sel])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                sched.step()
+                _update(net, opt, sched, loss)
                 tot, nb = tot + loss.item(), nb + 1
             model.history.append({"phase": "mlm", "epoch": ep, "loss": tot / max(1, nb),
                                   "seconds": round(time.perf_counter() - t0, 1)})
@@ -342,11 +347,7 @@ def fit_next_item(train_seqs: list[list[int]], n_items: int, cfg: dict | None = 
             h = net.bert(input_ids=xb, attention_mask=(xb != PAD).long()).last_hidden_state[:, -1]  # (B, H)
             logits = net.cls(h)[:, N_SPECIAL:]  # (B, n_items)
             loss = _ft_loss(logits, yb, cfg["label_smoothing"])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            _update(net, opt, sched, loss)
             tot, nb = tot + loss.item(), nb + 1
         rec = {"phase": "finetune", "epoch": ep, "loss": tot / max(1, nb), "seconds": round(time.perf_counter() - t0, 1)}
         if val_x is not None:
