@@ -7,7 +7,9 @@
 malformed row stops it with `file:line: reason`; writes Parquet (`.parquet`) or JSON lines (`.jsonl`) with one row
 per user (columns of `sessionbert.inference.COLUMNS`; users not scored have `skipped_reason` set); scores
 `--batch-users` users at a time (only one batch is serialised, encoded and held as results at once; the output
-is written batch by batch); uses the GPU when there is one. Services, pages and actions never seen in training
+is written batch by batch); a single Parquet file is streamed, so only one batch of users is ever read into memory
+(the file must hold each user's rows together, e.g. sorted by user_id; `--no-stream` reads it whole);
+uses the GPU when there is one. Services, pages and actions never seen in training
 are tokenised by the run's WordPiece tokenizer exactly as in training (pieces outside its vocabulary -> [UNK]).
 """
 from __future__ import annotations
@@ -63,7 +65,7 @@ def _writer(path: Path):
     return write, close
 
 
-def _progress(total: int):
+def _progress(total: int | None):
     """A rich progress bar on stderr when it is a terminal, else a no-op: (advance(n), stop())."""
     if not sys.stderr.isatty():
         return (lambda n: None), (lambda: None)
@@ -77,24 +79,41 @@ def _progress(total: int):
     return (lambda n: p.advance(task, n)), p.stop
 
 
+def _batches(a: argparse.Namespace, billing):
+    """(events, billing) per batch of users, and the number of users (None when streaming: not known ahead).
+
+    A single Parquet file is streamed (`io.iter_events_by_user`: one batch of users in memory, the file grouped by
+    user); CSV / JSONL / folders, or `--no-stream`, are read whole and cut into batches."""
+    from .data.io import iter_events_by_user, read_events
+    from .inference import iter_user_batches
+
+    src = Path(a.events)
+    if src.is_file() and src.suffix.lower() == ".parquet" and not a.no_stream:
+        def gen():
+            for ev in iter_events_by_user(src, a.batch_users):
+                yield ev, (None if billing is None else billing[billing["user_id"].isin(ev["user_id"].unique())])
+        return gen(), None
+    events, _ = read_events(a.events)
+    return iter_user_batches(events, billing, a.batch_users), int(events["user_id"].nunique())
+
+
 def cmd_recommend(a: argparse.Namespace) -> int:
-    from .data.io import read_billing, read_events
-    from .inference import SessionBERT, iter_user_batches
+    from .data.io import read_billing
+    from .inference import SessionBERT
 
     model = SessionBERT.from_run(a.run, device=a.device)
-    events, _ = read_events(a.events)
     billing = read_billing(a.billing)[0] if a.billing else None
     cutoff = None
     if a.cutoff:
         from .pipeline import _utc
 
         cutoff = _utc(a.cutoff)
-    n_users = events["user_id"].nunique()
+    batches, n_users = _batches(a, billing)
     write, close = _writer(Path(a.out))
     advance, stop = _progress(n_users)
     t0, scored, skipped = time.perf_counter(), 0, Counter()
     try:
-        for ev, bill in iter_user_batches(events, billing, a.batch_users):
+        for ev, bill in batches:
             df = model.predict(ev, bill, cutoff, top_pages=a.top_pages)
             write(df)
             reasons = df["skipped_reason"].dropna()
@@ -143,6 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-users", type=int, default=1000, help="users scored at a time (default 1000)")
     r.add_argument("--top-pages", type=int, default=5, help="next pages listed per user (default 5)")
     r.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    r.add_argument("--no-stream", action="store_true",
+                   help="read a Parquet file whole instead of streaming it (needed when a user's rows are not "
+                        "together in the file)")
     r.set_defaults(fn=cmd_recommend)
     e = sub.add_parser("export", help="export the fine-tuned encoder (Hugging Face format, optionally ONNX)")
     e.add_argument("--run", required=True)

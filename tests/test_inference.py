@@ -74,6 +74,20 @@ def test_cli_recommend_reproduces_pipeline_hit_at_5(smoke, tmp_path, capsys):
     assert f"{len(scored)} users scored, {n_skip} skipped" in err
 
 
+def test_cli_streamed_parquet_equals_whole_read(smoke, tmp_path):
+    """A Parquet input is streamed a batch of users at a time (io.iter_events_by_user); --no-stream reads it
+    whole: the two outputs are identical."""
+    run_dir, run, _ = smoke
+    d = run.stage_dirs["data"]
+    outs = []
+    for extra in ([], ["--no-stream"]):
+        out = tmp_path / f"recs{len(extra)}.parquet"
+        assert main(["recommend", "--run", str(run_dir), "--events", str(d / "events.parquet"), "--out", str(out),
+                     "--batch-users", "50", *extra]) == 0
+        outs.append(pd.read_parquet(out).sort_values("user_id").reset_index(drop=True))
+    pd.testing.assert_frame_equal(outs[0], outs[1])
+
+
 def test_api_jsonl_cutoff_unknown_services_and_batches(model, smoke, tmp_path, capsys):
     ev = pd.DataFrame({
         "user_id": ["a", "a", "a", "b", "b"],

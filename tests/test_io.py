@@ -457,3 +457,42 @@ def test_atomic_write_keeps_previous_file_loadable_when_write_fails_midway(tmp_p
     monkeypatch.undo()
     assert pq.read_table(target).equals(old)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.parquet"]  # the temp file was removed
+
+
+# ---- streaming a Parquet file by user (the `sessionbert recommend` input path) ---------------------------------
+def _many_users(n_users: int = 40, per_user: int = 5) -> list[dict]:
+    rows = []
+    for u in range(n_users):
+        for j in range(per_user):
+            rows.append({"user_id": f"u{u:03d}", "session_id": f"s{u}-{j // 3}",
+                         "timestamp": f"2023-03-{1 + j:02d}T10:00:00Z", "service": "ec2", "page": f"/p{j}",
+                         "page_title": None, "action": None, "region": None})
+    return rows
+
+
+def test_stream_events_by_user_equals_read_events_in_bounded_batches(tmp_path):
+    path = tmp_path / "e.parquet"
+    pq.write_table(pa.Table.from_pylist(_many_users()), path, row_group_size=7)
+    whole, _ = read_events(path)
+    parts = list(sio.iter_events_by_user(path, batch_users=6, batch_rows=9))
+    assert len(parts) >= 6 and all(p["user_id"].nunique() <= 6 + 2 for p in parts), "memory: a few users per batch"
+    assert sum(p["user_id"].nunique() for p in parts) == 40, "every user whole in exactly one batch"
+    got = pd.concat(parts, ignore_index=True)
+    pd.testing.assert_frame_equal(got.sort_values(["user_id", "session_id", "timestamp"]).reset_index(drop=True),
+                                  whole.reset_index(drop=True))
+
+
+def test_stream_events_by_user_rejects_ungrouped_and_bad_rows_naming_the_row(tmp_path):
+    rows = _many_users(6, 3)
+    ungrouped = rows[:3] + rows[6:9] + rows[3:6] + rows[9:] + rows[:1][:0]
+    ungrouped = ungrouped[:9] + [dict(rows[0], session_id="late", timestamp="2023-04-01T00:00:00Z")] + ungrouped[9:]
+    path = tmp_path / "ungrouped.parquet"
+    pq.write_table(pa.Table.from_pylist(ungrouped), path)
+    with pytest.raises(BadInputError, match=r"ungrouped\.parquet:row 10: user 'u000' reappears"):
+        list(sio.iter_events_by_user(path, batch_users=1, batch_rows=4))
+    bad = [dict(r) for r in rows]
+    bad[7]["timestamp"] = "not a time"
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(bad), path)
+    with pytest.raises(BadInputError, match=r"bad\.parquet:row 8: .*timestamp"):
+        list(sio.iter_events_by_user(path, batch_users=2, batch_rows=4))

@@ -1011,6 +1011,83 @@ def read_events(
     return _read(path, _EVENTS, on_bad_rows, max_bad_fraction, rejects_path, max_errors_shown)
 
 
+def iter_events_by_user(
+    path: str | os.PathLike, batch_users: int = 1000, batch_rows: int = 262_144, max_errors_shown: int = 5,
+) -> Iterator[pd.DataFrame]:
+    """Stream a Parquet event file as event tables of about `batch_users` whole users each, validated like
+    ``read_events`` (on_bad_rows="error"): memory holds one batch of users, never the whole file.
+
+    The file must hold each user's rows together (grouped by user_id, e.g. sorted): a user that reappears after
+    its rows ended raises BadInputError naming the file and row. A bad row raises BadInputError listing
+    ``file:row N: reason`` as ``read_events`` does. Each table is sorted by user_id, session_id, timestamp.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if _format_of(path) != "parquet":
+        raise BadInputError(f"{path}: streaming reads Parquet only (use read_events for CSV / JSONL)")
+    spec = _EVENTS
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer would keep every chunk read: memory grows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BadInputError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from e
+    names = pf.schema_arrow.names
+    _check_columns(path, names, spec)
+    known = [c for c in dict.fromkeys(names) if c in spec.kinds]
+    unknown = set(names) - set(spec.kinds)
+    if unknown:
+        log.warning("%s: dropping columns not in the schema: %s", spec.name, ", ".join(sorted(unknown)))
+    seen: set[str] = set()  # user ids whose rows have ended (ids only: small next to the events)
+    row0, carry, pending = 0, None, []
+
+    def validated(t: pa.Table, first_row: int) -> pd.DataFrame:
+        try:
+            t.validate(full=True)
+        except pa.ArrowInvalid as e:
+            raise BadInputError(f"{path}: invalid string data (not UTF-8?) near row {first_row + 1}: {e}") from e
+        frame = _arrow_to_frame(t, spec, path, strict=True)
+        parsed = _Parsed(path, 0, "parquet", frame,
+                         np.arange(first_row + 1, first_row + len(frame) + 1, dtype=np.int64), [], unknown)
+        good, bad = _validate(parsed, spec)
+        dups = _duplicates([good], spec)  # a user's rows are all in this table: duplicates are too
+        for pos, first_pos, ex in zip(dups["pos"], dups["pos_first"], parsed.excerpts_of([int(x) for x in dups["pos"]])):
+            bad.append(_Bad(0, parsed.line_of(int(pos)), spec.duplicate_kind,
+                            f"same {', '.join(spec.key)} as {_location(path, 'parquet', parsed.line_of(int(first_pos)))}",
+                            ex))
+        if bad:
+            raise BadInputError(_format_problems(spec, [parsed], sorted(bad, key=lambda b: b.line), max_errors_shown)
+                                + "\nFix the input, or read it whole with read_events(on_bad_rows='skip').")
+        users = pd.unique(good["user_id"])
+        again = [u for u in users if u in seen]
+        if again:
+            at = int(parsed.lines[int(np.flatnonzero(frame["user_id"].to_numpy() == again[0])[0])])
+            raise BadInputError(f"{_location(path, 'parquet', at)}: user {again[0]!r} reappears after its rows ended: "
+                                "streaming needs each user's rows together (sort the file by user_id)")
+        seen.update(users)
+        df, _ = _sort_and_count_reordered(good, spec)
+        return df[spec.columns]
+
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=known):
+        t = pa.Table.from_batches([rb])
+        t = t if carry is None else pa.concat_tables([carry, t])
+        uid = t.column("user_id").cast(pa.string()).to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
+        if len(starts) < 2:  # one user so far: it may go on in the next batch
+            carry = t
+            continue
+        cut = int(starts[-1])  # the last user may go on in the next batch
+        pending.append(validated(t.slice(0, cut), row0))
+        row0 += cut
+        carry = t.slice(cut)
+        if sum(df["user_id"].nunique() for df in pending) >= batch_users:
+            yield pd.concat(pending, ignore_index=True)
+            pending = []
+    if carry is not None and carry.num_rows:
+        pending.append(validated(carry, row0))
+    if pending:
+        yield pd.concat(pending, ignore_index=True)
+
+
 def read_billing(
     path: str | os.PathLike,
     on_bad_rows: OnBadRows = "error",
