@@ -141,7 +141,11 @@ def test_next_item_model_learns_and_is_deterministic():
     seqs = [[(s + j) % 6 for j in range(int(rng.integers(3, 8)))] for s in rng.integers(0, 6, 300)]
     cfg = {"arch": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64},
            "max_len": 6, "ft_epochs": 6, "mlm_epochs": 1, "lr": 5e-3, "batch_size": 64, "dropout": 0.0}
-    m = fit_next_item(seqs, 6, cfg, seed=1)
+    import torch
+
+    threads = torch.get_num_threads()
+    m = fit_next_item(seqs, 6, {**cfg, "threads": 1}, seed=1)
+    assert torch.get_num_threads() == threads, "the process-wide thread count is restored"
     assert (m.predict([[0], [2, 3], [4]])[:, 0] == [1, 4, 5]).all()
     assert m.scores([[1]]).shape == (1, 6) and m.embed([[1, 2], [3]]).shape == (2, 32)
     m2 = fit_next_item(seqs, 6, cfg, seed=1)

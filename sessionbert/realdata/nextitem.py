@@ -274,12 +274,17 @@ def fit_next_item(train_seqs: list[list[int]], n_items: int, cfg: dict | None = 
     a cross-validation, from ``pretrain_mlm``) training starts from a copy of its weights and skips MLM.
     Returns the fitted NextItemModel.
     """
+    from ._itembert import cpu_threads
+
     cfg = resolve_cfg(cfg)
+    with cpu_threads(cfg["threads"] or None):  # restored afterwards: a process-wide setting
+        return _fit_next_item(train_seqs, n_items, cfg, seed, pretrain_seqs, init)
+
+
+def _fit_next_item(train_seqs, n_items: int, cfg: dict, seed: int, pretrain_seqs, init) -> NextItemModel:
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     gen = torch.Generator().manual_seed(seed)
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
     for s in train_seqs[:1000]:
         if len(s) and (min(s) < 0 or max(s) >= n_items):
             raise ValueError(f"fit_next_item: item index outside [0, {n_items})")
