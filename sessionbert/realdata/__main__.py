@@ -72,9 +72,16 @@ def write_results(rows: list[ResultRow], goals: dict[int, str], out: Path, meta:
     tmp = out / ".real_data.csv.tmp"
     df.to_csv(tmp, index=False)
     os.replace(tmp, out / "real_data.csv")
+    runs = meta.get("runs") or {}
     lines = ["# SessionBERT on real public session data (issue 5)", "",
-             f"- command: `{meta['command']}`", f"- git commit: `{meta['commit']}`", f"- date (UTC): {meta['date']}",
-             f"- machine: {meta['machine']}", f"- seconds per dataset: {meta['seconds']}", "",
+             f"- table written by: `{meta['command']}` at git commit `{meta['commit']}`, {meta['date']} (UTC)",
+             f"- machine: {meta['machine']}", f"- seconds per dataset: {meta['seconds']}", ""]
+    if runs:
+        lines += ["Each dataset's rows come from this run (`--keep` merges runs):", ""]
+        lines += [f"- {d}: `{r['command']}` at `{r['commit']}`, {r['date']} (UTC), {r['seconds']} s"
+                  for d, r in runs.items()]
+        lines.append("")
+    lines += [
              "`ours` is the value measured in this run by the model named in `source` (SessionBERT, a reference "
              "such as CPT+, or a floor); `published` is the number the literature reports under that protocol.", "",
              "| dataset | metric | protocol | ours | published | source | goal met? |",
@@ -127,10 +134,22 @@ def _meta(argv: list[str], seconds: dict) -> dict:
             "seconds": json.dumps(seconds)}
 
 
-def _save(rows, goals, out: Path, argv, seconds: dict) -> None:
+def _save(rows, goals, out: Path, argv, seconds: dict, runs: dict) -> None:
     ran = sorted({r.dataset for r in rows})
-    write_results(rows, goals, out, _meta(argv, seconds), _personas_md(out, ran))
+    meta = _meta(argv, seconds)
+    for name, r in runs.items():  # datasets this invocation ran get its provenance; kept ones keep theirs
+        if r.pop("_new", False):
+            r.update(seconds=seconds[name], command=meta["command"], commit=meta["commit"], date=meta["date"])
+    meta["runs"] = {d: r for d, r in runs.items() if d in ran}
+    write_results(rows, goals, out, meta, _personas_md(out, ran))
     (out / "real_data_seconds.json").write_text(json.dumps(seconds, indent=1))
+    (out / "real_data_runs.json").write_text(json.dumps(meta["runs"], indent=1))
+
+
+def _kept_runs(out: Path, kept: set[str]) -> dict:
+    p = out / "real_data_runs.json"
+    runs = json.loads(p.read_text()) if p.exists() else {}
+    return {d: r for d, r in runs.items() if d in kept}
 
 
 def _kept(out: Path, names: list[str], conf_dir: Path) -> tuple[list[ResultRow], dict[int, str], dict[str, float]]:
@@ -177,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     goals: dict[int, str] = {}
     seconds: dict[str, float] = {}
     failed = False
+    runs: dict[str, dict] = {}
     if args.keep:
         rows, goals, seconds = _kept(out, names, Path(args.conf_dir))
+        runs = _kept_runs(out, {r.dataset for r in rows})
     for name in names:
         if importlib.util.find_spec(f"sessionbert.realdata.{name}") is None:
             log.warning("%s: no module sessionbert.realdata.%s yet, skipped", name, name)
@@ -197,10 +218,11 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(ResultRow(name, "-", "-", None, None, f"FAILED: {type(e).__name__}: {e}"))
             failed = True
         seconds[name] = round(time.perf_counter() - t0, 1)
+        runs[name] = {"_new": True}
         log.info("%s done in %.0fs", name, seconds[name])
         # after every dataset, so a long run interrupted later keeps what it finished
-        _save(rows, goals, out, argv, seconds)
-    _save(rows, goals, out, argv, seconds)
+        _save(rows, goals, out, argv, seconds, runs)
+    _save(rows, goals, out, argv, seconds, runs)
     log.info("wrote %s and %s", out / "real_data.csv", out / "real_data.md")
     return 1 if failed else 0
 
