@@ -23,11 +23,17 @@ RESULT_COLUMNS = ("dataset", "metric", "protocol", "ours", "published", "source"
 
 
 def shared_data_dir() -> Path:
-    """``$SESSIONBERT_SHARED_DATA`` or the ``shared/data`` folder beside the repository."""
+    """``$SESSIONBERT_SHARED_DATA``, else the nearest ``shared/data`` folder beside the repository or beside one of
+    its parent folders (a checkout nested deeper, e.g. a CI clone, still finds the workplace's data), else the
+    ``shared/data`` beside the repository (which may not exist: callers say so)."""
     env = os.environ.get("SESSIONBERT_SHARED_DATA")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data"
+    repo = Path(__file__).resolve().parents[2]
+    for parent in repo.parents:
+        if (parent / "shared" / "data" / "README.md").is_file():
+            return parent / "shared" / "data"
+    return repo.parent / "shared" / "data"
 
 
 @dataclass
