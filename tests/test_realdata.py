@@ -244,7 +244,10 @@ def test_runner_keep_merges_an_earlier_table(tmp_path):
                       "SessionBERT (ours)"),
             ResultRow("msnbc", "acc", "p", 0.5, None, "SessionBERT (ours)")]
     write_results(rows, {}, tmp_path, {"command": "c", "commit": "x", "date": "d", "machine": "m", "seconds": "{}"})
-    (tmp_path / "real_data_seconds.json").write_text(json.dumps({"helpdesk": 12.0, "msnbc": 99.0}))
-    kept, goals, secs = _kept(tmp_path, ["msnbc"], Path(__file__).resolve().parents[1] / "conf" / "experiment")
+    run = {"command": "c", "commit": "x", "date": "d"}
+    (tmp_path / "real_data_runs.json").write_text(json.dumps({"helpdesk": {**run, "seconds": 12.0},
+                                                              "msnbc": {**run, "seconds": 99.0}}))
+    kept, goals, runs = _kept(tmp_path, ["msnbc"], Path(__file__).resolve().parents[1] / "conf" / "experiment")
+    secs = {d: r["seconds"] for d, r in runs.items()}
     assert [r.dataset for r in kept] == ["helpdesk"] and kept[0].ours == 0.771
     assert goals == {0: "yes (>= 0.72)"} and secs == {"helpdesk": 12.0}

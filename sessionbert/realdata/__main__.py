@@ -73,9 +73,10 @@ def write_results(rows: list[ResultRow], goals: dict[int, str], out: Path, meta:
     df.to_csv(tmp, index=False)
     os.replace(tmp, out / "real_data.csv")
     runs = meta.get("runs") or {}
+    seconds = json.dumps({d: r["seconds"] for d, r in runs.items()}) if runs else meta.get("seconds", "{}")
     lines = ["# SessionBERT on real public session data (issue 5)", "",
              f"- table written by: `{meta['command']}` at git commit `{meta['commit']}`, {meta['date']} (UTC)",
-             f"- machine: {meta['machine']}", f"- seconds per dataset: {meta['seconds']}", ""]
+             f"- machine: {meta['machine']}", f"- seconds per dataset: {seconds}", ""]
     if runs:
         lines += ["Each dataset's rows come from this run (`--keep` merges runs):", ""]
         lines += [f"- {d}: `{r['command']}` at `{r['commit']}`, {r['date']} (UTC), {r['seconds']} s"
@@ -116,7 +117,8 @@ def _personas_md(out: Path, names) -> str:
     return "\n".join(parts)
 
 
-def _meta(argv: list[str], seconds: dict) -> dict:
+def _meta(argv: list[str]) -> dict:
+    """This invocation's provenance: command, git commit (flagged when the tree has uncommitted changes), machine."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(__file__).parent).stdout.strip() or "unknown"
@@ -127,33 +129,27 @@ def _meta(argv: list[str], seconds: dict) -> dict:
         commit = "unknown"
     import torch
 
-    return {"command": "python -m sessionbert.realdata " + " ".join(argv), "commit": commit,
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M"),
+    return {"command": "python -m sessionbert.realdata " + " ".join(argv), "commit": commit, "date": _now(),
             "machine": f"{platform.platform()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-                       f"({'cuda' if torch.cuda.is_available() else 'cpu'})",
-            "seconds": json.dumps(seconds)}
+                       f"({'cuda' if torch.cuda.is_available() else 'cpu'})"}
 
 
-def _save(rows, goals, out: Path, argv, seconds: dict, runs: dict) -> None:
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M")
+
+
+def _save(rows, goals, out: Path, meta: dict, runs: dict) -> None:
+    """real_data.{csv,md} plus real_data_runs.json: per dataset, the run its rows come from (seconds, command,
+    commit, date), which `--keep` carries over."""
     ran = sorted({r.dataset for r in rows})
-    meta = _meta(argv, seconds)
-    for name, r in runs.items():  # datasets this invocation ran get its provenance; kept ones keep theirs
-        if r.pop("_new", False):
-            r.update(seconds=seconds[name], command=meta["command"], commit=meta["commit"], date=meta["date"])
-    meta["runs"] = {d: r for d, r in runs.items() if d in ran}
+    meta = {**meta, "date": _now(), "runs": {d: r for d, r in runs.items() if d in ran}}
     write_results(rows, goals, out, meta, _personas_md(out, ran))
-    (out / "real_data_seconds.json").write_text(json.dumps(seconds, indent=1))
     (out / "real_data_runs.json").write_text(json.dumps(meta["runs"], indent=1))
 
 
-def _kept_runs(out: Path, kept: set[str]) -> dict:
-    p = out / "real_data_runs.json"
-    runs = json.loads(p.read_text()) if p.exists() else {}
-    return {d: r for d, r in runs.items() if d in kept}
-
-
-def _kept(out: Path, names: list[str], conf_dir: Path) -> tuple[list[ResultRow], dict[int, str], dict[str, float]]:
-    """Rows (and their goal status, recomputed) of the datasets in OUT/real_data.csv that are not run now."""
+def _kept(out: Path, names: list[str], conf_dir: Path) -> tuple[list[ResultRow], dict[int, str], dict[str, dict]]:
+    """Rows (and their goal status, recomputed) of the datasets in OUT/real_data.csv that are not run now, and
+    their runs' provenance from OUT/real_data_runs.json."""
     csv = out / "real_data.csv"
     if not csv.exists():
         return [], {}, {}
@@ -169,11 +165,11 @@ def _kept(out: Path, names: list[str], conf_dir: Path) -> tuple[list[ResultRow],
         base = len(rows)
         rows += r
         goals.update({base + i: st for i, st in goal_status(r, goal).items()})
-    sp = out / "real_data_seconds.json"
-    secs = json.loads(sp.read_text()) if sp.exists() else {}
+    rp = out / "real_data_runs.json"
+    runs = json.loads(rp.read_text()) if rp.exists() else {}
     kept = {r.dataset for r in rows}
     log.info("kept from %s: %s", csv, ", ".join(sorted(kept)) or "nothing")
-    return rows, goals, {k: v for k, v in secs.items() if k in kept}
+    return rows, goals, {d: r for d, r in runs.items() if d in kept}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -184,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--conf-dir", default=str(CONF))
     ap.add_argument("--keep", action="store_true",
                     help="keep the rows of datasets not run now from an existing OUT/real_data.csv (incremental runs: "
-                         "one table from several invocations); their seconds come from OUT/real_data_seconds.json")
+                         "one table from several invocations); their provenance comes from OUT/real_data_runs.json")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
@@ -194,12 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     rows: list[ResultRow] = []
     goals: dict[int, str] = {}
-    seconds: dict[str, float] = {}
+    runs: dict[str, dict] = {}  # dataset -> the run its rows come from
     failed = False
-    runs: dict[str, dict] = {}
+    meta = _meta(argv)
     if args.keep:
-        rows, goals, seconds = _kept(out, names, Path(args.conf_dir))
-        runs = _kept_runs(out, {r.dataset for r in rows})
+        rows, goals, runs = _kept(out, names, Path(args.conf_dir))
     for name in names:
         if importlib.util.find_spec(f"sessionbert.realdata.{name}") is None:
             log.warning("%s: no module sessionbert.realdata.%s yet, skipped", name, name)
@@ -217,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             log.exception("%s failed", name)
             rows.append(ResultRow(name, "-", "-", None, None, f"FAILED: {type(e).__name__}: {e}"))
             failed = True
-        seconds[name] = round(time.perf_counter() - t0, 1)
-        runs[name] = {"_new": True}
-        log.info("%s done in %.0fs", name, seconds[name])
+        runs[name] = {"seconds": round(time.perf_counter() - t0, 1), "command": meta["command"],
+                      "commit": meta["commit"], "date": _now()}
+        log.info("%s done in %.0fs", name, runs[name]["seconds"])
         # after every dataset, so a long run interrupted later keeps what it finished
-        _save(rows, goals, out, argv, seconds, runs)
-    _save(rows, goals, out, argv, seconds, runs)
+        _save(rows, goals, out, meta, runs)
+    _save(rows, goals, out, meta, runs)
     log.info("wrote %s and %s", out / "real_data.csv", out / "real_data.md")
     return 1 if failed else 0
 
