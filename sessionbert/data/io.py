@@ -1011,6 +1011,40 @@ def read_events(
     return _read(path, _EVENTS, on_bad_rows, max_bad_fraction, rejects_path, max_errors_shown)
 
 
+def changes(arr: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """(n,) bool: row i differs from row i-1 (row 0: True)."""
+    n = len(arr)
+    out = np.ones(n, bool)
+    if n > 1:
+        out[1:] = pc.not_equal(arr.slice(1), arr.slice(0, n - 1)).to_numpy(zero_copy_only=False)
+    return out
+
+
+def parquet_user_tables(pf: pq.ParquetFile, columns: list[str], batch_rows: int) -> Iterator[tuple[int, pa.Table]]:
+    """(first row index, table) of consecutive whole users of a Parquet file grouped by user_id: record batches
+    cut at their last user boundary (that user may go on in the next batch); small batches (they end at row
+    groups) are gathered first. Memory: about one batch, whatever the file's size (open `pf` with
+    ``pre_buffer=False``: pyarrow otherwise keeps every column chunk it has read)."""
+    carry: pa.Table | None = None
+    row0 = 0
+    for rb in pf.iter_batches(batch_size=batch_rows, columns=columns, use_threads=True):
+        t = pa.Table.from_batches([rb])
+        if carry is not None:
+            t = pa.concat_tables([carry, t])
+        if t.num_rows < batch_rows // 2:  # less per-batch overhead
+            carry = t
+            continue
+        cut = int(np.flatnonzero(changes(t.column("user_id")))[-1])  # first row of the batch's last user
+        if cut == 0:  # one user so far
+            carry = t
+            continue
+        yield row0, t.slice(0, cut)
+        row0 += cut
+        carry = t.slice(cut)
+    if carry is not None and carry.num_rows:
+        yield row0, carry
+
+
 def iter_events_by_user(
     path: str | os.PathLike, batch_users: int = 1000, batch_rows: int = 262_144, max_errors_shown: int = 5,
 ) -> Iterator[pd.DataFrame]:
@@ -1038,7 +1072,7 @@ def iter_events_by_user(
     if unknown:
         log.warning("%s: dropping columns not in the schema: %s", spec.name, ", ".join(sorted(unknown)))
     seen: set[str] = set()  # user ids whose rows have ended (ids only: small next to the events)
-    row0, carry, pending = 0, None, []
+    pending: list[pd.DataFrame] = []
 
     def validated(t: pa.Table, first_row: int) -> pd.DataFrame:
         try:
@@ -1067,23 +1101,13 @@ def iter_events_by_user(
         df, _ = _sort_and_count_reordered(good, spec)
         return df[spec.columns]
 
-    for rb in pf.iter_batches(batch_size=batch_rows, columns=known):
-        t = pa.Table.from_batches([rb])
-        t = t if carry is None else pa.concat_tables([carry, t])
-        uid = t.column("user_id").cast(pa.string()).to_numpy(zero_copy_only=False)
-        starts = np.flatnonzero(np.r_[True, uid[1:] != uid[:-1]])
-        if len(starts) < 2:  # one user so far: it may go on in the next batch
-            carry = t
-            continue
-        cut = int(starts[-1])  # the last user may go on in the next batch
-        pending.append(validated(t.slice(0, cut), row0))
-        row0 += cut
-        carry = t.slice(cut)
-        if sum(df["user_id"].nunique() for df in pending) >= batch_users:
+    n_users = 0
+    for row0, t in parquet_user_tables(pf, known, batch_rows):
+        pending.append(validated(t, row0))
+        n_users += pending[-1]["user_id"].nunique()
+        if n_users >= batch_users:
             yield pd.concat(pending, ignore_index=True)
-            pending = []
-    if carry is not None and carry.num_rows:
-        pending.append(validated(carry, row0))
+            pending, n_users = [], 0
     if pending:
         yield pd.concat(pending, ignore_index=True)
 
