@@ -360,17 +360,51 @@ def finetune_data(run: Run, tok, labels):
     return sets
 
 
+def finetune_loaders(cfg: DictConfig, sets: dict, pad_id: int) -> dict:
+    """DataLoaders of the fine-tuning stage over `finetune_data`'s sets: {"train", "val", "test", "sampler" (the
+    train loader's resumable batch sampler), "lengths" (window -> (N,) real token counts)}.
+
+    finetune.max_tokens null: fixed batches of finetune.batch_size (train, shuffled) and runtime.eval_batch_size
+    (val/test, in order), padded to the longest in the batch. Set: length bucketing, the GPU path; training
+    batches of similar-length prefixes with B x T <= max_tokens padded slots (TokenBudgetBatchSampler, shuffled,
+    resumable), and val/test batches cut from the examples sorted by length under the same budget (every example
+    once; the metrics accumulate over batches, so they do not depend on the order). finetune.pad_to_multiple_of
+    rounds batch widths up (fewer distinct shapes on a GPU); the budget counts the rounded widths."""
+    from torch.utils.data import DataLoader
+
+    from .data.datasets import PadCollator
+    from .data.sampler import SeededBatchSampler, TokenBudgetBatchSampler
+
+    f, nw = cfg.finetune, cfg.runtime.num_workers
+    mult, budget = f.get("pad_to_multiple_of"), f.get("max_tokens")
+    lengths = {w: ds.encoder.lengths(ds.enc, ds.items) for w, ds in sets.items()}
+    widths = {w: -(-v // mult) * mult if mult else v for w, v in lengths.items()}  # what the collator pads to
+    # both train samplers are pure functions of (seed, epoch) and resumable mid-epoch (train_utils.ResumeState)
+    if budget:
+        sampler = TokenBudgetBatchSampler(widths["train"], int(budget), shuffle=True, seed=cfg.seed)
+    else:
+        sampler = SeededBatchSampler(len(sets["train"]), f.batch_size, shuffle=True, seed=cfg.seed)
+    out = {"sampler": sampler, "lengths": lengths,
+           "train": DataLoader(sets["train"], batch_sampler=sampler, num_workers=nw,
+                               collate_fn=PadCollator(pad_id, mult, count=True))}
+    coll = PadCollator(pad_id, mult)
+    for w in ("val", "test"):
+        if budget:  # one replica: every DDP rank evaluates all examples, as with the fixed batches
+            bs = TokenBudgetBatchSampler(widths[w], int(budget), shuffle=False, num_replicas=1, rank=0)
+            out[w] = DataLoader(sets[w], batch_sampler=bs, collate_fn=coll, num_workers=nw)
+        else:
+            out[w] = DataLoader(sets[w], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
+    return out
+
+
 def stage_finetune(run: Run, encoder_dir: Path) -> Path:
     cfg = run.cfg
 
     def fn(out: Path) -> dict:
-        from torch.utils.data import DataLoader
-
         from .data.corpus import LabelMaps
-        from .data.datasets import PadCollator
         from .models.encoder import load_encoder
         from .models.modules import MultiTaskModule
-        from .train_utils import build_trainer, fit, resolve_resume
+        from .train_utils import TokenCounter, build_trainer, fit, resolve_resume
 
         tok = _tokenizer(run)
         labels = LabelMaps.from_corpus(run.corpus())
@@ -381,25 +415,26 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
                                  service_weight=f.service_weight, pooling=f.pooling, dropout=cfg.model.dropout)
         module.encoder.load_state_dict(enc_model.state_dict())
         sets = finetune_data(run, tok, labels)
-        coll, nw = PadCollator(tok.pad_token_id), cfg.runtime.num_workers
-        from .data.sampler import SeededBatchSampler
-
-        sampler = SeededBatchSampler(len(sets["train"]), f.batch_size, shuffle=True, seed=cfg.seed)
-        train_dl = DataLoader(sets["train"], batch_sampler=sampler, collate_fn=coll, num_workers=nw)
-        val_dl = DataLoader(sets["val"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
-        test_dl = DataLoader(sets["test"], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
+        loaders = finetune_loaders(cfg, sets, tok.pad_token_id)
+        counter = TokenCounter()
         ckpt = resolve_resume(cfg, run.ckpt_dir)
-        trainer = build_trainer(cfg, run, out, f.epochs, run.ckpt_dir, train_sampler=sampler)
+        trainer = build_trainer(cfg, run, out, f.epochs, run.ckpt_dir, train_sampler=loaders["sampler"],
+                                callbacks=[counter])
         t0 = time.perf_counter()
-        fit(trainer, module, train_dl, val_dl, ckpt)
+        fit(trainer, module, loaders["train"], loaders["val"], ckpt)
         seconds = time.perf_counter() - t0
-        test = trainer.test(module, test_dl, verbose=False)[0]
+        test = trainer.test(module, loaders["test"], verbose=False)[0]
         trainer.save_checkpoint(str(out / "model.ckpt"), weights_only=True)
         tok.save_pretrained(str(out / "tokenizer"))
         _write_json(out / "labels.json", labels.to_dict())
+        work = counter.totals(trainer)  # what training processed (all epochs, all ranks; resumed runs included)
         m = {"seconds": round(seconds, 3), "train_examples": len(sets["train"]), "test_examples": len(sets["test"]),
-             "tokens_per_example_mean": float(np.mean([len(sets["train"][i]["input_ids"])
-                                                      for i in range(min(2000, len(sets["train"])))]))}
+             "tokens_per_example_mean": float(loaders["lengths"]["train"].mean()) if len(sets["train"]) else 0.0,
+             "batching": "token_budget" if f.get("max_tokens") else "fixed", "train_batches": work["batches"],
+             "real_tokens": work["real_tokens"], "padded_slots": work["padded_slots"],
+             "max_batch_slots": work["max_batch_slots"],
+             "pad_fraction": round(1 - work["real_tokens"] / work["padded_slots"], 4) if work["padded_slots"] else None,
+             "real_tokens_per_s": round(work["real_tokens"] / seconds, 1) if seconds > 0 else None}
         for head in ("page", "service"):
             for name in ("f1_micro", "f1_macro", "f1_weighted", "hit@5"):
                 m[f"{head}_{name}"] = float(test[f"finetune/test_{head}_{name}"])

@@ -185,6 +185,42 @@ class ResumeState(L.Callback):
                  st["global_step"])
 
 
+class TokenCounter(L.Callback):
+    """Work done by training: real (non-pad) tokens, padded slots (B x T) and batches, summed over the steps run,
+    from the ints a counting collator puts in each batch (``PadCollator(count=True)``: no device sync). Kept in
+    checkpoints (Lightning saves callback state), so a resumed run reports the whole run's work; ``totals()``
+    sums over DDP ranks."""
+
+    def __init__(self):
+        self.real_tokens = self.padded_slots = self.batches = self.max_batch_slots = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if isinstance(batch, dict) and "padded_slots" in batch:
+            self.real_tokens += int(batch["real_tokens"])
+            self.padded_slots += int(batch["padded_slots"])
+            self.max_batch_slots = max(self.max_batch_slots, int(batch["padded_slots"]))
+            self.batches += 1
+
+    def state_dict(self) -> dict:
+        return {"real_tokens": self.real_tokens, "padded_slots": self.padded_slots, "batches": self.batches,
+                "max_batch_slots": self.max_batch_slots}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, int(v))
+
+    def totals(self, trainer: L.Trainer | None = None) -> dict:
+        t = self.state_dict()
+        if trainer is not None and trainer.world_size > 1:
+            import torch
+
+            v = torch.tensor([t["real_tokens"], t["padded_slots"], t["batches"]], dtype=torch.float64,
+                             device=trainer.strategy.root_device)
+            v = trainer.strategy.reduce(v, reduce_op="sum")
+            t.update(real_tokens=int(v[0]), padded_slots=int(v[1]), batches=int(v[2]))
+        return t
+
+
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """The checkpoint to resume from: `resume=auto` (newest of preempted.ckpt / last.ckpt in this stage's
     checkpoint folder, else a fresh start), `resume=PATH`, or none. A fresh run (resume unset) refuses to start
@@ -234,12 +270,13 @@ def fit(trainer: L.Trainer, module, train_dl, val_dl, ckpt_path: str | None) -> 
 
 
 def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Path | None = None,
-                  train_sampler=None) -> L.Trainer:
-    """The stage's Trainer. `train_sampler`: the train loader's resumable batch sampler (see ResumeState)."""
+                  train_sampler=None, callbacks: list[L.Callback] | None = None) -> L.Trainer:
+    """The stage's Trainer. `train_sampler`: the train loader's resumable batch sampler (see ResumeState).
+    `callbacks`: the stage's own (e.g. TokenCounter), run before the checkpoint callbacks."""
     import signal
 
     t = cfg.trainer
-    cb: list[L.Callback] = [ResumeState(cfg.seed, train_sampler)]
+    cb: list[L.Callback] = [ResumeState(cfg.seed, train_sampler), *(callbacks or [])]
     ckpt_dir = ckpt_dir or out / "checkpoints"
     if cfg.callbacks.checkpoint:
         cb.append(ModelCheckpoint(dirpath=str(ckpt_dir), save_last=True, save_top_k=0,

@@ -56,11 +56,19 @@ def pad_batch(batch: list[dict], pad_id: int, multiple: int | None = None) -> di
 
 
 class PadCollator:
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    """`pad_batch` with an optional width multiple. `count`: also put the batch's real (non-pad) token count and
+    its padded slots (B x T) in the batch as plain ints, "real_tokens" and "padded_slots" (Lightning moves only
+    tensors to the device, so a callback reads them without a device sync; see train_utils.TokenCounter)."""
+
+    def __init__(self, pad_id: int, pad_to_multiple_of: int | None = None, count: bool = False):
+        self.pad_id, self.multiple, self.count = pad_id, pad_to_multiple_of, count
 
     def __call__(self, batch: list[dict]) -> dict[str, torch.Tensor]:
-        return pad_batch(batch, self.pad_id)
+        out = pad_batch(batch, self.pad_id, self.multiple)
+        if self.count:
+            out["real_tokens"] = sum(len(b["input_ids"]) for b in batch)
+            out["padded_slots"] = int(out["input_ids"].numel())
+        return out
 
 
 class MLMCollator:

@@ -118,3 +118,25 @@ class SessionEncoder:
                 break
             body = piece + body
         return [self.cls_id] + meta + body + [self.end_id]
+
+    def lengths(self, enc: Encoded, items: np.ndarray) -> np.ndarray:
+        """(N,) ``len(self.build(enc, s, n))`` for each row (session s, n events; n < 0: all) of `items` (N, 2),
+        vectorised: the events kept are the longest suffix of the prefix whose pieces ([EVT] + event ids) fit the
+        budget left by the metadata, exactly as `build` drops the oldest events."""
+        items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
+        if not len(items):
+            return np.zeros(0, dtype=np.int64)
+        s, n = items[:, 0], items[:, 1]
+        bounds = np.asarray(enc.session_bounds, dtype=np.int64)
+        lo = bounds[s]
+        hi = np.where(n < 0, bounds[s + 1], lo + n)
+        meta = np.fromiter((len(enc.meta_ids[i]) for i in s), dtype=np.int64, count=len(s))
+        meta = np.minimum(meta, self.seq_len - 2)
+        budget = np.maximum(self.seq_len - 2 - meta, 0)
+        piece = 1 + np.fromiter((len(e) for e in enc.event_ids), dtype=np.int64, count=len(enc.event_ids))
+        cum = np.concatenate([[0], np.cumsum(piece[np.asarray(enc.event_codes, dtype=np.int64)])])  # (E + 1,)
+        # first event j >= lo with cum[hi] - cum[j] <= budget (pieces are >= 1 long, so cum is increasing)
+        j = np.maximum(np.searchsorted(cum, cum[hi] - budget, side="left"), lo)
+        body = cum[hi] - cum[j]
+        body = np.where((j == hi) & (hi > lo), budget, body)  # a single event longer than the budget: its end
+        return 2 + meta + body
