@@ -5,11 +5,12 @@
 
 `recommend` reads Parquet / CSV / JSONL (a file or a folder) through `sessionbert.data.io.read_events`, so a
 malformed row stops it with `file:line: reason`; writes Parquet (`.parquet`) or JSON lines (`.jsonl`) with one row
-per user (columns of `sessionbert.inference.COLUMNS`; users not scored have `skipped_reason` set); scores
-`--batch-users` users at a time (only one batch is serialised, encoded and held as results at once; the output
-is written batch by batch); a single Parquet file is streamed, so only one batch of users is ever read into memory
-(the file must hold each user's rows together, e.g. sorted by user_id; `--no-stream` reads it whole);
-uses the GPU when there is one. Services, pages and actions never seen in training
+per user (columns of `sessionbert.inference.COLUMNS`; users not scored have `skipped_reason` set), batch by
+batch. A single Parquet file (with a Parquet billing file or none) is streamed in splits of whole row groups
+(`--batch-rows`), which `--workers` processes read, validate, serialise and tokenise while this process runs the
+model, so memory holds a few splits, never the file (the file must hold each user's rows together, e.g. sorted by
+user_id; `--no-stream` reads it whole); other inputs are read whole and scored `--batch-users` users at a time.
+Uses the GPU when there is one. Services, pages and actions never seen in training
 are tokenised by the run's WordPiece tokenizer exactly as in training (pieces outside its vocabulary -> [UNK]).
 """
 from __future__ import annotations
@@ -25,25 +26,24 @@ from pathlib import Path
 
 
 def _writer(path: Path):
-    """(write(df), close()) for `path` by suffix, through a temp file renamed at the end."""
+    """(write(table), close()) for `path` by suffix, through a temp file renamed at the end; tables are
+    `sessionbert.inference.OUTPUT_SCHEMA` Arrow tables."""
+    import pyarrow as pa
+
+    from .inference import OUTPUT_SCHEMA
+
     suffix = path.suffix.lower()
     if suffix not in (".parquet", ".jsonl"):
         raise SystemExit(f"sessionbert: --out must end in .parquet or .jsonl, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     if suffix == ".parquet":
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
-        schema = pa.schema([("user_id", pa.string()), ("n_sessions", pa.int64()), ("persona", pa.string()),
-                            ("cluster", pa.int64()), ("persona_similarity", pa.float64()),
-                            ("new_services", pa.list_(pa.string())), ("new_service_scores", pa.list_(pa.float64())),
-                            ("new_service_counts", pa.list_(pa.int64())), ("next_pages", pa.list_(pa.string())),
-                            ("next_page_probs", pa.list_(pa.float64())), ("skipped_reason", pa.string())])
-        w = pq.ParquetWriter(str(tmp), schema)
+        w = pq.ParquetWriter(str(tmp), OUTPUT_SCHEMA)
 
-        def write(df):
-            w.write_table(pa.Table.from_pandas(df, schema=schema, preserve_index=False))
+        def write(t: pa.Table):
+            w.write_table(t.cast(OUTPUT_SCHEMA))
 
         def close():
             w.close()
@@ -51,12 +51,8 @@ def _writer(path: Path):
     else:
         fh = open(tmp, "w", encoding="utf-8")
 
-        def write(df):
-            for rec in df.to_dict(orient="records"):
-                rec = {k: (None if v is not None and not isinstance(v, (list, str)) and v != v else v)
-                       for k, v in rec.items()}  # NaN / NA -> null
-                if rec.get("cluster") is not None:
-                    rec["cluster"] = int(rec["cluster"])
+        def write(t: pa.Table):
+            for rec in t.to_pylist():  # Arrow nulls are None; NaN similarity of skipped users is null already
                 fh.write(json.dumps(rec, default=str) + "\n")
 
         def close():
@@ -79,47 +75,61 @@ def _progress(total: int | None):
     return (lambda n: p.advance(task, n)), p.stop
 
 
-def _batches(a: argparse.Namespace, billing):
-    """(events, billing) per batch of users, and the number of users (None when streaming: not known ahead).
+def _tables(a: argparse.Namespace, model):
+    """Output tables per batch of users, and the number of users (None when streaming: not known ahead).
 
-    A single Parquet file is streamed (`io.iter_events_by_user`: one batch of users in memory, the file grouped by
-    user); CSV / JSONL / folders, or `--no-stream`, are read whole and cut into batches."""
-    from .data.io import iter_events_by_user, read_events
+    A single Parquet file is streamed in splits of row groups (`SessionBERT.recommend_file`, `--workers`
+    processes reading, validating, serialising and tokenising; the file grouped by user); CSV / JSONL / folders,
+    or `--no-stream`, are read whole (`io.read_events`) and scored `--batch-users` users at a time."""
+    from .data.io import read_billing, read_events
     from .inference import iter_user_batches
 
+    cutoff = a.cutoff or None
     src = Path(a.events)
-    if src.is_file() and src.suffix.lower() == ".parquet" and not a.no_stream:
-        def gen():
-            for ev in iter_events_by_user(src, a.batch_users):
-                yield ev, (None if billing is None else billing[billing["user_id"].isin(ev["user_id"].unique())])
-        return gen(), None
+    billing_pq = a.billing and Path(a.billing).is_file() and Path(a.billing).suffix.lower() == ".parquet"
+    if src.is_file() and src.suffix.lower() == ".parquet" and not a.no_stream and (not a.billing or billing_pq):
+        workers = a.workers if a.workers >= 0 else _auto_workers(model)
+        return model.recommend_file(src, a.billing, cutoff, a.top_pages, workers, a.batch_rows), None
     events, _ = read_events(a.events)
-    return iter_user_batches(events, billing, a.batch_users), int(events["user_id"].nunique())
+    billing = read_billing(a.billing)[0] if a.billing else None
+
+    def gen():
+        for ev, bill in iter_user_batches(events, billing, a.batch_users):
+            import pyarrow as pa
+
+            from .data.userbatch import prepare
+            from .inference import _event_columns
+
+            evt = pa.Table.from_pandas(_event_columns(ev), preserve_index=False)
+            bt = None if bill is None else pa.Table.from_pandas(bill, preserve_index=False)
+            yield model.score(prepare(evt, bt, model.context(cutoff)), a.top_pages)
+    return gen(), int(events["user_id"].nunique())
+
+
+def _auto_workers(model) -> int:
+    """Worker processes when --workers is not given: on a GPU all cores but two feed it; on a CPU the model
+    needs the cores, so the splits are prepared in this process."""
+    if model.device.type != "cuda":
+        return 0
+    return max(1, min(32, (os.cpu_count() or 2) - 2))
 
 
 def cmd_recommend(a: argparse.Namespace) -> int:
-    from .data.io import read_billing
     from .inference import SessionBERT
 
     model = SessionBERT.from_run(a.run, device=a.device)
-    billing = read_billing(a.billing)[0] if a.billing else None
-    cutoff = None
-    if a.cutoff:
-        from .pipeline import _utc
-
-        cutoff = _utc(a.cutoff)
-    batches, n_users = _batches(a, billing)
+    tables, n_users = _tables(a, model)
     write, close = _writer(Path(a.out))
     advance, stop = _progress(n_users)
     t0, scored, skipped = time.perf_counter(), 0, Counter()
     try:
-        for ev, bill in batches:
-            df = model.predict(ev, bill, cutoff, top_pages=a.top_pages)
-            write(df)
-            reasons = df["skipped_reason"].dropna()
+        for t in tables:
+            write(t)
+            reasons = [r for r in t.column("skipped_reason").to_pylist() if r is not None] \
+                if t.column("skipped_reason").null_count < t.num_rows else []
             skipped.update(reasons)
-            scored += len(df) - len(reasons)
-            advance(len(df))
+            scored += t.num_rows - len(reasons)
+            advance(t.num_rows)
     except BaseException:
         stop()
         try:
@@ -159,7 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="output .parquet or .jsonl, one row per user")
     r.add_argument("--billing", help="optional billing table (user_id, month, service, spend_usd)")
     r.add_argument("--cutoff", help="only sessions starting before this time (ISO 8601; naive = UTC); default all")
-    r.add_argument("--batch-users", type=int, default=1000, help="users scored at a time (default 1000)")
+    r.add_argument("--batch-users", type=int, default=1000,
+                   help="users scored at a time when the input is read whole (default 1000)")
+    r.add_argument("--batch-rows", type=int, default=1_000_000,
+                   help="rows per split of a streamed Parquet file (whole row groups; default 1,000,000)")
+    r.add_argument("--workers", type=int, default=-1,
+                   help="processes preparing splits of a streamed Parquet file (default: cores - 2 on a GPU, 0 on "
+                        "a CPU: prepared in this process)")
     r.add_argument("--top-pages", type=int, default=5, help="next pages listed per user (default 5)")
     r.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     r.add_argument("--no-stream", action="store_true",

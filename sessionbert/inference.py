@@ -4,9 +4,12 @@
     model = SessionBERT.from_run("outputs/2026-11-28/12-00-00")
     table = model.predict(events, billing=None, cutoff="2026-03-01")   # one row per user
 
-`predict` runs exactly the pipeline's evaluation path (`sessionbert.pipeline.serialise_events` ->
-`recommend_sessions` / `embed_users`, i.e. serialisation -> SessionEncoder -> infer -> recommend), so scoring the
-pipeline's own users with cutoff = the split's test start reproduces its `recommend.hit@5`.
+`predict` runs the pipeline's evaluation path: the vectorised serialisation of the streaming prep
+(`sessionbert.data.userbatch`, ids equal to the pipeline's `Corpus` + `SessionEncoder`), then `sessionbert.score`
+(one encoder pass per session: the paper's recommender, next pages, user embedding), the functions the pipeline's
+stage_recommend / stage_personas call, so scoring the pipeline's own users with cutoff = the split's test start
+reproduces its `recommend.hit@5`. `recommend_file` streams a Parquet file through a pool of worker processes that
+read, validate, serialise and tokenise splits of it while the main process runs the model.
 
 Unknown services, pages and actions (never seen in training) need no special handling: their text is split by
 the run's WordPiece tokenizer exactly as in training, and word pieces outside its vocabulary become [UNK]; a
@@ -15,16 +18,19 @@ service never seen as a training target simply can never be recommended (the hea
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import torch
 from omegaconf import OmegaConf
 
 from . import pipeline as P
+from .data.userbatch import Context, Prepared, prepare
 
 #: Output columns of `SessionBERT.predict` (and the `sessionbert recommend` file), in order.
 COLUMNS = ("user_id", "n_sessions", "persona", "cluster", "persona_similarity", "new_services",
@@ -57,7 +63,8 @@ class SessionBERT:
     """A finished pipeline run, ready to score session logs (see the module docstring)."""
 
     def __init__(self, module, tokenizer, labels, centers: np.ndarray | None, mapping: dict[str, str],
-                 config: dict, stage_dirs: dict, device: torch.device, batch_size: int = 256):
+                 config: dict, stage_dirs: dict, device: torch.device, batch_size: int = 256,
+                 tokenizer_dir: str | Path | None = None, trained_with_billing: bool = True):
         self.module, self.tok, self.labels = module, tokenizer, labels
         self.centers, self.mapping = centers, mapping
         self.config, self.stage_dirs = config, stage_dirs
@@ -65,9 +72,13 @@ class SessionBERT:
         self.seq_len = int(config["seq_len"])
         self.rec_cfg = dict(config["recommend"])
         tcfg = config.get("tokenizer", {}) or {}
-        self.use_region, self.use_billing = bool(tcfg.get("metadata", True)), bool(tcfg.get("billing", True))
+        self.use_region = bool(tcfg.get("metadata", True))
+        self.use_billing = bool(tcfg.get("billing", True)) and trained_with_billing
+        self.tokenizer_dir = str(tokenizer_dir) if tokenizer_dir else None
+        # padded slots per encoder batch (sessions are batched in length order: little padding)
+        self.max_tokens = batch_size * self.seq_len
         emb = (config.get("personas", {}) or {}).get("embedding", "finetuned")
-        self.persona_module = module
+        self.persona_module = None  # None: the fine-tuned encoder's pass also gives the embeddings
         if emb == "pretrained" and "pretrain" in stage_dirs:
             self.persona_module = copy.deepcopy(module)
             P.use_persona_encoder(self.persona_module, emb, stage_dirs)
@@ -107,9 +118,23 @@ class SessionBERT:
             "cuda" if torch.cuda.is_available() else "cpu")
         module, tok, labels = P.load_finetuned(ft, dev)
         bs = batch_size or int((config.get("runtime") or {}).get("eval_batch_size", 256))
-        return cls(module, tok, labels, centers, mapping, config, stage_dirs, dev, bs)
+        # training serialised billing metadata only when its data had a billing table
+        data_dir = stage_dirs.get("data")
+        billed = True if data_dir is None or not Path(data_dir).exists() else (Path(data_dir) / "billing.parquet").exists()
+        return cls(module, tok, labels, centers, mapping, config, stage_dirs, dev, bs, ft / "tokenizer", billed)
 
     # ---- scoring ------------------------------------------------------------------------------------
+    def context(self, cutoff=None, billing_path: str | Path | None = None) -> Context:
+        """What `sessionbert.data.userbatch` needs to prepare users for this run (picklable, for workers)."""
+        if self.tokenizer_dir is None:
+            raise MissingRunFileError("this SessionBERT was not loaded from a run dir (no tokenizer folder)")
+        from .data.serialize import SessionEncoder
+
+        enc = SessionEncoder(self.tok, self.seq_len)
+        return Context(self.tokenizer_dir, self.seq_len, list(self.labels.services),
+                       None if cutoff is None else P._utc(cutoff), self.use_region, self.use_billing,
+                       None if billing_path is None else str(billing_path), (enc.sep_id, enc.cls_id, enc.end_id))
+
     def predict(self, events: pd.DataFrame, billing: pd.DataFrame | None = None, cutoff=None,
                 top_pages: int = 5) -> pd.DataFrame:
         """One row per user of `events` (event schema: user_id, session_id, timestamp, service, page, optional
@@ -124,46 +149,106 @@ class SessionBERT:
 
         Only sessions starting before `cutoff` (a timestamp, naive = UTC; None = all) are used, whole, as the
         pipeline assigns sessions to windows by their first event; services used before `cutoff` are not
-        recommended again. Without `billing`, sessions carry the metadata of an unbilled user ("tier none"), as
-        training did for users without bills: pass the billing table when the run was trained with one.
+        recommended again. Users without bills (or all users when `billing` is None) carry the metadata of an
+        unbilled user ("tier none"), as training did for users without bills: pass the billing table when the run
+        was trained with one. Users come out sorted by user_id.
         """
-        from .data.split import used_and_adopted
-        from .personas.cluster import assign
-
         if len(events) == 0:
-            return _frame([])
-        corpus = P.serialise_events(events, billing, cutoff, self.use_region, self.use_billing)
-        used, _ = used_and_adopted(corpus.events, corpus.split)
-        hist = P.history_sessions(corpus)
-        n_sess = corpus.sessions["user_id"].iloc[hist].value_counts().to_dict()
-        all_users = pd.unique(corpus.sessions["user_id"])
-        rows: dict[str, dict] = {u: {"user_id": u, "n_sessions": int(n_sess.get(u, 0)),
-                                     "skipped_reason": None if u in n_sess else SKIP_NO_HISTORY} for u in all_users}
-        if len(hist):
-            recs, users, _, out = P.recommend_sessions(self.module, self.tok, self.labels, corpus, used, self.seq_len,
-                                                       self.rec_cfg, self.batch_size, self.device)
-            for u, r in recs.items():
-                rows[u].update(new_services=[s for s, _, _ in r], new_service_scores=[float(p) for _, _, p in r],
-                               new_service_counts=[int(c) for _, c, _ in r])
-            # the user's latest session is the last of its block (corpus order: per user, oldest first)
-            latest = np.flatnonzero(np.r_[users[1:] != users[:-1], True])
-            pages = np.asarray(self.labels.pages, dtype=object)
-            probs = np.where(np.array([not p.startswith("[") for p in pages])[None, :], out["page"][latest], -1.0)
-            top = np.argsort(-probs, axis=1, kind="stable")[:, :top_pages]
-            for u, cols, p in zip(users[latest], top, probs):
-                rows[u].update(next_pages=list(pages[cols]), next_page_probs=[float(x) for x in p[cols]])
-            uemb = P.embed_users(self.persona_module, self.tok, corpus, self.seq_len, self.batch_size, self.device)
-            if self.centers is not None:
-                cl, sim = assign(uemb.to_numpy(), self.centers)
-                for u, c, s in zip(uemb.index, cl, sim):
-                    rows[u].update(cluster=int(c), persona=self.mapping.get(str(int(c))), persona_similarity=float(s))
-        return _frame(list(rows.values()))
+            return _frame(_empty_table())
+        ev = pa.Table.from_pandas(_event_columns(events), preserve_index=False)
+        bill = None if billing is None else pa.Table.from_pandas(
+            billing[[c for c in ("user_id", "month", "service", "spend_usd") if c in billing]], preserve_index=False)
+        prepared = prepare(ev, bill, self.context(cutoff))
+        return _frame(self.score(prepared, top_pages))
+
+    def score(self, prepared: Prepared, top_pages: int = 5) -> pa.Table:
+        """The output table (`COLUMNS`) of one prepared batch of users (`sessionbert.data.userbatch.prepare`)."""
+        from .personas.cluster import assign
+        from .score import score_users
+
+        U = len(prepared.users)
+        scored = prepared.n_sessions > 0
+        sc = score_users(self.module, prepared.ids, prepared.offsets, prepared.sess_user, U, prepared.used,
+                         self.labels.services, self.labels.pages, self.rec_cfg, self.device, self.max_tokens,
+                         self.tok.pad_token_id, embed=self.centers is not None, embed_module=self.persona_module,
+                         top_pages=top_pages)
+        pg = sc.pages if sc.pages is not None else np.zeros((U, 0), np.int64)
+        pgp = sc.page_probs if sc.page_probs is not None else np.zeros((U, 0), np.float32)
+        cluster = np.full(U, -1, np.int64)
+        sim = np.full(U, np.nan)
+        if sc.embedding is not None and scored.any():
+            cl, sm = assign(sc.embedding[scored], self.centers)
+            cluster[scored], sim[scored] = cl, sm
+        persona = np.array([self.mapping.get(str(int(c))) if c >= 0 else None for c in cluster], dtype=object)
+        services = np.asarray(self.labels.services, dtype=object)
+        pages = np.asarray(self.labels.pages, dtype=object)
+        return pa.table({
+            "user_id": pa.array(prepared.users.astype(str), pa.string()),
+            "n_sessions": pa.array(prepared.n_sessions.astype(np.int64)),
+            "persona": pa.array(persona, pa.string()),
+            "cluster": pa.array(cluster, pa.int64(), mask=cluster < 0),
+            "persona_similarity": pa.array(sim, pa.float64(), mask=~scored),
+            "new_services": _lists(services, sc.services, sc.services >= 0, pa.string()),
+            "new_service_scores": _lists(None, sc.mass, sc.services >= 0, pa.float64()),
+            "new_service_counts": _lists(None, sc.counts, sc.services >= 0, pa.int64()),
+            "next_pages": _lists(pages, pg, scored[:, None] & np.ones_like(pg, bool), pa.string()),
+            "next_page_probs": _lists(None, pgp.astype(np.float64), scored[:, None] & np.ones_like(pg, bool),
+                                      pa.float64()),
+            "skipped_reason": pa.array(np.where(scored, None, SKIP_NO_HISTORY).astype(object), pa.string()),
+        })
 
     def predict_batches(self, events: pd.DataFrame, billing: pd.DataFrame | None = None, cutoff=None,
                         batch_users: int = 1000, top_pages: int = 5) -> Iterator[pd.DataFrame]:
         """`predict` over `batch_users` users at a time (only one batch is serialised and encoded at once)."""
         for ev, bill in iter_user_batches(events, billing, batch_users):
             yield self.predict(ev, bill, cutoff, top_pages)
+
+    def recommend_file(self, events_path: str | Path, billing_path: str | Path | None = None, cutoff=None,
+                       top_pages: int = 5, workers: int = 0, batch_rows: int = 1_000_000) -> Iterator[pa.Table]:
+        """Score a Parquet event file streamed in splits of whole row groups (about `batch_rows` rows each,
+        `userbatch.plan_splits`), yielding one output table (`COLUMNS`) per split in file order. With
+        `workers` > 0 a pool of that many processes reads, validates, serialises and tokenises the splits
+        (at most 2 per worker in flight) while this process runs the model; memory: those splits, never the file.
+        The file must hold each user's rows together; a user found again later is BadInputError naming the row.
+        `billing_path`: a Parquet billing table, read by each split for its users (row-group statistics)."""
+        from .data.userbatch import init_worker, plan_splits, prepare_split
+
+        events_path = str(events_path)
+        ctx = self.context(cutoff, billing_path)
+        splits = plan_splits(events_path, batch_rows)
+        seen: set[str] = set()
+
+        def checked(p: Prepared) -> Prepared:
+            again = [u for u in p.users.tolist() if u in seen]
+            if again:
+                from .data.io import BadInputError, reappears_message
+
+                i = p.users.tolist().index(again[0])
+                raise BadInputError(reappears_message(Path(events_path), again[0], int(p.first_line[i])))
+            seen.update(p.users.tolist())
+            return p
+
+        if workers <= 0:
+            for a, b in splits:
+                yield self.score(checked(prepare_split(events_path, a, b, ctx)), top_pages)
+            return
+        import multiprocessing as mp
+        from collections import deque
+        from concurrent.futures import ProcessPoolExecutor
+
+        # A process pool (not torch's DataLoader): the splits are independent tasks read from the file by the
+        # workers themselves, and results must come back in file order; spawn, since this process may hold CUDA.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                 initializer=init_worker) as pool:
+            pending: deque = deque()
+            it = iter(splits)
+            for a, b in itertools.islice(it, 2 * workers):
+                pending.append(pool.submit(prepare_split, events_path, a, b, ctx))
+            while pending:
+                p = pending.popleft().result()
+                for a, b in itertools.islice(it, 1):
+                    pending.append(pool.submit(prepare_split, events_path, a, b, ctx))
+                yield self.score(checked(p), top_pages)
 
     # ---- export -------------------------------------------------------------------------------------
     def export_hf(self, out: str | Path) -> Path:
@@ -231,10 +316,42 @@ def iter_user_batches(events: pd.DataFrame, billing: pd.DataFrame | None, batch_
         yield ev, bill
 
 
-def _frame(rows: list[dict]) -> pd.DataFrame:
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
-    for c in ("new_services", "new_service_scores", "new_service_counts", "next_pages", "next_page_probs"):
-        df[c] = [v if isinstance(v, list) else [] for v in df[c]]
+_LIST_COLUMNS = ("new_services", "new_service_scores", "new_service_counts", "next_pages", "next_page_probs")
+
+
+def _lists(names: np.ndarray | None, values: np.ndarray, valid: np.ndarray, typ: pa.DataType) -> pa.Array:
+    """A list column from a padded (U, k) array: row u holds values[u][valid[u]] (mapped through names)."""
+    valid = np.asarray(valid, bool).reshape(len(values), -1) if len(values) else np.zeros((0, 0), bool)
+    offs = np.zeros(len(values) + 1, np.int32)
+    np.cumsum(valid.sum(1), out=offs[1:])
+    flat = np.asarray(values)[valid] if len(values) else np.zeros(0)
+    if names is not None:
+        flat = names[flat.astype(np.int64)] if len(flat) else np.zeros(0, object)
+    return pa.ListArray.from_arrays(pa.array(offs), pa.array(flat, typ))
+
+
+def _empty_table() -> pa.Table:
+    return pa.table({c: pa.array([], t) for c, t in zip(COLUMNS, (
+        pa.string(), pa.int64(), pa.string(), pa.int64(), pa.float64(), pa.list_(pa.string()),
+        pa.list_(pa.float64()), pa.list_(pa.int64()), pa.list_(pa.string()), pa.list_(pa.float64()), pa.string()))})
+
+
+OUTPUT_SCHEMA = _empty_table().schema
+
+
+def _event_columns(events: pd.DataFrame) -> pd.DataFrame:
+    from .data.schema import EVENT_SCHEMA
+
+    ev = events[[c for c in EVENT_SCHEMA.names if c in events]].copy()
+    ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
+    return ev
+
+
+def _frame(table: pa.Table) -> pd.DataFrame:
+    """The output table as pandas (list cells as Python lists, cluster nullable Int64, missing text None)."""
+    df = table.to_pandas()
+    for c in _LIST_COLUMNS:
+        df[c] = table.column(c).to_pylist()
     df["cluster"] = df["cluster"].astype("Int64")
     df["persona_similarity"] = df["persona_similarity"].astype("float64")
     df["n_sessions"] = df["n_sessions"].astype("int64")

@@ -27,8 +27,9 @@ from .config import validate
 log = logging.getLogger("sessionbert")
 
 #: Part of every stage's cache key: bumped whenever a code change alters what a stage writes (e.g. 2: seeded MLM
-#: masks and samplers for bit-identical resume), so artefacts of an older version are never reused.
-CACHE_VERSION = 2
+#: masks and samplers for bit-identical resume; 3: billing spend ties ordered by service name), so artefacts of an
+#: older version are never reused.
+CACHE_VERSION = 3
 
 
 def _key(*parts) -> str:
@@ -310,7 +311,10 @@ def stage_pretrain(run: Run) -> Path:
             lengths = np.array([len(enc_obj.build(enc, int(s))) for s in train_s])
             if mult:
                 lengths = -(-lengths // mult) * mult  # the widths the collator will pad to
-            sampler = TokenBudgetBatchSampler(lengths, int(pa.max_tokens), shuffle=True, seed=cfg.seed)
+            # max_sentences (optional): at most that many sessions per batch; with max_tokens = batch_size x seq_len
+            # that is batch_size sessions grouped by length: the fixed batches' step count, without their padding
+            sampler = TokenBudgetBatchSampler(lengths, int(pa.max_tokens), shuffle=True, seed=cfg.seed,
+                                              max_sentences=pa.get("max_sentences"))
         else:
             from .data.sampler import SeededBatchSampler
 
@@ -324,7 +328,11 @@ def stage_pretrain(run: Run) -> Path:
         t0 = time.perf_counter()
         fit(trainer, module, train_dl, val_dl, ckpt)
         seconds = time.perf_counter() - t0
-        val = trainer.validate(module, val_dl, verbose=False)[0]
+        # fit validates at the end of every epoch, so its last validation saw the final weights (eval mode, fixed
+        # masks): reuse that loss; a second pass only when fit ran none (e.g. resumed after its last epoch)
+        val = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("pretrain/val_mlm_loss")}
+        if not val:
+            val = trainer.validate(module, val_dl, verbose=False)[0]
         module.model.bert.save_pretrained(str(out / "encoder"))
         tok.save_pretrained(str(out / "encoder"))
         n_tokens = int(sum(len(enc_obj.build(enc, int(s))) for s in train_s[:2000]) * len(train_s) / max(1, min(2000, len(train_s))))
@@ -381,7 +389,10 @@ def finetune_loaders(cfg: DictConfig, sets: dict, pad_id: int) -> dict:
     widths = {w: -(-v // mult) * mult if mult else v for w, v in lengths.items()}  # what the collator pads to
     # both train samplers are pure functions of (seed, epoch) and resumable mid-epoch (train_utils.ResumeState)
     if budget:
-        sampler = TokenBudgetBatchSampler(widths["train"], int(budget), shuffle=True, seed=cfg.seed)
+        # finetune.max_sentences caps the examples per batch: max_tokens >= max_sentences x seq_len gives batches of
+        # max_sentences prefixes grouped by length (the fixed batches' step count without their padding)
+        sampler = TokenBudgetBatchSampler(widths["train"], int(budget), shuffle=True, seed=cfg.seed,
+                                          max_sentences=f.get("max_sentences"))
     else:
         sampler = SeededBatchSampler(len(sets["train"]), f.batch_size, shuffle=True, seed=cfg.seed)
     out = {"sampler": sampler, "lengths": lengths,
@@ -616,9 +627,9 @@ def recommend_users(run: Run, ft_dir: Path, used: dict[str, set[str]]):
     """The paper's recommender over each user's last sessions before the test window."""
     cfg = run.cfg
     module, tok, labels = load_finetuned(ft_dir, run.device)
-    recs, users, _, _ = recommend_sessions(module, tok, labels, run.corpus(), used, cfg.seq_len, cfg.recommend,
-                                           cfg.runtime.eval_batch_size, run.device)
-    return recs, set(users)
+    recs = recommend_sessions(module, tok, labels, run.corpus(), used, cfg.seq_len, cfg.recommend,
+                              cfg.runtime.eval_batch_size, run.device)
+    return recs, set(recs)
 
 
 # ---- shared inference path ------------------------------------------------------------------------
@@ -652,27 +663,48 @@ def history_sessions(corpus) -> np.ndarray:
     return np.flatnonzero(corpus.sessions["window"].to_numpy() != "test")
 
 
-def recommend_sessions(module, tok, labels, corpus, used: dict[str, set[str]], seq_len: int, rec_cfg,
-                       batch_size: int, device):
-    """The paper's recommender over each user's last `rec_cfg.last_sessions` history sessions.
-
-    Returns (recs user -> [(service, times recommended, summed prob)], session users (S,), session indices (S,),
-    infer's outputs over those sessions: {"page": (S, P), "service": (S, C)} probabilities), sessions in corpus
-    order (per user, oldest first)."""
-    from .data.datasets import SessionDataset
+def history_ids(corpus, tok, seq_len: int):
+    """Token ids of every user's sessions before the corpus' test start, for `sessionbert.score`: (ids (N,) int32,
+    offsets (S + 1,), session user index (S,) non-decreasing, users (U,) in corpus order, session indices (S,))."""
     from .data.serialize import SessionEncoder
-    from .recommend.recommender import recommend
 
     sess = history_sessions(corpus)
-    table = corpus.sessions.iloc[sess]
-    last = table.groupby("user_id", sort=False).tail(rec_cfg["last_sessions"]).index.to_numpy()
     enc_obj = SessionEncoder(tok, seq_len)
-    ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([last, -np.ones_like(last)], 1))
-    out = infer(module, ds, batch_size, device)  # service: (S, C)
-    users = corpus.sessions["user_id"].to_numpy()[last]
-    recs = recommend(users, out["service"], labels.services, used, rec_cfg["per_session_k"], rec_cfg["k"],
-                     rec_cfg["ranker"], rec_cfg["filter_used"])
-    return recs, users, last, out
+    enc = corpus.encode(enc_obj)
+    rows = [enc_obj.build(enc, int(s)) for s in sess]
+    lens = np.fromiter((len(r) for r in rows), np.int64, len(rows))
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    ids = np.fromiter((t for r in rows for t in r), np.int32, int(offsets[-1]))
+    codes, users = pd.factorize(corpus.sessions["user_id"].to_numpy()[sess])
+    return ids, offsets, codes.astype(np.int64), np.asarray(users, dtype=object), sess
+
+
+def used_matrix(users, services, used: dict[str, set[str]]) -> np.ndarray:
+    """(U, C) bool: user u used service class c before the cut-off."""
+    col = {s: i for i, s in enumerate(services)}
+    m = np.zeros((len(users), len(services)), bool)
+    for i, u in enumerate(users):
+        for s in used.get(u, ()):
+            if s in col:
+                m[i, col[s]] = True
+    return m
+
+
+def recommend_sessions(module, tok, labels, corpus, used: dict[str, set[str]], seq_len: int, rec_cfg,
+                       batch_size: int, device):
+    """The paper's recommender over each user's last `rec_cfg.last_sessions` history sessions
+    (`sessionbert.score.score_users`, the API's code path). Returns user -> [(service, times recommended,
+    summed prob)] for every user with history sessions."""
+    from .score import score_users
+
+    ids, offsets, codes, users, _ = history_ids(corpus, tok, seq_len)
+    sc = score_users(module, ids, offsets, codes, len(users), used_matrix(users, labels.services, used),
+                     labels.services, None, rec_cfg, device, max_tokens=batch_size * seq_len,
+                     pad_id=tok.pad_token_id, embed=False)
+    names = labels.services
+    return {u: [(names[c], int(n), float(m)) for c, n, m in zip(sc.services[i], sc.counts[i], sc.mass[i]) if c >= 0]
+            for i, u in enumerate(users)}
 
 
 def use_persona_encoder(module, embedding: str, stage_dirs: dict) -> None:
@@ -684,16 +716,13 @@ def use_persona_encoder(module, embedding: str, stage_dirs: dict) -> None:
 
 
 def embed_users(module, tok, corpus, seq_len: int, batch_size: int, device) -> pd.DataFrame:
-    """(U, H) user embeddings indexed by user_id (sorted): mean of the embeddings of the user's history sessions."""
-    from .data.datasets import SessionDataset
-    from .data.serialize import SessionEncoder
+    """(U, H) user embeddings indexed by user_id (sorted): mean of the embeddings of the user's history sessions
+    (`sessionbert.score.embed_sessions`, the API's code path)."""
+    from .score import embed_sessions
 
-    enc_obj = SessionEncoder(tok, seq_len)
-    sess = history_sessions(corpus)
-    ds = SessionDataset(enc_obj, corpus.encode(enc_obj), np.stack([sess, -np.ones_like(sess)], 1))
-    emb = infer(module, ds, batch_size, device, what="embed")["embedding"]  # (S, H)
-    users = corpus.sessions["user_id"].to_numpy()[sess]
-    return pd.DataFrame(emb).groupby(users).mean()
+    ids, offsets, codes, users, _ = history_ids(corpus, tok, seq_len)
+    emb = embed_sessions(module, ids, offsets, codes, len(users), device, batch_size * seq_len, tok.pad_token_id)
+    return pd.DataFrame(emb, index=pd.Index(users)).sort_index()
 
 
 def write_run_config(cfg: DictConfig, out: Path) -> None:

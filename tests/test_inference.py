@@ -174,3 +174,74 @@ def test_console_script_declared():
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0
+
+
+def _sorted_events(run):
+    d = run.stage_dirs["data"]
+    ev = pd.read_parquet(d / "events.parquet").sort_values(["user_id", "session_id", "timestamp"], kind="stable")
+    bill = pd.read_parquet(d / "billing.parquet") if (d / "billing.parquet").exists() else None
+    return ev.reset_index(drop=True), bill
+
+
+def test_streamed_splits_and_workers_equal_whole_predict(model, smoke, tmp_path):
+    """A Parquet file with small row groups, so users straddle them: splits of whole row groups (read on past a
+    split's end until its last user ends, skipping a user begun before it), in this process and in 2 worker
+    processes, give exactly `predict`'s rows on the whole table."""
+    import pyarrow.parquet as pq
+
+    _, run, _ = smoke
+    ev, bill = _sorted_events(run)
+    keep = ev["user_id"].drop_duplicates().iloc[:60]  # 60 users: one session per encoder batch below is slow
+    ev = ev[ev["user_id"].isin(keep)].reset_index(drop=True)
+    bill = None if bill is None else bill[bill["user_id"].isin(keep)]
+    path = tmp_path / "events.parquet"
+    pq.write_table(pa_table(ev), path, row_group_size=97)
+    bpath = None
+    if bill is not None:
+        bpath = tmp_path / "billing.parquet"
+        pq.write_table(pa_table(bill.sort_values("user_id", kind="stable")), bpath, row_group_size=50)
+    assert pq.ParquetFile(path).metadata.num_row_groups > 20 and len(keep) == 60
+    cut = run.corpus().split.test_start
+    # one session per encoder batch: outputs then do not depend on which sessions share a batch (padding width
+    # changes float rounding in the last bits, which can swap near-tied services), so equality is exact
+    model.max_tokens, max_tokens = 1, model.max_tokens
+    try:
+        whole = model.predict(ev, bill, cut).sort_values("user_id").reset_index(drop=True)
+        outs = {w: list(model.recommend_file(path, bpath, cut, workers=w, batch_rows=300)) for w in (0, 2)}
+    finally:
+        model.max_tokens = max_tokens
+    from sessionbert.inference import _frame
+
+    for workers, tables in outs.items():
+        assert len(tables) > 5
+        got = pd.concat([_frame(t) for t in tables], ignore_index=True)
+        assert got["user_id"].is_unique and len(got) == len(whole)
+        got = got.sort_values("user_id").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got.drop(columns=["persona_similarity", "new_service_scores", "next_page_probs"]),
+                                      whole.drop(columns=["persona_similarity", "new_service_scores", "next_page_probs"]))
+        np.testing.assert_allclose(got["persona_similarity"], whole["persona_similarity"], atol=1e-5)
+        for c in ("new_service_scores", "next_page_probs"):
+            for x, y in zip(got[c], whole[c]):
+                np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def pa_table(df):
+    import pyarrow as pa
+
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def test_split_reading_names_a_user_found_twice(model, smoke, tmp_path):
+    import pyarrow.parquet as pq
+
+    from sessionbert.data.io import BadInputError
+
+    _, run, _ = smoke
+    ev, _ = _sorted_events(run)
+    first = ev["user_id"].iloc[0]
+    rows = ev[ev["user_id"] == first]
+    bad = pd.concat([ev, rows.iloc[:1]], ignore_index=True)  # the first user again, at the very end
+    path = tmp_path / "events.parquet"
+    pq.write_table(pa_table(bad), path, row_group_size=500)
+    with pytest.raises(BadInputError, match=rf"row {len(bad)}\b.*{first}"):
+        list(model.recommend_file(path, None, None, workers=0, batch_rows=1000))

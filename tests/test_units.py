@@ -183,3 +183,71 @@ def test_gradient_clipping_with_fused_optimizer_under_bf16():
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(module, torch.utils.data.DataLoader([batch, batch], batch_size=None))
     assert len(norms) == 2 and all(float(n) <= 1e-3 * 1.01 for n in norms)
+
+
+def _recommend_reference(session_users, service_probs, services, used, per_session_k, k, ranker, filter_used):
+    """The paper's recommender as a plain loop (what rank_new_services vectorises)."""
+    from collections import defaultdict
+
+    names = np.asarray(services, dtype=object)
+    valid = np.array([not s.startswith("[") for s in names])
+    probs = np.where(valid[None, :], service_probs, -np.inf)
+    count, mass, by_user = defaultdict(lambda: defaultdict(int)), defaultdict(lambda: defaultdict(float)), defaultdict(list)
+    for i, u in enumerate(session_users):
+        by_user[u].append(i)
+    out = {}
+    for u, rows in by_user.items():
+        seen = used.get(u, set())
+        p = probs[rows]
+        if filter_used == "before_topk":
+            p = np.where(np.isin(names, list(seen))[None, :], -np.inf, p)
+        for r, cols in enumerate(np.argsort(-p, axis=1, kind="stable")[:, :per_session_k]):
+            for c in cols:
+                if names[c] in seen or not np.isfinite(p[r, c]):
+                    continue
+                count[u][names[c]] += 1
+                mass[u][names[c]] += float(service_probs[rows[r], c])
+        cand = sorted(count[u], key=(lambda s: (-count[u][s], -mass[u][s], s)) if ranker == "count"
+                      else (lambda s: (-mass[u][s], s)))
+        out[u] = [(s, count[u][s], mass[u][s]) for s in cand[:k]]
+    return out
+
+
+def test_vectorised_recommender_equals_the_loop_with_ties():
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        C = int(rng.integers(2, 12))
+        services = ["[OTHER]"] + [f"s{rng.integers(0, 100)}_{i}" for i in range(C - 1)]
+        S = int(rng.integers(1, 60))
+        users = [f"u{rng.integers(0, 6)}" for _ in range(S)]
+        probs = rng.dirichlet(np.ones(C), size=S).astype(np.float32)
+        if trial % 3 == 0:
+            probs = np.round(probs, 1).astype(np.float32)  # many exact ties
+        used = {f"u{i}": set(rng.choice(services, size=int(rng.integers(0, C)), replace=False)) for i in range(6)}
+        for ranker in ("count", "prob"):
+            for mode in ("after_topk", "before_topk"):
+                pk, k = int(rng.integers(1, 6)), int(rng.integers(1, 6))
+                assert recommend(users, probs, services, used, pk, k, ranker, mode) == \
+                    _recommend_reference(users, probs, services, used, pk, k, ranker, mode)
+
+
+def test_length_batches_and_pad_rows():
+    from sessionbert.score import length_batches, pad_rows
+
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(1, 300, size=500)
+    batches = length_batches(lengths, 2048)
+    allrows = np.concatenate(batches)
+    assert sorted(allrows.tolist()) == list(range(500))
+    for b in batches:
+        assert len(b) * lengths[b].max() <= 2048 or len(b) == 1
+    # greedy: the next row would not have fitted
+    for b, nxt in zip(batches[:-1], batches[1:]):
+        assert (len(b) + 1) * max(lengths[b].max(), lengths[nxt[0]]) > 2048
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    ids = rng.integers(5, 100, size=int(offsets[-1])).astype(np.int32)
+    x, m = pad_rows(ids, offsets, batches[3], pad_id=0)
+    for r, row in enumerate(batches[3]):
+        n = lengths[row]
+        assert (x[r, :n] == ids[offsets[row]:offsets[row + 1]]).all() and (x[r, n:] == 0).all()
+        assert m[r].sum() == n

@@ -1045,6 +1045,41 @@ def parquet_user_tables(pf: pq.ParquetFile, columns: list[str], batch_rows: int)
         yield row0, carry
 
 
+def reappears_message(path: Path, user: str, line: int) -> str:
+    return (f"{_location(path, 'parquet', line)}: user {user!r} reappears after its rows ended: streaming needs "
+            "each user's rows together (sort the file by user_id)")
+
+
+def validate_rows(t: pa.Table, path: str | os.PathLike, lines: np.ndarray, kind: str = "events",
+                  max_errors_shown: int = 5, unknown: set[str] | None = None) -> pd.DataFrame:
+    """Rows of a Parquet file (`lines`: their 1-based row numbers) checked as ``read_events`` / ``read_billing``
+    check them (on_bad_rows="error": a bad row raises BadInputError listing ``file:row N: reason``; duplicates
+    only among these rows). Returns the schema's columns plus ``_line``, sorted stably by the schema's key."""
+    spec = {"events": _EVENTS, "billing": _BILLING}[kind]
+    path = Path(path)
+    try:
+        t.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise BadInputError(f"{path}: invalid string data (not UTF-8?) near row {int(lines[0]) if len(lines) else 1}: "
+                            f"{e}") from e
+    t = t.select([c for c in t.column_names if c in spec.kinds])
+    frame = _arrow_to_frame(t, spec, path, strict=True)
+    parsed = _Parsed(path, 0, "parquet", frame, np.asarray(lines, dtype=np.int64), [], set(unknown or ()))
+    good, bad = _validate(parsed, spec)
+    dups = _duplicates([good], spec)
+    for pos, first_pos, ex in zip(dups["pos"], dups["pos_first"], parsed.excerpts_of([int(x) for x in dups["pos"]])):
+        bad.append(_Bad(0, parsed.line_of(int(pos)), spec.duplicate_kind,
+                        f"same {', '.join(spec.key)} as {_location(path, 'parquet', parsed.line_of(int(first_pos)))}",
+                        ex))
+    if bad:
+        raise BadInputError(_format_problems(spec, [parsed], sorted(bad, key=lambda b: b.line), max_errors_shown)
+                            + "\nFix the input, or read it whole with read_events(on_bad_rows='skip').")
+    df, _ = _sort_and_count_reordered(good, spec)
+    out = df[spec.columns].copy()
+    out["_line"] = np.asarray(lines, dtype=np.int64)[df["_pos"].to_numpy(dtype=np.int64)]
+    return out
+
+
 def iter_events_by_user(
     path: str | os.PathLike, batch_users: int = 1000, batch_rows: int = 262_144, max_errors_shown: int = 5,
 ) -> Iterator[pd.DataFrame]:
@@ -1075,31 +1110,15 @@ def iter_events_by_user(
     pending: list[pd.DataFrame] = []
 
     def validated(t: pa.Table, first_row: int) -> pd.DataFrame:
-        try:
-            t.validate(full=True)
-        except pa.ArrowInvalid as e:
-            raise BadInputError(f"{path}: invalid string data (not UTF-8?) near row {first_row + 1}: {e}") from e
-        frame = _arrow_to_frame(t, spec, path, strict=True)
-        parsed = _Parsed(path, 0, "parquet", frame,
-                         np.arange(first_row + 1, first_row + len(frame) + 1, dtype=np.int64), [], unknown)
-        good, bad = _validate(parsed, spec)
-        dups = _duplicates([good], spec)  # a user's rows are all in this table: duplicates are too
-        for pos, first_pos, ex in zip(dups["pos"], dups["pos_first"], parsed.excerpts_of([int(x) for x in dups["pos"]])):
-            bad.append(_Bad(0, parsed.line_of(int(pos)), spec.duplicate_kind,
-                            f"same {', '.join(spec.key)} as {_location(path, 'parquet', parsed.line_of(int(first_pos)))}",
-                            ex))
-        if bad:
-            raise BadInputError(_format_problems(spec, [parsed], sorted(bad, key=lambda b: b.line), max_errors_shown)
-                                + "\nFix the input, or read it whole with read_events(on_bad_rows='skip').")
-        users = pd.unique(good["user_id"])
+        df = validate_rows(t, path, np.arange(first_row + 1, first_row + t.num_rows + 1, dtype=np.int64),
+                           "events", max_errors_shown, unknown)
+        users = pd.unique(df["user_id"])
         again = [u for u in users if u in seen]
         if again:
-            at = int(parsed.lines[int(np.flatnonzero(frame["user_id"].to_numpy() == again[0])[0])])
-            raise BadInputError(f"{_location(path, 'parquet', at)}: user {again[0]!r} reappears after its rows ended: "
-                                "streaming needs each user's rows together (sort the file by user_id)")
+            i = int(np.flatnonzero(df["user_id"].to_numpy() == again[0])[0])
+            raise BadInputError(reappears_message(path, again[0], int(df["_line"].iloc[i])))
         seen.update(users)
-        df, _ = _sort_and_count_reordered(good, spec)
-        return df[spec.columns]
+        return df.drop(columns="_line")
 
     n_users = 0
     for row0, t in parquet_user_tables(pf, known, batch_rows):

@@ -349,8 +349,9 @@ def _billing_parts(billing: pa.Table, s_user: pa.ChunkedArray, start_ms: np.ndar
     spend = np.nan_to_num(_np(billing.column("spend_usd")).astype(float))
     ok = (b_uc >= 0) & (b_month >= 0)
     b_uc, b_month, svc_c, spend = b_uc[ok], b_month[ok], svc_c[ok], spend[ok]
-    # serialize.session_metadata's order: user, month, spend descending (stable: ties keep file order)
-    o = np.lexsort((-spend, b_month, b_uc))
+    # serialize.session_metadata's order: user, month, spend descending, service name (ties never by file order)
+    name_rank = np.argsort(np.argsort(svc_d.astype(str), kind="stable"), kind="stable") if len(svc_d) else svc_d
+    o = np.lexsort((name_rank[svc_c] if len(svc_d) else svc_c, -spend, b_month, b_uc))
     gk = b_uc[o] * 100_000 + b_month[o]  # (B,) group key, months < 100000
     new = np.ones(len(gk), bool)
     new[1:] = gk[1:] != gk[:-1]

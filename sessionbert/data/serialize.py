@@ -54,7 +54,8 @@ def session_metadata(
         parts = parts + sessions["region"].fillna("unknown").map(lambda r: f"region {r} ")
     if use_billing and billing is not None and len(billing):
         prev = (pd.to_datetime(sessions["start"], utc=True).dt.tz_localize(None).dt.to_period("M") - 1).astype(str)
-        b = billing.sort_values(["user_id", "month", "spend_usd"], ascending=[True, True, False])
+        # spend ties by service name, so the text does not depend on the billing file's row order
+        b = billing.sort_values(["user_id", "month", "spend_usd", "service"], ascending=[True, True, False, True])
         tot = b.groupby(["user_id", "month"])["spend_usd"].sum()
         top = b.groupby(["user_id", "month"])["service"].agg(lambda s: " ".join(list(s)[:top_billed]))
         key = pd.MultiIndex.from_arrays([sessions["user_id"], prev])

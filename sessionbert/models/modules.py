@@ -130,6 +130,11 @@ class MultiTaskModule(_Schedule, L.LightningModule):
 
     def logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
+        return self.heads(hidden, attention_mask)
+
+    def heads(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, H) last layer -> (page, service) logits (sessionbert.score reuses one encoder pass for the
+        heads and the session embedding)."""
         pooled = hidden[:, 0] if self.hparams.pooling == "cls" else mean_pool(hidden, attention_mask)
         pooled = self.drop(pooled)
         return self.page_head(pooled), self.service_head(pooled)  # (B, n_pages), (B, n_services)

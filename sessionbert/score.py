@@ -1,0 +1,175 @@
+"""Scoring users with a fine-tuned SessionBERT: the one code path of the pipeline's evaluation (stage_recommend,
+stage_personas) and of the user-facing API / `sessionbert recommend` (sessionbert.inference).
+
+Input: the token ids of each user's sessions before the cut-off (ragged: `ids[offsets[i]:offsets[i+1]]`, sessions
+grouped by user, oldest first). One encoder pass per session gives, at once:
+
+- next-service probabilities of the user's last `recommend.last_sessions` sessions -> the paper's new-service
+  recommender (`recommend.recommender.rank_new_services`: per-session top-k on the device, counting on the CPU);
+- next-page probabilities of the user's latest session -> top next pages;
+- the mean-pooled session embedding -> the user embedding (mean over the user's sessions) for the personas.
+
+Sessions are encoded in length order (batches of <= `max_tokens` padded slots), so padding costs little; outputs
+are put back in session order. On CUDA the encoder runs under bf16 autocast, as training did.
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .models.encoder import mean_pool
+from .recommend.recommender import rank_new_services, recommendable
+
+
+def length_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    """Row indices in ascending length order, cut into batches of B x (longest in batch) <= max_tokens slots
+    (a row longer than max_tokens is a batch of its own)."""
+    order = np.argsort(lengths, kind="stable")
+    L = np.asarray(lengths)[order].astype(np.int64)
+    out, lo, n = [], 0, len(order)
+    while lo < n:
+        # (hi - lo) * L[hi - 1] grows with hi (L is sorted): the largest hi that fits, by bisection
+        a, b = lo + 1, n
+        while a < b:
+            mid = (a + b + 1) // 2
+            if (mid - lo) * L[mid - 1] <= max_tokens:
+                a = mid
+            else:
+                b = mid - 1
+        out.append(order[lo:a])
+        lo = a
+    return out
+
+
+def pad_rows(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """(B, T) int64 ids and (B, T) int64 attention mask of ragged rows `rows`, T = the longest (one gather)."""
+    lo, ln = offsets[rows], offsets[rows + 1] - offsets[rows]
+    T = int(ln.max()) if len(ln) else 0
+    col = np.arange(T)[None, :]
+    mask = col < ln[:, None]
+    src = np.where(mask, lo[:, None] + col, 0)
+    out = np.where(mask, ids[src] if len(ids) else 0, pad_id).astype(np.int64)
+    return out, mask.astype(np.int64)
+
+
+@dataclass
+class UserScores:
+    """Per user (in input order) and, for the recommender, per (user, rank)."""
+
+    n_sessions: np.ndarray  # (U,) sessions scored
+    services: np.ndarray  # (U, k) class index of the recommended new services, -1 = none
+    counts: np.ndarray  # (U, k) times recommended among the last sessions
+    mass: np.ndarray  # (U, k) summed probability
+    pages: np.ndarray | None  # (U, top_pages) class index of the top next pages after the latest session
+    page_probs: np.ndarray | None  # (U, top_pages)
+    embedding: np.ndarray | None  # (U, H) float32 mean of the session embeddings
+
+
+def _autocast(device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int,
+                used: np.ndarray, services: list[str], pages: list[str] | None, rec_cfg, device,
+                max_tokens: int, pad_id: int, embed: bool = True, embed_module=None,
+                top_pages: int = 5) -> UserScores:
+    """Score `n_users` users from their sessions (`sess_user`: (S,) user index of each session, non-decreasing,
+    sessions oldest first); `used` (U, C) bool: services (head classes) each user used before the cut-off.
+
+    `embed_module`: the encoder for the user embeddings when it is not `module`'s (personas.embedding=pretrained);
+    `embed=False` skips them (and encodes only the sessions the recommender needs). `pages=None` skips next pages.
+    """
+    device = torch.device(device)
+    module.eval()
+    S = len(sess_user)
+    counts = np.bincount(sess_user, minlength=n_users)  # (U,)
+    first = np.cumsum(counts) - counts
+    pos_from_end = counts[sess_user] - (np.arange(S) - first[sess_user])  # 1 = the user's latest session
+    rec_rows = pos_from_end <= int(rec_cfg["last_sessions"])
+    latest = pos_from_end == 1
+    same = embed and embed_module is None
+    rows = np.arange(S) if same else np.flatnonzero(rec_rows)
+    lengths = (offsets[1:] - offsets[:-1])[rows]
+    per_k = int(rec_cfg["per_session_k"])
+    C = len(services)
+    valid_t = torch.as_tensor(recommendable(services), device=device)
+    used_t = torch.as_tensor(used, device=device) if rec_cfg.get("filter_used") == "before_topk" else None
+    top_idx = np.zeros((S, min(per_k, C)), np.int64)
+    top_val = np.zeros((S, min(per_k, C)), np.float32)
+    top_p = np.zeros((S, min(per_k, C)), np.float32)
+    n_pg = min(top_pages, len(pages)) if pages is not None else 0
+    pg_idx = np.zeros((n_users, n_pg), np.int64)
+    pg_p = np.zeros((n_users, n_pg), np.float32)
+    emb_sum = None
+    page_valid = torch.as_tensor(recommendable(pages), device=device) if pages is not None else None
+    for b in length_batches(lengths, max_tokens):
+        r = rows[b]
+        x, m = pad_rows(ids, offsets, r, pad_id)
+        x = torch.from_numpy(x).to(device, non_blocking=True)
+        m = torch.from_numpy(m).to(device, non_blocking=True)
+        with _autocast(device):
+            hidden = module.encoder(input_ids=x, attention_mask=m).last_hidden_state  # (B, T, H)
+            page_logit, service_logit = module.heads(hidden, m)
+        if same:
+            e = mean_pool(hidden.float(), m)  # (B, H)
+            if emb_sum is None:
+                emb_sum = torch.zeros(n_users, e.shape[1], device=device)
+            emb_sum.index_add_(0, torch.from_numpy(sess_user[r]).to(device), e)
+        sel = np.flatnonzero(rec_rows[r])
+        if len(sel):
+            s_t = torch.from_numpy(sel).to(device)
+            p = service_logit[s_t].float().softmax(-1)  # (R, C)
+            q = p.masked_fill(~valid_t, float("-inf"))
+            if used_t is not None:
+                q = q.masked_fill(used_t[torch.from_numpy(sess_user[r[sel]]).to(device)], float("-inf"))
+            order = torch.sort(q, dim=1, descending=True, stable=True).indices[:, :per_k]
+            top_idx[r[sel]] = order.cpu().numpy()
+            top_val[r[sel]] = q.gather(1, order).cpu().numpy()
+            top_p[r[sel]] = p.gather(1, order).cpu().numpy()
+        if n_pg:
+            lsel = np.flatnonzero(latest[r])
+            if len(lsel):
+                pp = page_logit[torch.from_numpy(lsel).to(device)].float().softmax(-1)
+                pp = torch.where(page_valid, pp, torch.full_like(pp, -1.0))
+                o = torch.sort(pp, dim=1, descending=True, stable=True).indices[:, :n_pg]
+                u = sess_user[r[lsel]]
+                pg_idx[u] = o.cpu().numpy()
+                pg_p[u] = pp.gather(1, o).cpu().numpy()
+    rr = np.flatnonzero(rec_rows)
+    svc, cnt, mass = rank_new_services(sess_user[rr], top_idx[rr], top_val[rr], top_p[rr], used, services,
+                                       n_users, int(rec_cfg["k"]), rec_cfg["ranker"], rec_cfg["filter_used"])
+    emb = None
+    if same and emb_sum is None:  # no sessions at all
+        emb = np.zeros((n_users, module.encoder.config.hidden_size), np.float32)
+    elif same:
+        emb = (emb_sum / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None])
+        emb = emb.cpu().numpy()
+    elif embed:
+        emb = embed_sessions(embed_module, ids, offsets, sess_user, n_users, device, max_tokens, pad_id)
+    return UserScores(counts, svc, cnt, mass, pg_idx if n_pg else None, pg_p if n_pg else None, emb)
+
+
+@torch.no_grad()
+def embed_sessions(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int, device,
+                   max_tokens: int, pad_id: int) -> np.ndarray:
+    """(U, H) float32: per user, the mean of its sessions' mean-pooled last-layer embeddings."""
+    device = torch.device(device)
+    module.eval()
+    counts = np.bincount(sess_user, minlength=n_users)
+    emb_sum = None
+    for b in length_batches(offsets[1:] - offsets[:-1], max_tokens):
+        x, m = pad_rows(ids, offsets, b, pad_id)
+        x, m = torch.from_numpy(x).to(device), torch.from_numpy(m).to(device)
+        with _autocast(device):
+            hidden = module.encoder(input_ids=x, attention_mask=m).last_hidden_state
+        e = mean_pool(hidden.float(), m)
+        if emb_sum is None:
+            emb_sum = torch.zeros(n_users, e.shape[1], device=device)
+        emb_sum.index_add_(0, torch.from_numpy(sess_user[b]).to(device), e)
+    if emb_sum is None:
+        return np.zeros((n_users, module.encoder.config.hidden_size), np.float32)
+    return (emb_sum / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None]).cpu().numpy()
