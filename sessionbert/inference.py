@@ -75,8 +75,12 @@ class SessionBERT:
         self.use_region = bool(tcfg.get("metadata", True))
         self.use_billing = bool(tcfg.get("billing", True)) and trained_with_billing
         self.tokenizer_dir = str(tokenizer_dir) if tokenizer_dir else None
-        # padded slots per encoder batch (sessions are batched in length order: little padding)
+        # padded slots per encoder batch (sessions are batched in length order: little padding). On a GPU at least
+        # 2^18: with eval_batch_size x seq_len (16k slots for the tiny run) the H200 waited on per-batch launch
+        # overhead (1M users in 111 s, experiments/results/bench_inference_gpu.txt)
         self.max_tokens = batch_size * self.seq_len
+        if device.type == "cuda":
+            self.max_tokens = max(self.max_tokens, 1 << 18)
         emb = (config.get("personas", {}) or {}).get("embedding", "finetuned")
         self.persona_module = None  # None: the fine-tuned encoder's pass also gives the embeddings
         if emb == "pretrained" and "pretrain" in stage_dirs:

@@ -94,51 +94,55 @@ def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndar
     same = embed and embed_module is None
     rows = np.arange(S) if same else np.flatnonzero(rec_rows)
     lengths = (offsets[1:] - offsets[:-1])[rows]
-    per_k = int(rec_cfg["per_session_k"])
-    C = len(services)
+    per_k = min(int(rec_cfg["per_session_k"]), len(services))
     valid_t = torch.as_tensor(recommendable(services), device=device)
     used_t = torch.as_tensor(used, device=device) if rec_cfg.get("filter_used") == "before_topk" else None
-    top_idx = np.zeros((S, min(per_k, C)), np.int64)
-    top_val = np.zeros((S, min(per_k, C)), np.float32)
-    top_p = np.zeros((S, min(per_k, C)), np.float32)
+    # results stay on the device until the end: one copy back, not one sync per batch
+    top_idx = torch.zeros((S, per_k), dtype=torch.long, device=device)
+    top_val = torch.zeros((S, per_k), device=device)
+    top_p = torch.zeros((S, per_k), device=device)
     n_pg = min(top_pages, len(pages)) if pages is not None else 0
-    pg_idx = np.zeros((n_users, n_pg), np.int64)
-    pg_p = np.zeros((n_users, n_pg), np.float32)
+    pg_idx = torch.zeros((n_users, n_pg), dtype=torch.long, device=device)
+    pg_p = torch.zeros((n_users, n_pg), device=device)
     emb_sum = None
     page_valid = torch.as_tensor(recommendable(pages), device=device) if pages is not None else None
+    user_t = torch.from_numpy(sess_user).to(device)
+    rec_t = torch.from_numpy(rec_rows).to(device)
+    latest_t = torch.from_numpy(latest).to(device)
     for b in length_batches(lengths, max_tokens):
         r = rows[b]
         x, m = pad_rows(ids, offsets, r, pad_id)
         x = torch.from_numpy(x).to(device, non_blocking=True)
         m = torch.from_numpy(m).to(device, non_blocking=True)
+        r_t = torch.from_numpy(r).to(device, non_blocking=True)
         with _autocast(device):
             hidden = module.encoder(input_ids=x, attention_mask=m).last_hidden_state  # (B, T, H)
             page_logit, service_logit = module.heads(hidden, m)
+        u_b = user_t[r_t]
         if same:
             e = mean_pool(hidden.float(), m)  # (B, H)
             if emb_sum is None:
                 emb_sum = torch.zeros(n_users, e.shape[1], device=device)
-            emb_sum.index_add_(0, torch.from_numpy(sess_user[r]).to(device), e)
-        sel = np.flatnonzero(rec_rows[r])
-        if len(sel):
-            s_t = torch.from_numpy(sel).to(device)
-            p = service_logit[s_t].float().softmax(-1)  # (R, C)
-            q = p.masked_fill(~valid_t, float("-inf"))
-            if used_t is not None:
-                q = q.masked_fill(used_t[torch.from_numpy(sess_user[r[sel]]).to(device)], float("-inf"))
-            order = torch.sort(q, dim=1, descending=True, stable=True).indices[:, :per_k]
-            top_idx[r[sel]] = order.cpu().numpy()
-            top_val[r[sel]] = q.gather(1, order).cpu().numpy()
-            top_p[r[sel]] = p.gather(1, order).cpu().numpy()
+            emb_sum.index_add_(0, u_b, e)
+        # every row of the batch is scored (cheap next to the encoder); only the recommender's rows are kept
+        p = service_logit.float().softmax(-1)  # (B, C)
+        q = p.masked_fill(~valid_t, float("-inf"))
+        if used_t is not None:
+            q = q.masked_fill(used_t[u_b], float("-inf"))
+        order = torch.sort(q, dim=1, descending=True, stable=True).indices[:, :per_k]
+        keep = rec_t[r_t]
+        top_idx[r_t[keep]] = order[keep]
+        top_val[r_t[keep]] = q.gather(1, order)[keep]
+        top_p[r_t[keep]] = p.gather(1, order)[keep]
         if n_pg:
-            lsel = np.flatnonzero(latest[r])
-            if len(lsel):
-                pp = page_logit[torch.from_numpy(lsel).to(device)].float().softmax(-1)
-                pp = torch.where(page_valid, pp, torch.full_like(pp, -1.0))
-                o = torch.sort(pp, dim=1, descending=True, stable=True).indices[:, :n_pg]
-                u = sess_user[r[lsel]]
-                pg_idx[u] = o.cpu().numpy()
-                pg_p[u] = pp.gather(1, o).cpu().numpy()
+            lk = latest_t[r_t]
+            pp = page_logit[lk].float().softmax(-1)
+            pp = torch.where(page_valid, pp, torch.full_like(pp, -1.0))
+            o = torch.sort(pp, dim=1, descending=True, stable=True).indices[:, :n_pg]
+            pg_idx[u_b[lk]] = o
+            pg_p[u_b[lk]] = pp.gather(1, o)
+    top_idx, top_val, top_p = top_idx.cpu().numpy(), top_val.cpu().numpy(), top_p.cpu().numpy()
+    pg_idx, pg_p = pg_idx.cpu().numpy(), pg_p.cpu().numpy()
     rr = np.flatnonzero(rec_rows)
     svc, cnt, mass = rank_new_services(sess_user[rr], top_idx[rr], top_val[rr], top_p[rr], used, services,
                                        n_users, int(rec_cfg["k"]), rec_cfg["ranker"], rec_cfg["filter_used"])
