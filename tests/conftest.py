@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sessionbert  # noqa: F401  first: sets OMP_WAIT_POLICY=PASSIVE before anything loads torch (see sessionbert/__init__.py)
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict

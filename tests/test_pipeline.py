@@ -128,3 +128,18 @@ def test_pretrain_token_budget_batches(tmp_path):
     """pretrain.max_tokens switches MLM training to length-bucketed batches (the GPU path) and still trains."""
     m = run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.max_tokens=2048"]))
     assert math.isfinite(m["pretrain"]["mlm_loss"]) and m["pretrain"]["mlm_loss"] < 12
+
+
+def test_max_sentences_gives_fixed_size_batches_grouped_by_length(tmp_path):
+    """max_tokens >= max_sentences x seq_len (experiment=ablations_cpu): every batch holds max_sentences examples
+    (the last one the rest), so the step count is the fixed batches' one; pretraining and fine-tuning both train."""
+    from math import ceil
+
+    m = run_pipeline(make_cfg(tmp_path, ["experiment=smoke", "+data.overrides.n_users=100", "stage=finetune",
+                                         "pretrain.max_tokens=4096", "pretrain.max_sentences=16",
+                                         "finetune.max_tokens=4096", "finetune.max_sentences=16",
+                                         "finetune.train_prefixes_per_session=1", "finetune.eval_prefixes_per_session=1"]))
+    assert math.isfinite(m["pretrain"]["mlm_loss"]) and m["pretrain"]["mlm_loss"] < 12
+    ft = m["finetune"]
+    assert ft["batching"] == "token_budget" and ft["train_batches"] == ceil(ft["train_examples"] / 16)
+    assert ft["max_batch_slots"] <= 16 * 64 and 0 <= ft["service_f1_micro"] <= 1
