@@ -470,7 +470,8 @@ def load_finetuned(d: Path, device: torch.device | str = "cpu"):
 
 @torch.no_grad()
 def infer(module, dataset, batch_size: int, device, what: str = "predict") -> dict[str, np.ndarray]:
-    """The inference path: `predict_step` (probabilities) or `embed` over a dataset, in dataset order."""
+    """`predict_step` (probabilities) or `embed` over a dataset, in dataset order (fixed batches, as the test loop:
+    tests/test_pipeline.py checks the test-loop metrics against it). Scoring users goes through sessionbert.score."""
     from torch.utils.data import DataLoader
 
     from .data.datasets import PadCollator
@@ -634,24 +635,9 @@ def recommend_users(run: Run, ft_dir: Path, used: dict[str, set[str]]):
 
 # ---- shared inference path ------------------------------------------------------------------------
 # The pipeline's evaluation (stage_recommend, stage_personas) and the user-facing API
-# (sessionbert.inference.SessionBERT, the `sessionbert` command) call these same functions:
-# serialisation (Corpus) -> SessionEncoder -> infer -> recommend / mean-pooled user embedding.
-
-def serialise_events(events: pd.DataFrame, billing: pd.DataFrame | None, cutoff=None, use_region: bool = True,
-                     use_billing: bool = True):
-    """A Corpus of `events` (event schema) without a train/val/test split: sessions starting before `cutoff`
-    (UTC; None = all) are the history (window "train"), later ones window "test", so `history_sessions` and
-    `used_and_adopted(events, corpus.split)` read exactly as in the pipeline with cutoff = the test start.
-    Serialisation is `Corpus.build`'s (same ordering, event texts, region and previous-month billing metadata)."""
-    from .data.corpus import Corpus
-    from .data.split import TimeSplit
-
-    t = pd.to_datetime(events["timestamp"], utc=True)
-    start, end = t.min(), t.max()
-    cut = end + pd.Timedelta(1, "ms") if cutoff is None else _utc(cutoff)
-    split = TimeSplit(start=start, val_start=cut, test_start=cut, end=end)
-    return Corpus.build(events, billing, 0, 0, use_region, use_billing, split=split)
-
+# (sessionbert.inference.SessionBERT, the `sessionbert` command) call the same scoring functions
+# (sessionbert.score: one encoder pass per session -> recommender / next pages / mean-pooled user embedding);
+# here the ids come from the run's Corpus + SessionEncoder, there from the streaming prep's serialiser (same ids).
 
 def _utc(ts) -> pd.Timestamp:
     t = pd.Timestamp(ts)

@@ -23,11 +23,11 @@ class Corpus:
 
     @classmethod
     def build(cls, events: pd.DataFrame, billing: pd.DataFrame | None, val_days: float, test_days: float,
-              use_region: bool = True, use_billing: bool = True, split: TimeSplit | None = None) -> "Corpus":
-        """Serialise `events`; windows from (val_days, test_days) before the end, or from an explicit `split`."""
+              use_region: bool = True, use_billing: bool = True) -> "Corpus":
+        """Serialise `events`; windows from (val_days, test_days) before the end."""
         ev = events.copy()
         ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
-        split = split or time_split(ev["timestamp"], val_days, test_days)
+        split = time_split(ev["timestamp"], val_days, test_days)
         # sessions contiguous, ordered by user then session start; events inside a session by time
         start = ev.groupby("session_id")["timestamp"].transform("min")
         ev = ev.assign(_start=start).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")
