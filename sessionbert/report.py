@@ -188,19 +188,20 @@ def grid_plots(df, out: Path) -> list[str]:
     """PNG plots of the axes the runs actually vary; returns the file names written."""
     made = []
     f1 = [("service_f1_micro", "service F1"), ("page_f1_micro", "page F1")]
-    d = _fix_others(df, ("model", "seq_len"), ("vocab_size",))
+    d = _fix_others(df, ("model", "seq_len"), ("vocab_size", "seed"))
     if _line_plot(d, "seq_len", f1, "model", out / "f1_vs_seq_len.png", "Next-service / next-page F1 (micro)",
                   "F1 micro", logx=True):
         made.append("f1_vs_seq_len.png")
     if _line_plot(d, "seq_len", [("finetune_seconds", "")], "model", out / "finetune_time_vs_seq_len.png",
                   "Fine-tuning wall time", "seconds", logx=True):
         made.append("finetune_time_vs_seq_len.png")
-    d = _fix_others(df[df["model"] != "bert_base"] if "model" in df else df, ("model", "vocab_size"), ("seq_len",))
+    d = _fix_others(df[df["model"] != "bert_base"] if "model" in df else df, ("model", "vocab_size"),
+                    ("seq_len", "seed"))
     if _line_plot(d, "vocab_size", f1, "model", out / "f1_vs_vocab_size.png", "F1 vs WordPiece vocabulary",
                   "F1 micro", logx=True):
         made.append("f1_vs_vocab_size.png")
     sil = df.dropna(subset=["silhouette"]) if "silhouette" in df else df.iloc[:0]
-    sil = _fix_others(sil, ("model",), ("seq_len", "vocab_size"))
+    sil = _fix_others(sil, ("model",), ("seq_len", "vocab_size", "seed"))
     if len(sil):
         fig, ax = plt.subplots(figsize=(5.5, 3.5))
         for model, gd in sil.groupby("model"):
@@ -242,7 +243,9 @@ def _claims(df) -> list[str]:
     """One row per experiment: the paper's claim beside ours (only what the runs measured)."""
     rows = []
     ok = df[df["status"] == "COMPLETED"] if "status" in df else df
-    base = _fix_others(ok, ("model",), ("seq_len", "vocab_size"))
+    # comparisons along one axis hold the others at their most common value, the seed too: a grid runs the extra
+    # seeds at one configuration only, and averaging them there would compare a 3-seed mean with single runs
+    base = _fix_others(ok, ("model",), ("seq_len", "vocab_size", "seed"))
     by_model = base.groupby("model")[["page_f1_micro", "service_f1_micro"]].mean() if "model" in base else None
     for head, claim in (("page", PAPER["page_f1"]), ("service", PAPER["service_f1"])):
         col = f"{head}_f1_micro"
@@ -254,7 +257,7 @@ def _claims(df) -> list[str]:
             rel = by_model.loc[sb[0], col] / by_model.loc["bert_base", col] - 1
             vals += f"; {sb[0]} vs bert_base {rel:+.1%} relative"
         rows.append(f"| next {head} F1 (micro) | {claim} | {vals} |")
-    t = _fix_others(ok, ("seq_len", "model"), ("vocab_size",)).dropna(subset=["finetune_seconds"])
+    t = _fix_others(ok, ("seq_len", "model"), ("vocab_size", "seed")).dropna(subset=["finetune_seconds"])
     t = t[t["model"] != "bert_base"] if "model" in t else t
     if t["seq_len"].nunique() >= 2:
         g = t.groupby("seq_len")["finetune_seconds"].mean().sort_index()
@@ -281,7 +284,7 @@ def _claims(df) -> list[str]:
             if c in rk and rk[c].notna().any():
                 parts.append(f"{b} {_mean_sd(rk.drop_duplicates('seed')[c] if 'seed' in rk else rk[c])}")
         rows.append(f"| new-service Hit@5 | {PAPER['hit@5']} | " + ", ".join(parts) + " |")
-    v = _fix_others(ok[ok["model"] != "bert_base"], ("vocab_size", "model"), ("seq_len",)).dropna(
+    v = _fix_others(ok[ok["model"] != "bert_base"], ("vocab_size", "model"), ("seq_len", "seed")).dropna(
         subset=["service_f1_micro"])
     if v["vocab_size"].nunique() >= 2:
         g = v.groupby("vocab_size")[["vocab_actual", "service_f1_micro"]].mean().sort_index()

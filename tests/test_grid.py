@@ -174,6 +174,27 @@ def test_grid_report_spread_over_seeds(tmp_path):
     assert "## Spread over seeds" in text
 
 
+def test_grid_report_axis_comparisons_at_one_seed(tmp_path):
+    """Extra seeds run at one configuration only (the rankers grid at seq_len 64): F1 and fine-tuning time along
+    seq_len compare the most common seed's runs, not a 3-seed mean at 64 with one run at 512."""
+    from sessionbert.report import write_grid_report
+
+    i = 0
+    for seed, f1, secs in ((0, 0.60, 10), (1, 0.30, 40), (2, 0.30, 40)):
+        for r in ("count", "prob"):
+            _fake_run(tmp_path / f"{i}_{r}", [f"recommend.ranker={r}", f"seed={seed}"], "sessionbert", 64, 2000, r,
+                      f1, secs, 0.4, seed=seed)
+            i += 1
+    for s in (64, 512):
+        _fake_run(tmp_path / f"{i}_s{s}", [f"seq_len={s}"], "sessionbert", s, 2000, "count", 0.6 if s == 64 else 0.5,
+                  10 if s == 64 else 30, 0.4)
+        i += 1
+    _fake_run(tmp_path / f"{i}_bb", ["model=bert_base"], "bert_base", 64, 2000, "count", 0.75, 100, 0.4)
+    text = write_grid_report([tmp_path]).read_text()
+    assert "64: 10.0 s, 512: 30.0 s; 512 / 64 = 3.0x" in text
+    assert "bert_base 0.7500, sessionbert 0.6000; sessionbert vs bert_base -20.0% relative" in text
+
+
 def test_grid_cooccurrence_and_persona_rankers():
     from sessionbert.recommend.cooccurrence import cooccurrence_recs
     from sessionbert.recommend.persona import persona_recs
