@@ -93,13 +93,13 @@ def _tables(a: argparse.Namespace, model):
     events, _ = read_events(a.events)
     billing = read_billing(a.billing)[0] if a.billing else None
 
+    import pyarrow as pa
+
+    from .data.userbatch import prepare
+    from .inference import _event_columns
+
     def gen():
         for ev, bill in iter_user_batches(events, billing, a.batch_users):
-            import pyarrow as pa
-
-            from .data.userbatch import prepare
-            from .inference import _event_columns
-
             evt = pa.Table.from_pandas(_event_columns(ev), preserve_index=False)
             bt = None if bill is None else pa.Table.from_pandas(bill, preserve_index=False)
             yield model.score(prepare(evt, bt, model.context(cutoff)), a.top_pages)

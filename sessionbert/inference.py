@@ -136,8 +136,8 @@ class SessionBERT:
 
         enc = SessionEncoder(self.tok, self.seq_len)
         return Context(self.tokenizer_dir, self.seq_len, list(self.labels.services),
-                       None if cutoff is None else P._utc(cutoff), self.use_region, self.use_billing,
-                       None if billing_path is None else str(billing_path), (enc.sep_id, enc.cls_id, enc.end_id))
+                       None if cutoff is None else P._utc(cutoff), (enc.sep_id, enc.cls_id, enc.end_id),
+                       self.use_region, self.use_billing, None if billing_path is None else str(billing_path))
 
     def predict(self, events: pd.DataFrame, billing: pd.DataFrame | None = None, cutoff=None,
                 top_pages: int = 5) -> pd.DataFrame:

@@ -666,22 +666,12 @@ def history_ids(corpus, tok, seq_len: int):
     return ids, offsets, codes.astype(np.int64), np.asarray(users, dtype=object), sess
 
 
-def used_matrix(users, services, used: dict[str, set[str]]) -> np.ndarray:
-    """(U, C) bool: user u used service class c before the cut-off."""
-    col = {s: i for i, s in enumerate(services)}
-    m = np.zeros((len(users), len(services)), bool)
-    for i, u in enumerate(users):
-        for s in used.get(u, ()):
-            if s in col:
-                m[i, col[s]] = True
-    return m
-
-
 def recommend_sessions(module, tok, labels, corpus, used: dict[str, set[str]], seq_len: int, rec_cfg,
                        batch_size: int, device):
     """The paper's recommender over each user's last `rec_cfg.last_sessions` history sessions
     (`sessionbert.score.score_users`, the API's code path). Returns user -> [(service, times recommended,
     summed prob)] for every user with history sessions."""
+    from .recommend.recommender import used_matrix
     from .score import score_users
 
     ids, offsets, codes, users, _ = history_ids(corpus, tok, seq_len)

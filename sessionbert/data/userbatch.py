@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import prep
+from .prep import _np, _ranks
 from .io import BadInputError, changes, reappears_message, validate_rows
 from .schema import BILLING_SCHEMA, EVENT_SCHEMA
 from .split import TimeSplit
@@ -39,10 +40,10 @@ class Context:
     seq_len: int
     services: list[str]  # the service head's classes
     cutoff: pd.Timestamp | None  # UTC; None = every session
+    special: tuple[int, int, int]  # ids of the event separator, [CLS], [SEP] (SessionEncoder's)
     use_region: bool = True
     use_billing: bool = True  # the run was trained with billing metadata: users without bills get "tier none"
     billing_path: str | None = None  # a Parquet billing file the workers read themselves (row-group statistics)
-    special: tuple[int, int, int] = (0, 0, 0)  # ids of the event separator, [CLS], [SEP] (SessionEncoder's)
 
 
 @dataclass
@@ -85,10 +86,6 @@ def _sorted_by_user(t: pa.Table) -> pa.Table:
     return t
 
 
-def _np(a) -> np.ndarray:
-    return a.to_numpy(zero_copy_only=False)
-
-
 def prepare(events: pa.Table, billing: pa.Table | None, ctx: Context, lines: np.ndarray | None = None) -> Prepared:
     """Serialise, tokenise and index one batch of whole users (`events`: event-schema columns, any row order
     with each user's rows anywhere in the batch; `billing`: those users' bills or None; `lines`: the events'
@@ -124,8 +121,7 @@ def prepare(events: pa.Table, billing: pa.Table | None, ctx: Context, lines: np.
     lens = all_off[keep + 1] - all_off[keep]
     offsets = np.zeros(len(keep) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
-    starts = np.repeat(all_off[keep] - offsets[:-1], lens)
-    ids = flat[np.arange(int(offsets[-1])) + starts] if len(keep) else np.zeros(0, np.int32)
+    ids = flat[np.repeat(all_off[keep], lens) + _ranks(lens)]
     sess_user = s_user[keep]
     # services used before the cut-off (event time, as split.used_and_adopted)
     ts = _np(events.column("timestamp").cast(pa.timestamp("ms", tz="UTC")).cast(pa.int64()))

@@ -37,12 +37,7 @@ def recommend(
     _check(ranker, filter_used)
     names = np.asarray(services, dtype=object)
     user_codes, users = pd.factorize(np.asarray(session_users, dtype=object))
-    col = {s: i for i, s in enumerate(names)}
-    used_m = np.zeros((len(users), len(names)), bool)
-    for i, u in enumerate(users):
-        for s in used.get(u, ()):
-            if s in col:
-                used_m[i, col[s]] = True
+    used_m = used_matrix(users, names, used)
     probs = np.asarray(service_probs)
     q = np.where(recommendable(names)[None, :], probs, -np.inf)
     if filter_used == "before_topk":
@@ -53,6 +48,17 @@ def recommend(
                                        filter_used)
     return {u: [(names[c], int(n), float(m)) for c, n, m in zip(svc[i], cnt[i], mass[i]) if c >= 0]
             for i, u in enumerate(users)}
+
+
+def used_matrix(users: Sequence[str], services: Sequence[str], used: Mapping[str, set[str]]) -> np.ndarray:
+    """(U, C) bool: user u used service class c before the cut-off (services outside the classes ignored)."""
+    col = {s: i for i, s in enumerate(services)}
+    m = np.zeros((len(users), len(services)), bool)
+    for i, u in enumerate(users):
+        for s in used.get(u, ()):
+            if s in col:
+                m[i, col[s]] = True
+    return m
 
 
 def _check(ranker: str, filter_used: str) -> None:
