@@ -1,17 +1,21 @@
 """The `sessionbert` command: score session logs with a trained run, or export its model.
 
-    sessionbert recommend --run DIR --events FILE --out FILE [--billing FILE] [--cutoff TS] [--batch-users N]
+    sessionbert recommend --run DIR --events FILE --out FILE [--billing FILE] [--cutoff TS] [--batch-rows N]
     sessionbert export --run DIR --out DIR [--onnx]
 
-`recommend` reads Parquet / CSV / JSONL (a file or a folder) through `sessionbert.data.io.read_events`, so a
-malformed row stops it with `file:line: reason`; writes Parquet (`.parquet`) or JSON lines (`.jsonl`) with one row
-per user (columns of `sessionbert.inference.COLUMNS`; users not scored have `skipped_reason` set), batch by
-batch. A single Parquet file (with a Parquet billing file or none) is streamed in splits of whole row groups
-(`--batch-rows`), which `--workers` processes read, validate, serialise and tokenise while this process runs the
-model, so memory holds a few splits, never the file (the file must hold each user's rows together, e.g. sorted by
-user_id; `--no-stream` reads it whole); other inputs are read whole and scored `--batch-users` users at a time.
-Uses the GPU when there is one. Services, pages and actions never seen in training
-are tokenised by the run's WordPiece tokenizer exactly as in training (pieces outside its vocabulary -> [UNK]).
+`recommend` reads Parquet / CSV / JSONL (a file or a folder), validated as `sessionbert.data.io.read_events`
+validates, so a malformed row stops it with `file:line: reason`; writes Parquet (`.parquet`) or JSON lines
+(`.jsonl`) with one row per user (columns of `sessionbert.inference.COLUMNS`; users not scored have
+`skipped_reason` set), batch by batch. Every input is streamed in batches of whole users of about `--batch-rows`
+rows, so memory holds a few batches, never the input (`SessionBERT.recommend_file`): a single Parquet file (with a
+Parquet billing file or none) in splits of whole row groups, which `--workers` processes read, validate, serialise
+and tokenise while this process runs the model; CSV / JSONL files and folders in blocks that this process reads
+with pyarrow and validates (`io.stream_events`, a user straddling two blocks carried whole into the next batch)
+while the `--workers` serialise and tokenise. The input must hold each user's rows together (e.g. sorted by
+user_id); `--no-stream` reads it whole instead and scores `--batch-users` users at a time. A CSV / JSONL billing
+file is read whole (a Parquet one is read per batch for its users). Uses the GPU when there is one. Services,
+pages and actions never seen in training are tokenised by the run's WordPiece tokenizer exactly as in training
+(pieces outside its vocabulary -> [UNK]).
 """
 from __future__ import annotations
 
@@ -78,18 +82,16 @@ def _progress(total: int | None):
 def _tables(a: argparse.Namespace, model):
     """Output tables per batch of users, and the number of users (None when streaming: not known ahead).
 
-    A single Parquet file is streamed in splits of row groups (`SessionBERT.recommend_file`, `--workers`
-    processes reading, validating, serialising and tokenising; the file grouped by user); CSV / JSONL / folders,
-    or `--no-stream`, are read whole (`io.read_events`) and scored `--batch-users` users at a time."""
+    Streamed by `SessionBERT.recommend_file` (a Parquet file in splits of row groups, CSV / JSONL / folders in
+    blocks; the input grouped by user); with `--no-stream`, read whole (`io.read_events`) and scored
+    `--batch-users` users at a time."""
     from .data.io import read_billing, read_events
     from .inference import iter_user_batches
 
     cutoff = a.cutoff or None
-    src = Path(a.events)
-    billing_pq = a.billing and Path(a.billing).is_file() and Path(a.billing).suffix.lower() == ".parquet"
-    if src.is_file() and src.suffix.lower() == ".parquet" and not a.no_stream and (not a.billing or billing_pq):
+    if not a.no_stream:
         workers = a.workers if a.workers >= 0 else _auto_workers(model)
-        return model.recommend_file(src, a.billing, cutoff, a.top_pages, workers, a.batch_rows), None
+        return model.recommend_file(Path(a.events), a.billing, cutoff, a.top_pages, workers, a.batch_rows), None
     events, _ = read_events(a.events)
     billing = read_billing(a.billing)[0] if a.billing else None
 
@@ -167,20 +169,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run", required=True, help="a finished run dir (metrics.json, run_config.yaml)")
     r.add_argument("--events", required=True, help="events: .parquet / .csv / .jsonl file or a folder of them")
     r.add_argument("--out", required=True, help="output .parquet or .jsonl, one row per user")
-    r.add_argument("--billing", help="optional billing table (user_id, month, service, spend_usd)")
+    r.add_argument("--billing", help="optional billing table (user_id, month, service, spend_usd); Parquet is read "
+                                    "per batch for its users, CSV / JSONL read whole")
     r.add_argument("--cutoff", help="only sessions starting before this time (ISO 8601; naive = UTC); default all")
     r.add_argument("--batch-users", type=int, default=1000,
-                   help="users scored at a time when the input is read whole (default 1000)")
+                   help="users scored at a time when the input is read whole (--no-stream; default 1000)")
     r.add_argument("--batch-rows", type=int, default=1_000_000,
-                   help="rows per split of a streamed Parquet file (whole row groups; default 1,000,000)")
+                   help="rows per streamed batch of whole users: a split of whole row groups of a Parquet file, "
+                        "blocks of a CSV / JSONL file or folder (default 1,000,000)")
     r.add_argument("--workers", type=int, default=-1,
-                   help="processes preparing splits of a streamed Parquet file (default: cores - 2 on a GPU, 0 on "
-                        "a CPU: prepared in this process)")
+                   help="processes preparing the streamed batches: for a Parquet file they read, validate, "
+                        "serialise and tokenise its splits; for CSV / JSONL this process reads and validates and "
+                        "they serialise and tokenise (default: cores - 2 on a GPU, 0 on a CPU: all in this "
+                        "process)")
     r.add_argument("--top-pages", type=int, default=5, help="next pages listed per user (default 5)")
     r.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
     r.add_argument("--no-stream", action="store_true",
-                   help="read a Parquet file whole instead of streaming it (needed when a user's rows are not "
-                        "together in the file)")
+                   help="read the input whole instead of streaming it (needed when a user's rows are not "
+                        "together in the input)")
     r.set_defaults(fn=cmd_recommend)
     e = sub.add_parser("export", help="export the fine-tuned encoder (Hugging Face format, optionally ONNX)")
     e.add_argument("--run", required=True)

@@ -8,8 +8,10 @@
 (`sessionbert.data.userbatch`, ids equal to the pipeline's `Corpus` + `SessionEncoder`), then `sessionbert.score`
 (one encoder pass per session: the paper's recommender, next pages, user embedding), the functions the pipeline's
 stage_recommend / stage_personas call, so scoring the pipeline's own users with cutoff = the split's test start
-reproduces its `recommend.hit@5`. `recommend_file` streams a Parquet file through a pool of worker processes that
-read, validate, serialise and tokenise splits of it while the main process runs the model.
+reproduces its `recommend.hit@5`. `recommend_file` streams an event file or folder in batches of whole users: a
+Parquet file in splits of row groups that a pool of worker processes read, validate, serialise and tokenise while
+the main process runs the model; CSV / JSONL (and folders) in blocks that the main process reads and validates
+(`io.stream_events`) and the workers serialise and tokenise. Memory holds a few batches, never the input.
 
 Unknown services, pages and actions (never seen in training) need no special handling: their text is split by
 the run's WordPiece tokenizer exactly as in training, and word pieces outside its vocabulary become [UNK]; a
@@ -208,51 +210,78 @@ class SessionBERT:
             yield self.predict(ev, bill, cutoff, top_pages)
 
     def recommend_file(self, events_path: str | Path, billing_path: str | Path | None = None, cutoff=None,
-                       top_pages: int = 5, workers: int = 0, batch_rows: int = 1_000_000) -> Iterator[pa.Table]:
-        """Score a Parquet event file streamed in splits of whole row groups (about `batch_rows` rows each,
-        `userbatch.plan_splits`), yielding one output table (`COLUMNS`) per split in file order. With
-        `workers` > 0 a pool of that many processes reads, validates, serialises and tokenises the splits
-        (at most 2 per worker in flight) while this process runs the model; memory: those splits, never the file.
-        The file must hold each user's rows together; a user found again later is BadInputError naming the row.
-        `billing_path`: a Parquet billing table, read by each split for its users (row-group statistics)."""
-        from .data.userbatch import init_worker, plan_splits, prepare_split
+                       top_pages: int = 5, workers: int = 0, batch_rows: int = 1_000_000,
+                       block_bytes: int | None = None) -> Iterator[pa.Table]:
+        """Score an event file or folder streamed in batches of whole users, yielding one output table (`COLUMNS`)
+        per batch in input order; memory holds a few batches, never the input. The input must hold each user's
+        rows together (e.g. sorted by user_id); a user found again later is BadInputError naming the file and
+        line (Parquet: row), as is a bad row (`file:line: reason`, as `io.read_events` words it).
 
-        events_path = str(events_path)
-        ctx = self.context(cutoff, billing_path)
-        splits = plan_splits(events_path, batch_rows)
-        seen: set[str] = set()
+        - A single Parquet file (billing Parquet or none) is cut into splits of whole row groups (about
+          `batch_rows` rows each, `userbatch.plan_splits`); with `workers` > 0 a pool of that many processes reads,
+          validates, serialises and tokenises the splits while this process runs the model.
+        - CSV / JSONL files and folders (or a Parquet file with a CSV / JSONL billing table) are read here in
+          blocks (`block_bytes`, default 4 MiB of text) by `io.stream_events`, validated and cut into tables of
+          about `batch_rows` rows of whole users; `workers` processes serialise and tokenise them.
 
-        def checked(p: Prepared) -> Prepared:
-            again = [u for u in p.users.tolist() if u in seen]
-            if again:
-                from .data.io import BadInputError, reappears_message
+        At most 2 batches per worker are in flight. `billing_path`: a Parquet billing table is read per batch for
+        its users (row-group statistics); a CSV / JSONL one is read whole (`io.read_billing`) first."""
+        from .data.io import _format_of, read_billing, stream_events
+        from .data.userbatch import BillsByUser, plan_splits, prepare_frame, prepare_split
 
-                i = p.users.tolist().index(again[0])
-                raise BadInputError(reappears_message(Path(events_path), again[0], int(p.first_line[i])))
-            seen.update(p.users.tolist())
-            return p
+        events_path = Path(events_path)
+        billing_pq = billing_path is not None and Path(billing_path).is_file() and \
+            _format_of(Path(billing_path)) == "parquet"
+        if events_path.is_file() and _format_of(events_path) == "parquet" and (billing_path is None or billing_pq):
+            ctx = self.context(cutoff, billing_path)
+            path = str(events_path)
+            tasks = ((prepare_split, (path, a, b, ctx)) for a, b in plan_splits(path, batch_rows))
+            seen: set[str] = set()
+            for p in self._prepared(tasks, workers):
+                again = [u for u in p.users.tolist() if u in seen]
+                if again:
+                    from .data.io import BadInputError, reappears_message
 
+                    i = p.users.tolist().index(again[0])
+                    raise BadInputError(reappears_message(events_path, again[0], int(p.first_line[i])))
+                seen.update(p.users.tolist())
+                yield self.score(p, top_pages)
+            return
+        ctx = self.context(cutoff, billing_path if billing_pq else None)
+        bills = None
+        if billing_path is not None and not billing_pq:
+            bills = BillsByUser(read_billing(billing_path)[0])
+        kw = {} if block_bytes is None else {"block_bytes": block_bytes}
+        tasks = ((prepare_frame, (t, ctx, None if bills is None else bills.of(t["user_id"])))
+                 for t in stream_events(events_path, batch_rows, **kw))
+        for p in self._prepared(tasks, workers):
+            yield self.score(p, top_pages)
+
+    @staticmethod
+    def _prepared(tasks: Iterator[tuple], workers: int) -> Iterator[Prepared]:
+        """Run `(fn, args)` tasks (fn returns a Prepared) in this process, or in a pool of `workers` spawned
+        processes with at most 2 tasks per worker in flight; results in task order."""
+        tasks = iter(tasks)
         if workers <= 0:
-            for a, b in splits:
-                yield self.score(checked(prepare_split(events_path, a, b, ctx)), top_pages)
+            for fn, args in tasks:
+                yield fn(*args)
             return
         import multiprocessing as mp
         from collections import deque
         from concurrent.futures import ProcessPoolExecutor
 
-        # A process pool (not torch's DataLoader): the splits are independent tasks read from the file by the
-        # workers themselves, and results must come back in file order; spawn, since this process may hold CUDA.
+        from .data.userbatch import init_worker
+
+        # A process pool (not torch's DataLoader): the tasks are independent and results must come back in input
+        # order; spawn, since this process may hold CUDA.
         with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
                                  initializer=init_worker) as pool:
-            pending: deque = deque()
-            it = iter(splits)
-            for a, b in itertools.islice(it, 2 * workers):
-                pending.append(pool.submit(prepare_split, events_path, a, b, ctx))
+            pending: deque = deque(pool.submit(fn, *args) for fn, args in itertools.islice(tasks, 2 * workers))
             while pending:
                 p = pending.popleft().result()
-                for a, b in itertools.islice(it, 1):
-                    pending.append(pool.submit(prepare_split, events_path, a, b, ctx))
-                yield self.score(checked(p), top_pages)
+                for fn, args in itertools.islice(tasks, 1):
+                    pending.append(pool.submit(fn, *args))
+                yield p
 
     # ---- export -------------------------------------------------------------------------------------
     def export_hf(self, out: str | Path) -> Path:

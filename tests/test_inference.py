@@ -245,3 +245,82 @@ def test_split_reading_names_a_user_found_twice(model, smoke, tmp_path):
     pq.write_table(pa_table(bad), path, row_group_size=500)
     with pytest.raises(BadInputError, match=rf"row {len(bad)}\b.*{first}"):
         list(model.recommend_file(path, None, None, workers=0, batch_rows=1000))
+
+
+def _first_users(run, n: int = 60):
+    ev, bill = _sorted_events(run)
+    keep = ev["user_id"].drop_duplicates().iloc[:n]
+    ev = ev[ev["user_id"].isin(keep)].reset_index(drop=True)
+    bill = None if bill is None else bill[bill["user_id"].isin(keep)].reset_index(drop=True)
+    return ev, bill
+
+
+def test_streamed_csv_and_jsonl_equal_whole_predict(model, smoke, tmp_path):
+    """CSV and JSONL inputs are streamed in blocks of a few rows (users straddle blocks and batches and are
+    carried whole into the next batch), in this process and with 2 worker processes, with a CSV billing table read
+    whole or a Parquet one read per batch: exactly `predict`'s rows on the whole table."""
+    import pyarrow.parquet as pq
+
+    from sessionbert.inference import _frame
+
+    _, run, _ = smoke
+    ev, bill = _first_users(run)
+    csv_path, jsonl_path = tmp_path / "events.csv", tmp_path / "events.jsonl"
+    ev.to_csv(csv_path, index=False)
+    ev.to_json(jsonl_path, orient="records", lines=True, date_format="iso", date_unit="ms")
+    bills = {"csv": None, "jsonl": None}
+    if bill is not None:
+        bills["csv"] = tmp_path / "billing.csv"
+        bill.to_csv(bills["csv"], index=False)
+        bills["jsonl"] = tmp_path / "billing.parquet"
+        pq.write_table(pa_table(bill.sort_values("user_id", kind="stable")), bills["jsonl"], row_group_size=50)
+    block = 1 << 16  # ~600 rows: users (~200 rows each here) straddle blocks, and batches of 500 rows
+    assert len(ev) > 10_000 and csv_path.stat().st_size > 10 * block
+    cut = run.corpus().split.test_start
+    model.max_tokens, max_tokens = 1, model.max_tokens  # exact equality: see the Parquet test above
+    try:
+        whole = model.predict(ev, bill, cut).sort_values("user_id").reset_index(drop=True)
+        outs = {(fmt, w): list(model.recommend_file(path, bills[fmt], cut, workers=w, batch_rows=500,
+                                                       block_bytes=block))
+                for fmt, path, w in (("csv", csv_path, 0), ("jsonl", jsonl_path, 0), ("jsonl", jsonl_path, 2))}
+    finally:
+        model.max_tokens = max_tokens
+    approx = ["persona_similarity", "new_service_scores", "next_page_probs"]
+    for key, tables in outs.items():
+        assert len(tables) > 5, key
+        got = pd.concat([_frame(t) for t in tables], ignore_index=True)
+        assert got["user_id"].is_unique and len(got) == len(whole), key
+        got = got.sort_values("user_id").reset_index(drop=True)
+        pd.testing.assert_frame_equal(got.drop(columns=approx), whole.drop(columns=approx))
+        np.testing.assert_allclose(got["persona_similarity"], whole["persona_similarity"], atol=1e-5)
+        for c in approx[1:]:
+            for x, y in zip(got[c], whole[c]):
+                np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_cli_streamed_text_errors_name_file_and_line(smoke, tmp_path, capsys):
+    """A bad value late in a streamed CSV, and a user found twice in a JSONL file: exit 2, `file:line: reason` on
+    stderr (physical lines, the CSV header being line 1), no output file left."""
+    run_dir, run, _ = smoke
+    ev, _ = _first_users(run, 30)
+    out = tmp_path / "o.parquet"
+    csv_path = tmp_path / "events.csv"
+    ev.to_csv(csv_path, index=False)
+    lines = csv_path.read_text().splitlines()
+    bad = len(lines) - 3  # a late line (1-based), past many blocks and batches
+    cells = lines[bad - 1].split(",")
+    cells[list(ev.columns).index("timestamp")] = "2023-02-30T10:00:00Z"
+    lines[bad - 1] = ",".join(cells)
+    csv_path.write_text("\n".join(lines) + "\n")
+    args = ["recommend", "--run", str(run_dir), "--out", str(out), "--batch-rows", "40", "--device", "cpu"]
+    assert main([*args, "--events", str(csv_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{csv_path}:{bad}: bad timestamp: cannot parse '2023-02-30T10:00:00Z'" in err and not out.exists()
+
+    first = ev["user_id"].iloc[0]
+    again = pd.concat([ev, ev[ev["user_id"] == first].iloc[:1]], ignore_index=True)  # at the very end
+    jsonl_path = tmp_path / "events.jsonl"
+    again.to_json(jsonl_path, orient="records", lines=True, date_format="iso", date_unit="ms")
+    assert main([*args, "--events", str(jsonl_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{jsonl_path}:{len(again)}: user '{first}' reappears after its rows ended" in err and not out.exists()

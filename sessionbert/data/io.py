@@ -5,6 +5,7 @@ Public entry points::
     events, report = read_events("logs/")            # a file or a directory of .parquet/.csv/.jsonl files
     billing, report = read_billing("billing.csv")
     write_parquet_atomic(events, "events.parquet", schema=EVENT_SCHEMA)
+    for table in stream_events("logs.csv"): ...       # whole users at a time, same checks (`sessionbert recommend`)
 
 How a read works, and why:
 
@@ -287,33 +288,44 @@ class _Lines:
     The file is read and decoded in big chunks of whole lines and split by io.StringIO, so the per-line cost
     stays in C. Line numbers are physical lines (split at line feeds only, as `wc -l` counts). Invalid UTF-8 is
     replaced (so parsing goes on) and noted in ``bad_utf8`` by line.
+
+    ``data``: instead of the whole file, these bytes of it (whole lines), which start at line ``first_line`` and
+    byte ``offset`` of the file; line numbers stay the file's (streaming reads a file a block of lines at a time).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, data: bytes | None = None, first_line: int = 1, offset: int = 0):
         self.path = path
+        self.data, self.offset = data, offset
+        self.first_line = first_line
         self.bad_utf8: dict[int, str] = {}  # line -> where the first invalid byte is
-        self.n_lines = 0  # lines decoded so far
+        self.n_lines = first_line - 1  # lines decoded so far
         self.ends_with_newline = True
 
     def __iter__(self) -> Iterator[str]:
         return itertools.chain.from_iterable(self._chunks())
 
     def _chunks(self) -> Iterator[stdio.StringIO]:
+        if self.data is not None:
+            yield self._decoded(self.data, self.offset)
+            return
         with _open_binary(self.path) as fh:
             offset, size = 0, 1 << 16  # small first chunk: often only the header is wanted
             while data := fh.read(size):
                 if not data.endswith(b"\n"):
                     data += fh.readline()  # end the chunk on a line end, so no character is cut in two
-                skip = len(codecs.BOM_UTF8) if offset == 0 and data.startswith(codecs.BOM_UTF8) else 0
-                try:
-                    text = data[skip:].decode("utf-8")
-                except UnicodeDecodeError:
-                    text = self._decode_marking_bad(data, skip, offset)
-                self.n_lines += data.count(b"\n")
+                yield self._decoded(data, offset)
                 offset += len(data)
-                self.ends_with_newline = data.endswith(b"\n")
-                yield stdio.StringIO(text, newline="\n")
                 size = _CHUNK_BYTES
+
+    def _decoded(self, data: bytes, offset: int) -> stdio.StringIO:
+        skip = len(codecs.BOM_UTF8) if offset == 0 and data.startswith(codecs.BOM_UTF8) else 0
+        try:
+            text = data[skip:].decode("utf-8")
+        except UnicodeDecodeError:
+            text = self._decode_marking_bad(data, skip, offset)
+        self.n_lines += data.count(b"\n")
+        self.ends_with_newline = data.endswith(b"\n")
+        return stdio.StringIO(text, newline="\n")
 
     def _decode_marking_bad(self, data: bytes, skip: int, offset: int) -> str:
         out = []
@@ -372,6 +384,11 @@ def _with_excerpts(path: Path, bad: list[_Bad]) -> list[_Bad]:
 
 def _csv_header(path: Path, spec: _Spec) -> list[str]:
     """The header of a CSV file (its first non-blank record), checked for the required columns."""
+    return _csv_header_and_end(path, spec)[0]
+
+
+def _csv_header_and_end(path: Path, spec: _Spec) -> tuple[list[str], int]:
+    """The header of a CSV file and the physical line it ends on."""
     lines = _Lines(path)
     reader = csv.reader(iter(lines))
     header = next((r for r in reader if r), None)
@@ -381,7 +398,7 @@ def _csv_header(path: Path, spec: _Spec) -> list[str]:
     if bad:
         raise BadInputError(f"{path}:{reader.line_num}: invalid UTF-8 in the header line: {bad[0]}")
     _check_columns(path, header, spec)
-    return header
+    return header, reader.line_num
 
 
 def _fast_csv(path: Path, idx: int, spec: _Spec) -> _Parsed | None:
@@ -406,45 +423,57 @@ def _fast_csv(path: Path, idx: int, spec: _Spec) -> _Parsed | None:
     return _Parsed(path, idx, "csv", frame, None, [], set(header) - set(spec.kinds))
 
 
-def _slow_csv(path: Path, idx: int, spec: _Spec) -> _Parsed:
-    header = _csv_header(path, spec)
-    n_fields = len(header)
-    rows: list[list[str]] = []
-    starts = array("q")
-    bad: list[_Bad] = []
+def _csv_records(path: Path, idx: int, n_fields: int) -> Iterator[tuple[int, list[str] | None, _Bad | None]]:
+    """The data records of a CSV file (after its header) as the line-by-line pass reads them: ``(start line,
+    fields, None)`` for a record that parsed, ``(start line, None, problem)`` for one that did not; blank lines are
+    no records (pyarrow skips them too). Run it with the collector paused (`_gc_paused`) when keeping rows."""
     lines = _Lines(path)
     reader = csv.reader(iter(lines))
-    while not next(reader):  # skip to the header, checked above
-        pass
+    if next((r for r in reader if r), None) is None:  # skip to the header, checked by the caller
+        return
     bad_utf8 = lines.bad_utf8  # filled as the reader goes
     prev_end = reader.line_num
     while True:
         try:
             fields = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as e:  # e.g. a field over csv.field_size_limit(): report it, go on after it
-            bad.append(_Bad(idx, prev_end + 1, WRONG_FIELDS, f"unparseable CSV record: {e}", ""))
-            prev_end = reader.line_num
+            start, prev_end = prev_end + 1, reader.line_num
+            yield start, None, _Bad(idx, start, WRONG_FIELDS, f"unparseable CSV record: {e}", "")
             continue
         start, end = prev_end + 1, reader.line_num
         prev_end = end
         utf8 = bad_utf8 and next((bad_utf8[n] for n in range(start, end + 1) if n in bad_utf8), None)
-        if len(fields) == n_fields and not utf8:  # the common case: keep it, cheaply
-            rows.append(fields)
-            starts.append(start)
+        if len(fields) == n_fields and not utf8:  # the common case
+            yield start, fields, None
         elif utf8:
-            bad.append(_Bad(idx, start, BAD_UTF8, utf8, ""))
+            yield start, None, _Bad(idx, start, BAD_UTF8, utf8, "")
         elif not fields:  # a blank line: not a record (pyarrow skips them too)
             continue
         elif len(fields) < n_fields and not lines.ends_with_newline and end == lines.n_lines + 1:
             detail = f"expected {n_fields} fields, got {len(fields)}; the file ends mid-line"
-            bad.append(_Bad(idx, start, TRUNCATED, detail, ""))
+            yield start, None, _Bad(idx, start, TRUNCATED, detail, "")
         else:
             detail = f"expected {n_fields} fields, got {len(fields)}"
             if end > start:
                 detail += f" (the record spans lines {start}-{end}: an unbalanced quote?)"
-            bad.append(_Bad(idx, start, WRONG_FIELDS, detail, ""))
+            yield start, None, _Bad(idx, start, WRONG_FIELDS, detail, "")
+
+
+def _slow_csv(path: Path, idx: int, spec: _Spec) -> _Parsed:
+    header = _csv_header(path, spec)
+    n_fields = len(header)
+    rows: list[list[str]] = []
+    starts = array("q")
+    bad: list[_Bad] = []
+    keep_row, keep_start, keep_bad = rows.append, starts.append, bad.append
+    for start, fields, problem in _csv_records(path, idx, n_fields):
+        if problem is None:
+            keep_row(fields)
+            keep_start(start)
+        else:
+            keep_bad(problem)
     columns = list(zip(*rows)) if rows else [()] * n_fields  # transpose in C rather than append per field
     frame = pd.DataFrame(
         {c: _str_series(columns[header.index(c)]) for c in dict.fromkeys(header) if c in spec.kinds},
@@ -502,17 +531,20 @@ def _json_value_problem(c: str, kind: str, v: Any) -> str | None:
     return None
 
 
-def _slow_jsonl(path: Path, idx: int, spec: _Spec) -> _Parsed:
+def _slow_jsonl(path: Path, idx: int, spec: _Spec, lines: _Lines | None = None,
+                seen_before: frozenset[str] = frozenset()) -> _Parsed:
+    """The line-by-line pass over a JSON Lines file, or over the block of its lines in ``lines`` (streaming; its
+    records may lack a required column that ``seen_before``, the keys of the earlier blocks, holds)."""
     _reject_json_array(path)
     cols = list(spec.kinds)
     rows: list[list[Any]] = []
     seen: set[str] = set()
     starts = array("q")
     bad: list[_Bad] = []
-    lines = _Lines(path)
+    lines = lines if lines is not None else _Lines(path)
     bad_utf8 = lines.bad_utf8
     loads = json.loads
-    for lineno, text in enumerate(lines, start=1):
+    for lineno, text in enumerate(lines, start=lines.first_line):
         if bad_utf8 and lineno in bad_utf8:
             bad.append(_Bad(idx, lineno, BAD_UTF8, bad_utf8[lineno], ""))
             continue
@@ -550,7 +582,7 @@ def _slow_jsonl(path: Path, idx: int, spec: _Spec) -> _Parsed:
         rows.append(row)
         starts.append(lineno)
     if rows or any(b.kind == WRONG_TYPE for b in bad):
-        _check_columns(path, sorted(seen), spec)
+        _check_columns(path, sorted(seen | seen_before), spec)
     columns = list(zip(*rows)) if rows else [()] * len(cols)
     frame = pd.DataFrame({c: _str_series(columns[k]) for k, c in enumerate(cols) if c in seen},
                          index=pd.RangeIndex(len(rows)))
@@ -1045,8 +1077,9 @@ def parquet_user_tables(pf: pq.ParquetFile, columns: list[str], batch_rows: int)
         yield row0, carry
 
 
-def reappears_message(path: Path, user: str, line: int) -> str:
-    return (f"{_location(path, 'parquet', line)}: user {user!r} reappears after its rows ended: streaming needs "
+def reappears_message(path: Path, user: str, line: int, fmt: str = "parquet") -> str:
+    """A user found again after its rows ended, at ``line`` (a 1-based Parquet row, or a CSV/JSONL line)."""
+    return (f"{_location(path, fmt, line)}: user {user!r} reappears after its rows ended: streaming needs "
             "each user's rows together (sort the file by user_id)")
 
 
@@ -1094,7 +1127,7 @@ def iter_events_by_user(
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if _format_of(path) != "parquet":
-        raise BadInputError(f"{path}: streaming reads Parquet only (use read_events for CSV / JSONL)")
+        raise BadInputError(f"{path}: iter_events_by_user reads Parquet only (use stream_events for CSV / JSONL)")
     spec = _EVENTS
     try:
         pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer would keep every chunk read: memory grows
@@ -1194,3 +1227,296 @@ def write_parquet_atomic(
         table = table_or_df if schema is None else table_or_df.select(schema.names).cast(schema)
     _atomic_write(path, lambda fh: pq.write_table(table, fh))
     return path
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Streaming a file or a folder of any supported format by user (`sessionbert recommend` for CSV / JSONL / folders)
+
+_STREAM_BLOCK_BYTES = 1 << 22  # CSV / JSONL bytes parsed at a time (a pyarrow CSV block, a block of JSON lines);
+# pyarrow's streaming CSV reader decodes a few dozen blocks ahead (100-150 MB of Arrow memory at 4 MiB, measured)
+_STREAM_SCAN_RECORDS = 100_000  # after a CSV parse error: records read on past the first problem, for the message
+_STREAM_TAIL = "\nFix the input, or read it whole with read_events(on_bad_rows='skip')."
+# (block's records, their lines, their `_validate` result when the reader already has it)
+_BlockIter = Iterator[tuple[_Parsed, np.ndarray, tuple[pd.DataFrame, list[_Bad]] | None]]
+
+
+class _CsvLocator:
+    """Physical lines of CSV records read by pyarrow, which knows no lines. A record's provisional line is its
+    index among the data records + the header's last line + 1, the physical line unless a blank line or a quoted
+    newline came before it; `exact` turns provisional lines into physical ones by reading the file line by line
+    (`_csv_records`, read_events' own line-by-line pass) up to the last record asked for. Only error messages need
+    it, so a clean file is never read in Python."""
+
+    def __init__(self, path: Path, idx: int, n_fields: int, header_end: int):
+        self.path, self.idx, self.n_fields, self.header_end = path, idx, n_fields, header_end
+
+    def exact(self, provisional: np.ndarray) -> np.ndarray:
+        rec = np.asarray(provisional, dtype=np.int64) - self.header_end - 1
+        want = np.unique(rec)
+        found: dict[int, int] = {}
+        j = 0
+        if len(want):
+            for k, (start, _, _) in enumerate(_csv_records(self.path, self.idx, self.n_fields)):
+                if k == want[j]:
+                    found[k] = start
+                    j += 1
+                    if j == len(want):
+                        break
+        return np.array([found.get(int(r), int(r) + self.header_end + 1) for r in rec], dtype=np.int64)
+
+
+def _csv_blocks(path: Path, idx: int, spec: _Spec, header: list[str], header_end: int, block_bytes: int,
+                on_problems: Callable[[list[_Bad], str], None]) -> _BlockIter:
+    """Blocks of a CSV file read by pyarrow's streaming reader (every column as text, as `_fast_csv` reads it),
+    with their records' provisional lines (`_CsvLocator`). A block pyarrow cannot parse is handed to
+    `on_problems` with the bad records the line-by-line pass finds from there on."""
+    unknown = set(header) - set(spec.kinds)
+    done = 0  # records read so far
+
+    def parse_failed(e: Exception) -> None:
+        bad: list[_Bad] = []
+        first = -1
+        for k, (_, _, problem) in enumerate(_csv_records(path, idx, len(header))):
+            if k < done:
+                continue
+            if problem is not None:
+                bad.append(problem)
+                first = k if first < 0 else first
+            if first >= 0 and (k - first >= _STREAM_SCAN_RECORDS or len(bad) >= 10_000):
+                break
+        on_problems(bad, f"{path}: cannot parse the CSV after line {header_end + done}: {e}")
+
+    try:
+        reader = pacsv.open_csv(
+            path,
+            read_options=pacsv.ReadOptions(block_size=block_bytes),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
+                                                 strings_can_be_null=False),
+        )
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        parse_failed(e)
+        return
+    while True:
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+            parse_failed(e)
+            return
+        frame = _arrow_to_frame(pa.Table.from_batches([batch]), spec, path, strict=False)
+        if frame is None:  # pyarrow named the columns otherwise than the header line: not expected
+            raise BadInputError(f"{path}: pyarrow reads the header as {batch.schema.names}, not {header}; "
+                                "read the file whole")
+        first = header_end + 1 + done
+        yield _Parsed(path, idx, "csv", frame, None, [], unknown), np.arange(first, first + batch.num_rows), None
+        done += batch.num_rows
+
+
+def _record_lines(body: bytes, first_line: int) -> np.ndarray:
+    """Lines of the non-blank lines of a block of JSON lines that starts at ``first_line``: the records pyarrow
+    reads (it skips blank and whitespace-only lines)."""
+    a = np.frombuffer(body, dtype=np.uint8)
+    nl = np.flatnonzero(a == 10)
+    starts = np.concatenate([[0], nl + 1])
+    ends = np.concatenate([nl, [len(a)]])
+    # A line that starts with a non-blank byte has ink (nearly all); the few others are looked at one by one.
+    first = np.where(ends > starts, a[np.minimum(starts, len(a) - 1)] if len(a) else 32, 32)
+    has = ~np.isin(first, (9, 13, 32))
+    for i in np.flatnonzero(~has & (ends > starts)):
+        has[i] = bool(body[starts[i]:ends[i]].strip(b" \t\r"))
+    return first_line + np.flatnonzero(has).astype(np.int64)
+
+
+def _fast_jsonl_block(path: Path, idx: int, spec: _Spec, body: bytes, lines: np.ndarray) -> _Parsed | None:
+    """`_fast_jsonl` on a block of lines: None sends the block to the line-by-line pass."""
+    try:
+        table = pajson.read_json(pa.BufferReader(body))
+        table.validate(full=True)
+    except (pa.ArrowInvalid, UnicodeDecodeError) as e:
+        log.debug("%s: pyarrow could not parse a block from line %d (%s); reading it line by line",
+                  path, lines[0] if len(lines) else 0, e)
+        return None
+    if table.num_rows != len(lines):  # records are not one per non-blank line: let the line-by-line pass say why
+        return None
+    for c in spec.required:
+        if c not in table.column_names or table[c].null_count == table.num_rows:
+            return None
+    frame = _arrow_to_frame(table, spec, path, strict=False)
+    if frame is None:
+        return None
+    return _Parsed(path, idx, "jsonl", frame, lines, [], set(table.column_names) - set(spec.kinds))
+
+
+def _jsonl_blocks(path: Path, idx: int, spec: _Spec, block_bytes: int) -> _BlockIter:
+    """Blocks of whole lines of a JSON Lines file, parsed by pyarrow.json (or line by line when pyarrow cannot, or
+    a record is bad: read_events' two passes, on the block), with each record's line."""
+    _reject_json_array(path)
+    seen: set[str] = set()  # keys met in earlier blocks
+    with _open_binary(path) as fh:
+        offset, first_line = 0, 1
+        while data := fh.read(block_bytes):
+            if not data.endswith(b"\n"):
+                data += fh.readline()  # whole lines only
+            body = data[len(codecs.BOM_UTF8):] if offset == 0 and data.startswith(codecs.BOM_UTF8) else data
+            p = _fast_jsonl_block(path, idx, spec, body, _record_lines(body, first_line))
+            checked = None if p is None else _validate(p, spec)
+            if checked is None or checked[1]:  # bad rows are described from the line-by-line pass, as read_events does
+                with _gc_paused():
+                    p = _slow_jsonl(path, idx, spec, _Lines(path, data, first_line, offset), frozenset(seen))
+                checked = None
+            seen.update(p.frame.columns)
+            seen.update(p.unknown)
+            yield p, p.lines, checked
+            first_line += data.count(b"\n")
+            offset += len(data)
+
+
+def _parquet_blocks(path: Path, idx: int, spec: _Spec, batch_rows: int) -> _BlockIter:
+    try:
+        pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer would keep every chunk read: memory grows
+    except (pa.ArrowInvalid, OSError) as e:
+        raise BadInputError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from e
+    names = pf.schema_arrow.names
+    _check_columns(path, names, spec)
+    known = [c for c in dict.fromkeys(names) if c in spec.kinds]
+    row0 = 0
+    batches = pf.iter_batches(batch_size=max(1, min(batch_rows, 1 << 16)), columns=known)
+    while True:
+        try:
+            rb = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowInvalid, OSError) as e:
+            raise BadInputError(f"{path}: cannot read the Parquet data (truncated or corrupt?): {e}") from e
+        t = pa.Table.from_batches([rb])
+        try:
+            t.validate(full=True)  # Parquet readers do not check that strings are UTF-8
+        except pa.ArrowInvalid as e:
+            raise BadInputError(f"{path}: invalid string data (not UTF-8?) near row {row0 + 1}: {e}") from e
+        lines = np.arange(row0 + 1, row0 + 1 + t.num_rows, dtype=np.int64)
+        yield _Parsed(path, idx, "parquet", _arrow_to_frame(t, spec, path, strict=True), lines, [],
+                      set(names) - set(spec.kinds)), lines, None
+        row0 += t.num_rows
+
+
+def stream_events(path: str | os.PathLike, batch_rows: int = 262_144, max_errors_shown: int = 5,
+                  block_bytes: int = _STREAM_BLOCK_BYTES) -> Iterator[pd.DataFrame]:
+    """Stream an event file, or a folder of them (Parquet, CSV, JSONL, read in sorted order as one stream), as
+    tables of consecutive whole users of about `batch_rows` rows each, validated like ``read_events``
+    (on_bad_rows="error"). Memory holds about one table and one block of the file (`block_bytes` of CSV / JSONL),
+    never the file.
+
+    CSV is read by pyarrow's streaming CSV reader, every column as text (as ``read_events`` reads it); JSON Lines
+    in blocks of whole lines parsed by ``pyarrow.json``, a block pyarrow cannot parse (or that holds a bad record)
+    going through ``read_events``' line-by-line pass; Parquet in record batches. A user's rows may straddle blocks
+    (and files): they are carried into the next table, never split.
+
+    The input must hold each user's rows together (grouped by user_id, e.g. sorted): a user found again after
+    its rows ended raises BadInputError naming the file and line (``file:row N`` for Parquet). Bad rows raise
+    BadInputError listing ``file:line: reason`` as ``read_events`` does, for the first block that holds any; lines
+    are physical, the CSV header being line 1. Duplicate events are found within a user (their key holds the
+    user_id, so the rest of the input cannot hold one).
+
+    Each table is sorted by user_id, session_id, timestamp and has the EVENT_SCHEMA columns plus ``_file`` (index
+    into the input's files in sorted order) and ``_line``: each row's line (JSONL), row (Parquet) or, for CSV, the
+    record's index among the data records + the header's line + 1 (pyarrow knows no lines: that is the physical
+    line unless a blank line or a quoted newline came before; messages give physical lines, `_CsvLocator`).
+    """
+    if batch_rows < 1:
+        raise ValueError(f"batch_rows must be >= 1, got {batch_rows}")
+    spec = _EVENTS
+    files = _list_files(Path(path), spec, exclude=None)
+    stubs = [_Parsed(f, i, str(_format_of(f)), pd.DataFrame(), None, [], set()) for i, f in enumerate(files)]
+    exact: dict[int, Callable[[np.ndarray], np.ndarray]] = {}  # CSV files: provisional -> physical lines
+
+    def located(file_idx: np.ndarray, lines: np.ndarray) -> np.ndarray:
+        out = np.asarray(lines, dtype=np.int64).copy()
+        file_idx = np.asarray(file_idx)
+        for i in np.unique(file_idx):
+            if int(i) in exact:
+                at = file_idx == i
+                out[at] = exact[int(i)](out[at])
+        return out
+
+    def fail(bad: list[_Bad], otherwise: str = "") -> None:
+        if not bad:
+            raise BadInputError(otherwise)
+        bad = sorted(bad, key=lambda b: (b.file_idx, b.line))
+        raise BadInputError(_format_problems(spec, stubs, bad, max_errors_shown) + _STREAM_TAIL)
+
+    def blocks(i: int, f: Path) -> _BlockIter:
+        fmt = stubs[i].fmt
+        if fmt == "csv":
+            header, header_end = _csv_header_and_end(f, spec)
+            exact[i] = _CsvLocator(f, i, len(header), header_end).exact
+            return _csv_blocks(f, i, spec, header, header_end, block_bytes, fail)
+        if fmt == "jsonl":
+            return _jsonl_blocks(f, i, spec, block_bytes)
+        return _parquet_blocks(f, i, spec, batch_rows)
+
+    def validated() -> Iterator[pd.DataFrame]:
+        for i, f in enumerate(files):
+            warned = False
+            for p, lines, checked in blocks(i, f):
+                if p.unknown and not warned:
+                    log.warning("%s: dropping columns not in the schema: %s", f, ", ".join(sorted(p.unknown)))
+                    warned = True
+                good, bad = checked or _validate(p, spec)
+                if p.bad or bad:
+                    if p.lines is None:  # CSV: find the block's physical lines, then describe its bad rows
+                        p.lines = located(np.full(len(lines), i), lines)
+                        good, bad = _validate(p, spec)
+                    fail(p.bad + bad)
+                pos = good.pop("_pos").to_numpy()
+                good["_file"] = np.full(len(good), i, dtype=np.int32)
+                good["_line"] = np.asarray(lines, dtype=np.int64)[pos]
+                yield good
+
+    seen: set = set()  # users whose rows have ended (ids only: small next to the events)
+
+    def whole_users(t: pd.DataFrame) -> pd.DataFrame:
+        u = t["user_id"].to_numpy(dtype=object)
+        runs = np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))
+        ru = u[runs]
+        again = pd.Index(ru).duplicated() | np.fromiter((x in seen for x in ru), dtype=bool, count=len(ru))
+        if again.any():  # a user in two runs of rows, or one that a previous table ended
+            r = int(runs[int(np.argmax(again))])
+            i = int(t["_file"].iat[r])
+            line = int(located(np.array([i]), np.array([t["_line"].iat[r]]))[0])
+            raise BadInputError(reappears_message(files[i], u[r], line, stubs[i].fmt))
+        seen.update(ru.tolist())
+        dups = _duplicates([t.assign(_pos=np.arange(len(t)))], spec)
+        if len(dups):
+            pos, first = dups["pos"].to_numpy(dtype=np.int64), dups["pos_first"].to_numpy(dtype=np.int64)
+            fi = t["_file"].to_numpy()
+            at = np.concatenate([pos, first])
+            li = located(fi[at], t["_line"].to_numpy()[at])
+            fail([_Bad(int(fi[p]), int(li[k]), spec.duplicate_kind,
+                       f"same {', '.join(spec.key)} as "
+                       f"{_location(files[fi[q]], stubs[fi[q]].fmt, int(li[len(pos) + k]))}", "")
+                  for k, (p, q) in enumerate(zip(pos, first))])
+        df, _ = _sort_and_count_reordered(t, spec)
+        return df[[*spec.columns, "_file", "_line"]]
+
+    pending: list[pd.DataFrame] = []
+    n = 0
+    for g in validated():
+        if not len(g):
+            continue
+        pending.append(g)
+        n += len(g)
+        if n < batch_rows:
+            continue
+        t = pd.concat(pending, ignore_index=True)
+        u = t["user_id"].to_numpy(dtype=object)
+        cut = int(np.flatnonzero(np.concatenate([[True], u[1:] != u[:-1]]))[-1])  # first row of the last user
+        if cut == 0:  # one user so far: read on
+            pending, n = [t], len(t)
+            continue
+        yield whole_users(t.iloc[:cut].reset_index(drop=True))
+        rest = t.iloc[cut:].reset_index(drop=True)
+        pending, n = [rest], len(rest)
+    if n:
+        yield whole_users(pd.concat(pending, ignore_index=True))

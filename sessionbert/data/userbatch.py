@@ -10,6 +10,10 @@ Large Parquet inputs are cut into *splits* of whole row groups that workers read
 previous split and reads on into the next row groups until its last user ends, so no user is cut in two and the
 main process never touches the events. The file must hold each user's rows together (grouped, e.g. sorted by
 user_id); a user found in two places is an error naming the file and row.
+
+CSV / JSONL inputs (and folders) cannot be split by position: the main process streams them in tables of whole
+users (`io.stream_events`, which reads, validates and carries a user straddling a block into the next table) and
+`prepare_frame` serialises and tokenises each table, in a worker or in-process.
 """
 from __future__ import annotations
 
@@ -236,6 +240,36 @@ def prepare_split(path: str, a: int, b: int, ctx: Context) -> Prepared:
     if ctx.use_billing and ctx.billing_path and ev.num_rows:
         bill = billing_for(ctx.billing_path, pc.unique(ev.column("user_id")))
     return prepare(ev, bill, ctx, df["_line"].to_numpy())
+
+
+def prepare_frame(events: pd.DataFrame, ctx: Context, billing: pa.Table | None = None) -> Prepared:
+    """Worker task for a streamed CSV / JSONL input (or a folder): prepare one table of `io.stream_events` (whole
+    users, validated, with their ``_line``). `billing`: those users' bills, or None to read them from the Parquet
+    ``ctx.billing_path`` (row-group statistics) as `prepare_split` does."""
+    ev = pa.Table.from_pandas(events[EVENT_SCHEMA.names], preserve_index=False)
+    if billing is None and ctx.use_billing and ctx.billing_path and ev.num_rows:
+        billing = billing_for(ctx.billing_path, pc.unique(ev.column("user_id")))
+    lines = events["_line"].to_numpy() if "_line" in events else None
+    return prepare(ev, billing, ctx, lines)
+
+
+class BillsByUser:
+    """A billing table read whole (a CSV / JSONL billing file), sorted by user so that the bills of a table of
+    users are a few binary searches away."""
+
+    def __init__(self, billing: pd.DataFrame):
+        b = billing[[c for c in BILLING_SCHEMA.names if c in billing]]
+        self.bills = b.sort_values("user_id", kind="stable").reset_index(drop=True)
+        self.users = self.bills["user_id"].to_numpy(dtype=object)
+
+    def of(self, users: np.ndarray | pd.Series) -> pa.Table:
+        """The bills of `users` (ids), as an Arrow table."""
+        u = pd.unique(np.asarray(users, dtype=object))
+        lo = np.searchsorted(self.users, u, side="left")
+        hi = np.searchsorted(self.users, u, side="right")
+        lens = (hi - lo).astype(np.int64)
+        idx = np.sort(np.repeat(lo, lens) + _ranks(lens))
+        return pa.Table.from_pandas(self.bills.iloc[idx], preserve_index=False)
 
 
 def init_worker() -> None:
