@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sessionbert.data.datasets import MLMCollator  # noqa: E402
+from sessionbert.data.datasets import MLMCollator, PackedMLMCollator  # noqa: E402
 from sessionbert.data.sampler import TokenBudgetBatchSampler  # noqa: E402
 from sessionbert.models.encoder import ARCHS, bert_config  # noqa: E402
 from sessionbert.models.modules import MLMModule, _adamw  # noqa: E402
@@ -118,14 +118,17 @@ def run_peer(peer: str, lengths_path: str, seq: int, a) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ ours
-def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str) -> tuple[list, float]:
+def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: bool = False) -> tuple[list, float]:
     """n batches from one shuffled epoch of TokenBudgetBatchSampler over the capped lengths, collated by
-    MLMCollator on the CPU. Token ids: [CLS] random-in-vocabulary [SEP], like a serialised session."""
+    MLMCollator (or, `packed`, PackedMLMCollator: the same masks, sessions end to end) on the CPU. Token ids:
+    [CLS] random-in-vocabulary [SEP], like a serialised session."""
     lens = np.minimum(lengths, seq)
-    m = a.pad_multiple or 1
+    m = 1 if packed else (a.pad_multiple or 1)
     sampler = TokenBudgetBatchSampler(-(-lens // m) * m, a.tokens_per_step, shuffle=True, seed=0)
     coll = MLMCollator(SPECIAL["pad"], SPECIAL["mask"], a.vocab, list(SPECIAL.values()), 0.15,
-                       pad_to_multiple_of=a.pad_multiple)
+                       pad_to_multiple_of=None if packed else a.pad_multiple)
+    if packed:
+        coll = PackedMLMCollator(coll, max_len=seq, multiple=a.pack_multiple)
     g = np.random.default_rng(0)
     out, t_coll, epoch = [], 0.0, 0
     while len(out) < n:
@@ -137,25 +140,33 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str) -> tuple
             b = coll(items)
             t_coll += time.perf_counter() - t0
             sl = lens[idx]
-            out.append(dict(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
-                            labels=b["labels"].to(device), real=int(sl.sum()), slots=int(b["input_ids"].numel()),
-                            masked=int((b["labels"] != -100).sum()), lens=sl))
+            if packed:
+                out.append(dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()},
+                                real=int(sl.sum()), slots=int(b["padded_slots"]),
+                                masked=int((b["mlm_labels"] != -100).sum()), lens=sl))
+            else:
+                out.append(dict(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
+                                labels=b["labels"].to(device), real=int(sl.sum()), slots=int(b["input_ids"].numel()),
+                                masked=int((b["labels"] != -100).sum()), lens=sl))
             if len(out) == n:
                 break
         epoch += 1
     return out, 1000 * t_coll / n
 
 
-def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool) -> dict:
+def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False) -> dict:
     torch.manual_seed(0)
-    cfg = bert_config(a.vocab, SPECIAL["pad"], ARCHS[a.model], max_position_embeddings=max(512, seq), dropout=0.1)
-    module = MLMModule(cfg.to_dict()).to(device)
+    cfg = bert_config(a.vocab, SPECIAL["pad"], ARCHS[a.model], max_position_embeddings=max(512, seq),
+                      dropout=a.dropout)
+    if packed:  # the varlen kernel has no attention-probability dropout (hidden dropout 0.1 is kept)
+        cfg.attention_probs_dropout_prob = 0.0
+    module = MLMModule(cfg.to_dict(), compile=compile_ and packed).to(device)
     module.train()
-    if compile_:
+    if compile_ and not packed:
         module.model.bert.compile(dynamic=True)
     opt = _adamw(module, 1e-4, 0.01)  # our training path's optimizer (fused on CUDA)
     n_distinct = a.cycle if a.cycle else a.warmup + a.steps
-    batches, coll_ms = make_batches(lengths, seq, a, n_distinct, device)
+    batches, coll_ms = make_batches(lengths, seq, a, n_distinct, device, packed)
     batches = [batches[i % n_distinct] for i in range(a.warmup + a.steps)]  # --cycle N: N shapes, like the reference
     if device == "cuda":
         torch.cuda.empty_cache()
@@ -163,7 +174,7 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool) -> d
 
     def step(b):
         with torch.autocast(device, dtype=torch.bfloat16):
-            loss = module(b["input_ids"], b["attention_mask"], b["labels"])
+            loss = module.packed_loss(b) if packed else module(b["input_ids"], b["attention_mask"], b["labels"])
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -188,11 +199,12 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool) -> d
     slots = sum(b["slots"] for b in timed)
     masked = sum(b["masked"] for b in timed)
     flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
-    res = dict(path="sessionbert_mlm", model=a.model, seq_len=seq, compile=compile_, steps=len(timed),
+    res = dict(path="sessionbert_mlm_packed" if packed else "sessionbert_mlm", model=a.model, seq_len=seq,
+               compile=compile_, packed=packed, steps=len(timed),
                real_tokens_per_s=round(real / dts), slot_tokens_per_s=round(slots / dts),
                padding_share=round(1 - real / slots, 4), masked_share=round(masked / real, 4),
                distinct_batches=n_distinct, mean_batch_sessions=round(float(np.mean([len(b["lens"]) for b in timed])), 1),
-               mean_batch_width=round(float(np.mean([b["input_ids"].shape[1] for b in timed])), 1),
+               mean_batch_width=round(float(np.mean([b["input_ids"].shape[-1] for b in timed])), 1),
                step_ms=round(1000 * dts / len(timed), 2), warmup_s=round(warm_s, 1),
                model_tflops_per_s=round(flops / dts / 1e12, 1),
                mfu=round(flops / dts / (a.peak_tflops * 1e12), 4), collate_ms_per_batch=round(coll_ms, 1))
@@ -209,7 +221,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool) -> d
                 torch.cuda.synchronize()
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
-        name = f"profile_{a.model}_seq{seq}{'_compile' if compile_ else ''}_{int(lengths.mean())}.txt"
+        name = (f"profile_{a.model}_seq{seq}{'_packed' if packed else ''}{'_compile' if compile_ else ''}"
+                f"_{int(lengths.mean())}.txt")
         (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     del module, opt, batches
     if device == "cuda":
@@ -249,6 +262,12 @@ def main() -> None:
     p.add_argument("--peer-steps", type=int, default=None, help="reference's --steps (default: its own, 30)")
     p.add_argument("--peer-warmup", type=int, default=8)
     p.add_argument("--compile", action="store_true", help="also measure ours with the encoder under torch.compile(dynamic=True)")
+    p.add_argument("--packed", action="store_true",
+                   help="also measure ours packed (PackedMLMCollator + varlen attention, pretrain.packed), eager and "
+                        "(with --compile) compiled")
+    p.add_argument("--only-packed", action="store_true", help="of ours, measure only the packed variants")
+    p.add_argument("--dropout", type=float, default=0.1, help="ours: hidden dropout (the reference: 0.1)")
+    p.add_argument("--pack-multiple", type=int, default=1024, help="packed stream length rounded up to this")
     p.add_argument("--cycle", type=int, default=0, metavar="N",
                    help="cycle N distinct batches (the reference cycles 6); default: every step a new batch")
     p.add_argument("--profile-dir", default=None, help="write a torch.profiler table of 3 steps per run of ours here")
@@ -292,12 +311,13 @@ def main() -> None:
                                     median=float(np.median(lengths)))
     peers: dict = {}
     # eager runs (and the reference) first, compiled ones last: a run cut short by a time limit loses the least
-    plan = [(name, path, seq, False) for name, path in dists for seq in a.seq_lens]
-    plan += [(name, path, seq, True) for name, path in dists for seq in a.seq_lens] if a.compile else []
-    for name, path, seq, comp in plan:
+    variants = [] if a.only_packed else [(False, False)] + ([(True, False)] if a.compile else [])
+    variants += [(False, True)] + ([(True, True)] if a.compile else []) if (a.packed or a.only_packed) else []
+    plan = [(name, path, seq, comp, pk) for comp, pk in variants for name, path in dists for seq in a.seq_lens]
+    for name, path, seq, comp, pk in plan:
         lengths = loaded[name]
         suffix = "" if name == "sim" else f"_{name}"
-        if not comp and not a.no_peer:
+        if (name, seq) not in peers and not a.no_peer:
             try:
                 peer = run_peer(a.peer, path, seq, a)
                 fl = peer_model_flops_per_real_token(cfg, lengths, seq)
@@ -309,17 +329,20 @@ def main() -> None:
                 print(json.dumps(peer), flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on with ours
                 print(f"reference failed: {e}", file=sys.stderr, flush=True)
+                peers[(name, seq)] = None
                 res.setdefault("errors", []).append(f"reference {name} seq{seq}: {str(e)[-1500:]}")
             save()
         try:
-            r = run_ours(lengths, seq, a, device, comp)
+            r = run_ours(lengths, seq, a, device, comp, pk)
         except Exception as e:  # noqa: BLE001
-            print(f"ours failed: {e}", file=sys.stderr, flush=True)
-            res.setdefault("errors", []).append(f"ours {name} seq{seq} compile={comp}: {str(e)[-1500:]}")
+            import traceback
+
+            traceback.print_exc()
+            res.setdefault("errors", []).append(f"ours {name} seq{seq} compile={comp} packed={pk}: {str(e)[-1500:]}")
             save()
             continue
-        r.update(label="ours + compile" if comp else "ours", lengths=name)
-        tag = f"seq{seq}{suffix}" + ("_compile" if comp else "")
+        r.update(label="ours" + (" packed" if pk else "") + (" + compile" if comp else ""), lengths=name)
+        tag = f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_compile" if comp else "")
         peer = peers.get((name, seq))
         if peer:
             r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)

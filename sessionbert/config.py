@@ -61,6 +61,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("finetune.max_tokens", "finetune.pad_to_multiple_of", "finetune.max_sentences", "pretrain.max_tokens",
                 "pretrain.max_sentences", "pretrain.pad_to_multiple_of"):
         _int(cfg, key, lo=1, allow_none=True)
+    for key in ("pretrain.packed", "pretrain.compile"):
+        v = OmegaConf.select(cfg, key, default=False)
+        if not isinstance(v, bool):
+            raise ConfigError(f"{key}: true or false, got {v!r}")
+    if OmegaConf.select(cfg, "pretrain.packed", default=False) and cfg.model.kind == "scratch" \
+            and not OmegaConf.select(cfg, "pretrain.max_tokens"):
+        raise ConfigError("pretrain.packed: needs pretrain.max_tokens (tokens per packed step, e.g. 131072 on a GPU)")
     ks = list(cfg.personas.k_range)
     if not ks or any((not isinstance(x, int)) or x < 2 for x in ks):
         raise ConfigError(f"personas.k_range: integers >= 2 expected, got {ks}")

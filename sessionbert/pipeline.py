@@ -290,19 +290,26 @@ def stage_pretrain(run: Run) -> Path:
         corpus, tok = run.corpus(), _tokenizer(run)
         enc_obj = SessionEncoder(tok, cfg.seq_len)
         enc = corpus.encode(enc_obj)
+        pa = cfg.pretrain
+        packed = bool(pa.get("packed", False))
         bcfg = bert_config(len(tok), tok.pad_token_id, ARCHS[cfg.model.arch], cfg.model.max_position_embeddings,
                            cfg.model.dropout)
+        if packed:  # the varlen attention kernel has no attention-probability dropout (models/packed.py)
+            bcfg.attention_probs_dropout_prob = 0.0
         module = MLMModule(bcfg.to_dict(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay,
-                           warmup_ratio=cfg.pretrain.warmup_ratio)
+                           warmup_ratio=cfg.pretrain.warmup_ratio, compile=bool(pa.get("compile", False)) and packed)
         special = tok.all_special_ids
-        pa = cfg.pretrain
         train_s = corpus.window_sessions("train")
         val_s = corpus.window_sessions("val")[: pa.val_max_sessions]
         whole = lambda s: np.stack([s, -np.ones_like(s)], 1)  # noqa: E731
         nw = cfg.runtime.num_workers
-        mult = pa.get("pad_to_multiple_of")
+        mult = None if packed else pa.get("pad_to_multiple_of")  # a packed stream has no width to round
         train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability,
                                  pad_to_multiple_of=mult, seed=cfg.seed)
+        if packed:
+            from .data.datasets import PackedMLMCollator
+
+            train_coll = PackedMLMCollator(train_coll, max_len=cfg.seq_len)
         train_ds = SessionDataset(enc_obj, enc, whole(train_s))
         # both samplers are pure functions of (seed, epoch) and resumable mid-epoch (train_utils.ResumeState)
         if pa.get("max_tokens"):  # length bucketing: batches of similar length, B x T <= max_tokens (GPU path)

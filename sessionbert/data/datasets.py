@@ -122,3 +122,47 @@ class MLMCollator:
         inputs[rnd] = self.random_pool[r_tok[rnd]]
         batch["input_ids"], batch["labels"] = inputs, labels
         return batch
+
+
+class PackedMLMCollator:
+    """The batch of `MLMCollator` (same masks, so packed and padded training see the same targets), packed end to
+    end for `models.packed.packed_hidden`: no padding between sessions, attention kept inside each session.
+
+    Output: input_ids / position_ids (N,), cu_seqlens (B+1,) int32 session offsets, mlm_positions / mlm_labels (M,)
+    the masked positions in the stream and their targets (the decoder runs on exactly these rows: a fixed index
+    built here, so the GPU never waits for a boolean-mask count), max_len (int: the kernel's length bound),
+    idx, and real_tokens / padded_slots (ints, see PadCollator). N is rounded up to `multiple` and M to
+    `label_multiple` (few distinct shapes); the filler is extra sessions of [PAD] of at most `max_len` tokens
+    whose positions are never targets (label -100, ignored by the loss)."""
+
+    def __init__(self, mlm: MLMCollator, max_len: int, multiple: int = 1024, label_multiple: int = 256):
+        if mlm.multiple:
+            raise ValueError("PackedMLMCollator: the inner MLMCollator must not pad to a multiple (packing has no width)")
+        self.mlm, self.max_len, self.multiple, self.label_multiple = mlm, int(max_len), int(multiple), int(label_multiple)
+
+    def __call__(self, items: list[dict]) -> dict:
+        b = self.mlm(items)
+        valid = b["attention_mask"].bool()  # (B, T)
+        lens = valid.sum(1)
+        if int(lens.max()) > self.max_len:
+            raise ValueError(f"PackedMLMCollator: a session of {int(lens.max())} tokens exceeds max_len {self.max_len}")
+        ids, labels = b["input_ids"][valid], b["labels"][valid]  # (n,), row-major: sessions in order
+        pos = torch.arange(valid.shape[1]).expand_as(valid)[valid]
+        n = len(ids)
+        total = -(-n // self.multiple) * self.multiple
+        fill = total - n
+        fill_lens = [self.max_len] * (fill // self.max_len) + ([fill % self.max_len] if fill % self.max_len else [])
+        seg = torch.cat([lens, torch.tensor(fill_lens, dtype=lens.dtype)])
+        cu = torch.zeros(len(seg) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(seg, 0)
+        if fill:
+            ids = torch.cat([ids, torch.full((fill,), self.mlm.pad_id, dtype=ids.dtype)])
+            pos = torch.cat([pos] + [torch.arange(k) for k in fill_lens])
+        sel = (labels != -100).nonzero().squeeze(1)
+        m = max(self.label_multiple, -(-len(sel) // self.label_multiple) * self.label_multiple)
+        mlm_pos = torch.zeros(m, dtype=torch.long)
+        mlm_lab = torch.full((m,), -100, dtype=torch.long)
+        mlm_pos[: len(sel)], mlm_lab[: len(sel)] = sel, labels[sel]
+        return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "mlm_positions": mlm_pos,
+                "mlm_labels": mlm_lab, "max_len": self.max_len, "idx": b["idx"], "real_tokens": n,
+                "padded_slots": total}

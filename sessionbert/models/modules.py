@@ -16,6 +16,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import BertConfig, BertForMaskedLM, BertModel, get_linear_schedule_with_warmup
 
 from .encoder import mean_pool
+from .packed import packed_hidden
 
 
 def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -27,6 +28,13 @@ def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Ada
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = torch.cuda.is_available() and all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
+
+
+def _check_finite(loss: torch.Tensor, what: str, step: int) -> None:
+    # one host sync per step: negligible next to a step of 10^5 tokens, and it stops before the optimizer step
+    # (a lagged check would let a NaN update reach the weights and the next checkpoint)
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what}: non-finite loss {loss.item()} at step {step}")
 
 
 class _Schedule:
@@ -57,12 +65,14 @@ class _Schedule:
 class MLMModule(_Schedule, L.LightningModule):
     """BERT masked-language modelling on serialised sessions. The decoder runs on masked positions only."""
 
-    def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06):
+    def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
+                 compile: bool = False):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
         cfg._attn_implementation = "sdpa"
         self.model = BertForMaskedLM(cfg)
+        self._packed = torch.compile(packed_hidden) if compile else packed_hidden  # compile: pretrain.compile
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
@@ -70,16 +80,26 @@ class MLMModule(_Schedule, L.LightningModule):
         logits = self.model.cls(hidden[sel])  # (M, V): only the masked positions reach the vocabulary projection
         return F.cross_entropy(logits.float(), labels[sel])
 
+    def packed_loss(self, batch: dict) -> torch.Tensor:
+        """MLM loss of a `PackedMLMCollator` batch: padding-free encoder, decoder on the fixed masked-position
+        index (filler rows have label -100 and are ignored), so no step waits on the host."""
+        hidden = self._packed(self.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
+                              batch["max_len"])  # (N, H)
+        logits = self.model.cls(hidden[batch["mlm_positions"]])  # (M, V)
+        return F.cross_entropy(logits.float(), batch["mlm_labels"], ignore_index=-100)
+
     def _step(self, batch: dict, name: str) -> torch.Tensor:
-        loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log(f"pretrain/{name}_mlm_loss", loss, prog_bar=True, batch_size=len(batch["input_ids"]),
+        if "cu_seqlens" in batch:
+            loss, n = self.packed_loss(batch), len(batch["idx"])
+        else:
+            loss, n = self(batch["input_ids"], batch["attention_mask"], batch["labels"]), len(batch["input_ids"])
+        self.log(f"pretrain/{name}_mlm_loss", loss, prog_bar=True, batch_size=n,
                  on_step=name == "train", on_epoch=True, sync_dist=name != "train")
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self._step(batch, "train")
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"pretrain: non-finite loss {loss.item()} at step {self.global_step}")
+        _check_finite(loss, "pretrain", self.global_step)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -144,8 +164,7 @@ class MultiTaskModule(_Schedule, L.LightningModule):
         lp = F.cross_entropy(page.float(), batch["page"])
         ls = F.cross_entropy(service.float(), batch["service"])
         loss = self.hparams.page_weight * lp + self.hparams.service_weight * ls
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"finetune: non-finite loss {loss.item()} at step {self.global_step}")
+        _check_finite(loss, "finetune", self.global_step)
         bs = len(batch["input_ids"])
         self.log_dict({"finetune/train_page_loss": lp, "finetune/train_service_loss": ls}, batch_size=bs)
         self.log("finetune/train_loss", loss, prog_bar=True, batch_size=bs)

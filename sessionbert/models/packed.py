@@ -1,0 +1,89 @@
+"""Padding-free BERT forward for MLM pretraining (issue 6): sessions packed end to end into one token stream.
+
+Why our own forward loop: Hugging Face `BertModel` only has a padding-free path through the `flash-attn` package
+(not installed on our machines, and a CUDA build users must compile) and its masking utilities, whose internals
+change between transformers releases. This module runs the *same parameters* (`bert.embeddings`,
+`bert.encoder.layer[i]`'s Linear / LayerNorm / Dropout modules, whose names have been stable since transformers 2)
+over a packed (N,) stream, with attention restricted to each session through PyTorch's variable-length
+FlashAttention (`torch.nn.attention.varlen.varlen_attn`, cumulative sequence offsets, no mask tensor). The
+checkpoint, `save_pretrained`, fine-tuning and inference are untouched: they see an ordinary `BertModel`.
+
+Where the varlen kernel is missing (CPU, older torch), `varlen_attention` gathers the packed rows into a padded
+(B, T) batch and calls SDPA with a key-padding mask: same maths, used by the tests.
+
+The varlen kernel has no attention-probability dropout, so `packed_hidden` refuses a model with
+`attention_probs_dropout_prob > 0` while training (the pipeline sets it to 0 when `pretrain.packed` is on, as
+recent BERT pretraining recipes do); hidden dropout is kept.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:  # torch >= 2.10
+    from torch.nn.attention.varlen import varlen_attn as _varlen_attn
+except ImportError:  # pragma: no cover - depends on the torch build
+    _varlen_attn = None
+
+
+def has_varlen_kernel(device: torch.device | str) -> bool:
+    return _varlen_attn is not None and torch.device(device).type == "cuda"
+
+
+def padded_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, max_len) row of each packed position, clamped, and the (B, max_len) validity mask, from the (B+1,)
+    cumulative offsets. Sequences are contiguous and in order, so `x[idx][valid]` is `x` again."""
+    starts, lens = cu_seqlens[:-1].long(), (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    ar = torch.arange(max_len, device=cu_seqlens.device)
+    valid = ar[None, :] < lens[:, None]
+    idx = (starts[:, None] + ar[None, :]).clamp_max(max(int(cu_seqlens[-1]) - 1, 0))
+    return idx, valid
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+                     scale: float | None = None) -> torch.Tensor:
+    """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session."""
+    if has_varlen_kernel(q.device) and q.dtype in (torch.float16, torch.bfloat16):
+        cu = cu_seqlens.to(torch.int32)
+        return _varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+    idx, valid = padded_index(cu_seqlens, max_len)  # fallback: padded SDPA with a key-padding mask
+    qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid[:, None, None, :], scale=scale)
+    return out.transpose(1, 2)[valid]  # (N, heads, d)
+
+
+def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
+                  max_len: int) -> torch.Tensor:
+    """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
+    (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session."""
+    cfg = bert.config
+    if bert.training and cfg.attention_probs_dropout_prob > 0:
+        raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
+                         "set model attention_probs_dropout_prob to 0 (pipeline: pretrain.packed sets it)")
+    heads = cfg.num_attention_heads
+    x = bert.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
+                        token_type_ids=torch.zeros_like(input_ids)[None])[0]  # (N, H)
+    n, h = x.shape
+    dev = x.device.type
+    # Under autocast the residual stream stays in the autocast dtype (bf16): autocast would run every LayerNorm in
+    # fp32 and cast its output back for the next Linear, i.e. a fp32 copy of (N, H) and a cast per Linear, and the
+    # same in backward (measured: ~12% of an H200 step in casts). LayerNorm runs on bf16 input and bf16 copies of its
+    # weights (statistics accumulate in fp32); all weights stay fp32 master copies, cast per step like autocast's.
+    amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    if amp is not None:
+        x = x.to(amp)
+
+    def norm(mod, y):
+        if amp is None:
+            return mod(y)
+        with torch.autocast(dev, enabled=False):  # CUDA's kernel wants one dtype; it accumulates in fp32
+            return F.layer_norm(y, mod.normalized_shape, mod.weight.to(amp), mod.bias.to(amp), mod.eps)
+
+    for layer in bert.encoder.layer:
+        sa, so = layer.attention.self, layer.attention.output
+        q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
+        a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
+        x = norm(so.LayerNorm, so.dropout(so.dense(a)) + x)
+        y = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
+        x = norm(layer.output.LayerNorm, layer.output.dropout(layer.output.dense(y)) + x)
+    return x
