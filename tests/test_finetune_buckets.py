@@ -21,7 +21,7 @@ SMALL = ["experiment=smoke", "+data.overrides.n_users=100", "finetune.train_pref
 BUCKETED = [*SMALL, "stage=finetune", f"finetune.max_tokens={BUDGET}", f"finetune.pad_to_multiple_of={MULT}"]
 
 
-def test_lengths_equal_build_with_truncation():
+def test_lengths_and_build_many_equal_build_with_truncation():
     from sessionbert.data.corpus import Corpus
     from sessionbert.data.tokenizer import train_wordpiece
 
@@ -37,6 +37,11 @@ def test_lengths_equal_build_with_truncation():
         want = np.array([len(enc_obj.build(enc, int(s), None if n < 0 else int(n))) for s, n in items])
         assert np.array_equal(enc_obj.lengths(enc, items), want), seq_len
         assert want.max() <= max(seq_len, 2)
+        ids, offsets = enc_obj.build_many(enc, items, chunk=97)  # chunks that cut the rows anywhere
+        assert np.array_equal(np.diff(offsets), want), seq_len
+        for i, (s, n) in enumerate(items):
+            assert ids[offsets[i]:offsets[i + 1]].tolist() == enc_obj.build(enc, int(s), None if n < 0 else int(n)), \
+                (seq_len, s, n)
 
 
 @pytest.fixture(scope="module")

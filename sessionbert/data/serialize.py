@@ -120,6 +120,61 @@ class SessionEncoder:
             body = piece + body
         return [self.cls_id] + meta + body + [self.end_id]
 
+    def build_many(self, enc: Encoded, items: np.ndarray, chunk: int = 500_000) -> tuple[np.ndarray, np.ndarray]:
+        """``build`` of every row (session s, n events; n < 0: all) of `items` (N, 2), vectorised: (ids (T,) int32,
+        offsets (N + 1,) int64), row i = ids[offsets[i]:offsets[i + 1]] == build(enc, s_i, n_i). Each row is a run
+        of segments ([CLS], the kept metadata, one [EVT]+event piece per kept event, [SEP]) gathered from one
+        source array; `chunk` rows at a time bound the index arrays' memory."""
+        from .prep import _ranks  # prep imports this module
+
+        items = np.asarray(items, dtype=np.int64).reshape(-1, 2)
+        meta_len = np.fromiter((len(m) for m in enc.meta_ids), np.int64, len(enc.meta_ids))
+        moff = np.concatenate([[0], np.cumsum(meta_len)])
+        mflat = np.fromiter((t for m in enc.meta_ids for t in m), np.int64, int(moff[-1]))
+        plen = 1 + np.fromiter((len(e) for e in enc.event_ids), np.int64, len(enc.event_ids))  # [EVT] + ids
+        poff = np.concatenate([[0], np.cumsum(plen)])
+        pflat = np.empty(int(poff[-1]), np.int64)
+        pflat[poff[:-1]] = self.sep_id
+        body_pos = np.ones(int(poff[-1]), bool)
+        body_pos[poff[:-1]] = False
+        pflat[body_pos] = np.fromiter((t for e in enc.event_ids for t in e), np.int64, int(body_pos.sum()))
+        src = np.concatenate([[self.cls_id, self.end_id], mflat, pflat]).astype(np.int32)
+        base_m, base_p = 2, 2 + len(mflat)
+        codes = np.asarray(enc.event_codes, dtype=np.int64)
+        cum = np.concatenate([[0], np.cumsum(plen[codes])])  # (E + 1,) piece lengths summed in event order
+        bounds = np.asarray(enc.session_bounds, dtype=np.int64)
+        out_ids, out_len = [], []
+        for c0 in range(0, len(items), chunk):
+            s, n = items[c0:c0 + chunk, 0], items[c0:c0 + chunk, 1]
+            lo = bounds[s]
+            hi = np.where(n < 0, bounds[s + 1], lo + n)
+            mk = np.minimum(meta_len[s], self.seq_len - 2)
+            budget = np.maximum(self.seq_len - 2 - mk, 0)
+            j = np.maximum(np.searchsorted(cum, cum[hi] - budget, side="left"), lo)  # as `lengths`
+            trunc = (j == hi) & (hi > lo) & (budget > 0)  # newest event alone over budget: its last `budget` ids
+            first = np.where(trunc, hi - 1, j)
+            k = hi - first  # event segments per row
+            nseg = 3 + k
+            go = np.cumsum(nseg) - nseg  # first segment of each row
+            g = int(nseg.sum())
+            seg_start, seg_len = np.empty(g, np.int64), np.empty(g, np.int64)
+            seg_start[go], seg_len[go] = 0, 1  # [CLS]
+            seg_start[go + 1], seg_len[go + 1] = base_m + moff[s], mk  # metadata (its start when cut)
+            seg_start[go + 2 + k], seg_len[go + 2 + k] = 1, 1  # [SEP]
+            r = np.repeat(np.arange(len(s)), k)
+            e = first[r] + _ranks(k)  # kept events, oldest first
+            pos = go[r] + 2 + _ranks(k)
+            c = codes[e]
+            cut = trunc[r]
+            seg_start[pos] = base_p + poff[c] + np.where(cut, plen[c] - budget[r], 0)
+            seg_len[pos] = np.where(cut, budget[r], plen[c])
+            out_ids.append(src[np.repeat(seg_start, seg_len) + _ranks(seg_len)])
+            out_len.append(np.bincount(np.repeat(np.arange(len(s)), nseg), weights=seg_len, minlength=len(s))
+                           .astype(np.int64))
+        lens = np.concatenate(out_len) if out_len else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        return (np.concatenate(out_ids) if out_ids else np.zeros(0, np.int32)), offsets
+
     def lengths(self, enc: Encoded, items: np.ndarray) -> np.ndarray:
         """(N,) ``len(self.build(enc, s, n))`` for each row (session s, n events; n < 0: all) of `items` (N, 2),
         vectorised: the events kept are the longest suffix of the prefix whose pieces ([EVT] + event ids) fit the
