@@ -58,6 +58,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("pretrain.epochs", "finetune.epochs", "pretrain.batch_size", "finetune.batch_size",
                 "recommend.k", "recommend.per_session_k", "recommend.last_sessions"):
         _int(cfg, key, lo=1)
+    _int(cfg, "tokenizer.max_sessions", lo=1, allow_none=True)
     for key in ("finetune.max_tokens", "finetune.pad_to_multiple_of", "finetune.max_sentences", "pretrain.max_tokens",
                 "pretrain.max_sentences", "pretrain.pad_to_multiple_of"):
         _int(cfg, key, lo=1, allow_none=True)

@@ -251,9 +251,12 @@ def stage_tokenizer(run: Run) -> Path | None:
     def fn(out: Path) -> dict:
         from .data.tokenizer import train_wordpiece
 
-        tok, note = train_wordpiece(run.corpus().train_texts(), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
+        corpus, cap = run.corpus(), cfg.tokenizer.get("max_sessions")
+        tok, note = train_wordpiece(corpus.train_texts(cap, cfg.seed), cfg.tokenizer.vocab_size,
+                                    cfg.tokenizer.min_frequency)
         tok.save_pretrained(str(out / "tokenizer"))
-        return note
+        n_train = len(corpus.window_sessions("train"))
+        return {**note, "training_sessions": n_train, "tokenizer_sessions": min(n_train, cap or n_train)}
 
     return run.stage("tokenizer", {"data": run.keys["data"], "tokenizer": _plain(cfg.tokenizer)}, fn)
 

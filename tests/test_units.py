@@ -251,3 +251,25 @@ def test_length_batches_and_pad_rows():
         n = lengths[row]
         assert (x[r, :n] == ids[offsets[row]:offsets[row + 1]]).all() and (x[r, n:] == 0).all()
         assert m[r].sum() == n
+
+
+def test_event_texts_built_per_distinct_combination_equal_row_by_row():
+    from sessionbert.data.serialize import _event_texts, event_texts
+
+    ev = toy_events(300, seed=3)
+    assert len(ev) > 10_000  # the grouped path
+    ev.loc[ev.index[::7], "page_title"] = None
+    ev.loc[ev.index[::5], "action"] = None
+    ev = ev.sample(frac=1.0, random_state=0)  # any row order, any index
+    got, want = event_texts(ev), _event_texts(ev)
+    assert got.index.equals(want.index)
+    assert (got.astype(object).to_numpy() == want.astype(object).to_numpy()).all()
+
+
+def test_tokenizer_sample_is_seeded_and_bounded():
+    c = Corpus.build(toy_events(), None, 14, 28)
+    n = len(c.window_sessions("train"))
+    assert list(c.train_texts(n + 5)) == list(c.train_texts())  # fewer sessions than the cap: all, same order
+    a, b = list(c.train_texts(7, seed=1)), list(c.train_texts(7, seed=1))
+    assert len(a) == 7 and a == b and set(a) <= set(c.train_texts())
+    assert list(c.train_texts(7, seed=2)) != a

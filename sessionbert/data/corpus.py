@@ -54,9 +54,13 @@ class Corpus:
     def window_sessions(self, window: str) -> np.ndarray:
         return np.flatnonzero(self.sessions["window"].to_numpy() == window)
 
-    def train_texts(self):
-        """Serialised text of each training-window session (for the tokenizer)."""
-        for s in self.window_sessions("train"):
+    def train_texts(self, max_sessions: int | None = None, seed: int = 0):
+        """Serialised text of each training-window session (for the tokenizer); with `max_sessions`, of a seeded
+        random sample of that many (in corpus order) when there are more."""
+        sess = self.window_sessions("train")
+        if max_sessions is not None and len(sess) > max_sessions:
+            sess = np.sort(np.random.default_rng(seed).choice(sess, int(max_sessions), replace=False))
+        for s in sess:
             lo, hi = self.bounds[s], self.bounds[s + 1]
             yield self.meta[s] + " [EVT] " + " [EVT] ".join(self.texts.iloc[lo:hi])
 

@@ -31,7 +31,19 @@ def spend_tier(spend_usd: float) -> str:
 
 
 def event_texts(events: pd.DataFrame) -> pd.Series:
-    """(service, page title, action) -> one identifier text per event."""
+    """(service, page title, action) -> one identifier text per event. Built once per distinct combination (a
+    console has thousands, a log has millions of events) and spread back by group code."""
+    cols = [c for c in ("service", "page", "page_title", "action") if c in events]
+    if len(events) > 10_000:
+        codes = events.groupby(cols, sort=False, dropna=False, observed=True).ngroup().to_numpy()
+        first = np.empty(int(codes.max()) + 1, np.int64)
+        first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # a row of each combination (its first)
+        uniq = _event_texts(events.iloc[first])
+        return pd.Series(uniq.to_numpy()[codes], index=events.index, name=uniq.name)
+    return _event_texts(events)
+
+
+def _event_texts(events: pd.DataFrame) -> pd.Series:
     title = events["page_title"].fillna(events["page"]) if "page_title" in events else events["page"]
     text = events["service"].astype(str) + " : " + title.astype(str)
     if "action" in events:
@@ -56,8 +68,16 @@ def session_metadata(
         prev = (pd.to_datetime(sessions["start"], utc=True).dt.tz_localize(None).dt.to_period("M") - 1).astype(str)
         # spend ties by service name, so the text does not depend on the billing file's row order
         b = billing.sort_values(["user_id", "month", "spend_usd", "service"], ascending=[True, True, False, True])
-        tot = b.groupby(["user_id", "month"])["spend_usd"].sum()
-        top = b.groupby(["user_id", "month"])["service"].agg(lambda s: " ".join(list(s)[:top_billed]))
+        g = b.groupby(["user_id", "month"], sort=True)
+        tot = g["spend_usd"].sum()
+        # the top `top_billed` services of each (user, month), joined by spaces: one column per rank, no per-group
+        # Python call (a lambda per group took 16 s for 560k groups)
+        rank = g.cumcount().to_numpy()
+        keep = rank < top_billed
+        wide = b[keep].set_index(["user_id", "month", rank[keep]])["service"].unstack()  # (groups, ranks)
+        top = wide[0].astype(str)
+        for c in wide.columns[1:]:
+            top = top.where(wide[c].isna(), top + " " + wide[c].astype(str))
         key = pd.MultiIndex.from_arrays([sessions["user_id"], prev])
         t = tot.reindex(key).to_numpy()
         names = top.reindex(key).to_numpy()
