@@ -144,16 +144,19 @@ def test_packed_under_bf16_autocast_stays_close_to_padded():
     assert abs(lb.item() - la.item()) / la.item() < 2e-2
 
 
-def test_pipeline_pretrains_packed(tmp_path):
-    """`pretrain.packed=true` through the pipeline (CPU: the padded-SDPA fallback of the varlen attention): it
-    trains, and the saved encoder is an ordinary BertModel with attention-probability dropout 0."""
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+def test_pipeline_pretrains_packed(tmp_path, precision):
+    """`pretrain.packed=true` through the pipeline and Lightning (CPU: the padded-SDPA fallback of the varlen
+    attention; bf16-mixed: the bf16 residual stream under Lightning's autocast, as on a GPU): it trains, and the
+    saved encoder is an ordinary BertModel with attention-probability dropout 0."""
     import json
 
     from sessionbert.pipeline import run_pipeline
 
     from .conftest import make_cfg
 
-    cfg = make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.packed=true", "pretrain.max_tokens=4096"])
+    cfg = make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.packed=true", "pretrain.max_tokens=4096",
+                              f"trainer.precision={precision}"])
     metrics = run_pipeline(cfg)
     pre = metrics["pretrain"]
     assert np.isfinite(pre["mlm_loss"]) and pre["mlm_loss"] < 20
