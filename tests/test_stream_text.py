@@ -43,12 +43,7 @@ def _csv(path: Path, rows: list[dict], header: str = HEADER, extra: dict[int, st
         if extra and i in extra:
             out.append(extra[i])
         out.append(",".join(cell(r.get(c)) for c in cols))
-    text = "\n".join(out) + "\n"
-    if path.suffix == ".gz":
-        path.write_bytes(gzip.compress(text.encode()))
-    else:
-        path.write_text(text)
-    return path
+    return _write_lines(path, out)
 
 
 def _jsonl(path: Path, rows: list[dict], extra: dict[int, str] | None = None) -> Path:
@@ -57,7 +52,12 @@ def _jsonl(path: Path, rows: list[dict], extra: dict[int, str] | None = None) ->
         if extra and i in extra:
             out.append(extra[i])
         out.append(json.dumps(r))
-    text = "\n".join(out) + "\n"
+    return _write_lines(path, out)
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    """`lines` as a text file, gzip-compressed when the name ends in .gz."""
+    text = "\n".join(lines) + "\n"
     if path.suffix == ".gz":
         path.write_bytes(gzip.compress(text.encode()))
     else:

@@ -1129,13 +1129,7 @@ def iter_events_by_user(
     if _format_of(path) != "parquet":
         raise BadInputError(f"{path}: iter_events_by_user reads Parquet only (use stream_events for CSV / JSONL)")
     spec = _EVENTS
-    try:
-        pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer would keep every chunk read: memory grows
-    except (pa.ArrowInvalid, OSError) as e:
-        raise BadInputError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from e
-    names = pf.schema_arrow.names
-    _check_columns(path, names, spec)
-    known = [c for c in dict.fromkeys(names) if c in spec.kinds]
+    pf, names, known = _open_parquet(path, spec)
     unknown = set(names) - set(spec.kinds)
     if unknown:
         log.warning("%s: dropping columns not in the schema: %s", spec.name, ", ".join(sorted(unknown)))
@@ -1373,14 +1367,20 @@ def _jsonl_blocks(path: Path, idx: int, spec: _Spec, block_bytes: int) -> _Block
             offset += len(data)
 
 
-def _parquet_blocks(path: Path, idx: int, spec: _Spec, batch_rows: int) -> _BlockIter:
+def _open_parquet(path: Path, spec: _Spec) -> tuple[pq.ParquetFile, list[str], list[str]]:
+    """A Parquet file opened for streaming, its column names, and those of them in `spec` (checked: a missing
+    required column or an unreadable file is a BadInputError naming the file)."""
     try:
         pf = pq.ParquetFile(path, pre_buffer=False)  # pre_buffer would keep every chunk read: memory grows
     except (pa.ArrowInvalid, OSError) as e:
         raise BadInputError(f"{path}: not a readable Parquet file (truncated or corrupt?): {e}") from e
     names = pf.schema_arrow.names
     _check_columns(path, names, spec)
-    known = [c for c in dict.fromkeys(names) if c in spec.kinds]
+    return pf, names, [c for c in dict.fromkeys(names) if c in spec.kinds]
+
+
+def _parquet_blocks(path: Path, idx: int, spec: _Spec, batch_rows: int) -> _BlockIter:
+    pf, names, known = _open_parquet(path, spec)
     row0 = 0
     batches = pf.iter_batches(batch_size=max(1, min(batch_rows, 1 << 16)), columns=known)
     while True:
