@@ -314,13 +314,12 @@ def stage_pretrain(run: Run) -> Path:
 
             train_coll = PackedMLMCollator(train_coll, max_len=cfg.seq_len)
         train_ds = SessionDataset(enc_obj, enc, whole(train_s))
+        train_lengths = enc_obj.lengths(enc, train_ds.items)  # vectorised len(build(...)) of each session
         # both samplers are pure functions of (seed, epoch) and resumable mid-epoch (train_utils.ResumeState)
         if pa.get("max_tokens"):  # length bucketing: batches of similar length, B x T <= max_tokens (GPU path)
             from .data.sampler import TokenBudgetBatchSampler
 
-            lengths = enc_obj.lengths(enc, whole(train_s))  # vectorised len(build(...)) of each session
-            if mult:
-                lengths = -(-lengths // mult) * mult  # the widths the collator will pad to
+            lengths = -(-train_lengths // mult) * mult if mult else train_lengths  # the widths the collator pads to
             # max_sentences (optional): at most that many sessions per batch; with max_tokens = batch_size x seq_len
             # that is batch_size sessions grouped by length: the fixed batches' step count, without their padding
             sampler = TokenBudgetBatchSampler(lengths, int(pa.max_tokens), shuffle=True, seed=cfg.seed,
@@ -345,7 +344,7 @@ def stage_pretrain(run: Run) -> Path:
             val = trainer.validate(module, val_dl, verbose=False)[0]
         module.model.bert.save_pretrained(str(out / "encoder"))
         tok.save_pretrained(str(out / "encoder"))
-        n_tokens = int(enc_obj.lengths(enc, whole(train_s)).sum())  # exact (was a 2000-session extrapolation)
+        n_tokens = int(train_lengths.sum())
         return {"mlm_loss": float(val["pretrain/val_mlm_loss_epoch"] if "pretrain/val_mlm_loss_epoch" in val
                                   else val["pretrain/val_mlm_loss"]),
                 "train_sessions": int(len(train_s)), "seconds": round(seconds, 3),

@@ -257,7 +257,7 @@ def test_event_texts_built_per_distinct_combination_equal_row_by_row():
     from sessionbert.data.serialize import _event_texts, event_texts
 
     ev = toy_events(300, seed=3)
-    assert len(ev) > 10_000  # the grouped path
+    assert len(ev) > 10_000  # many rows, each combination repeated
     ev.loc[ev.index[::7], "page_title"] = None
     ev.loc[ev.index[::5], "action"] = None
     ev = ev.sample(frac=1.0, random_state=0)  # any row order, any index

@@ -34,13 +34,13 @@ def event_texts(events: pd.DataFrame) -> pd.Series:
     """(service, page title, action) -> one identifier text per event. Built once per distinct combination (a
     console has thousands, a log has millions of events) and spread back by group code."""
     cols = [c for c in ("service", "page", "page_title", "action") if c in events]
-    if len(events) > 10_000:
-        codes = events.groupby(cols, sort=False, dropna=False, observed=True).ngroup().to_numpy()
-        first = np.empty(int(codes.max()) + 1, np.int64)
-        first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # a row of each combination (its first)
-        uniq = _event_texts(events.iloc[first])
-        return pd.Series(uniq.to_numpy()[codes], index=events.index, name=uniq.name)
-    return _event_texts(events)
+    if not len(events):
+        return _event_texts(events)
+    codes = events.groupby(cols, sort=False, dropna=False, observed=True).ngroup().to_numpy()
+    first = np.empty(int(codes.max()) + 1, np.int64)
+    first[codes[::-1]] = np.arange(len(codes) - 1, -1, -1)  # a row of each combination (its first)
+    uniq = _event_texts(events.iloc[first])
+    return pd.Series(uniq.to_numpy()[codes], index=events.index, name=uniq.name)
 
 
 def _event_texts(events: pd.DataFrame) -> pd.Series:
