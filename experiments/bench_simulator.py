@@ -1,9 +1,9 @@
 """Benchmark: stream N simulated console sessions to parquet (simulate_to_dir) and report time and memory.
 
-    python experiments/bench_simulator.py --sessions 1000000 [--seed 0] [--out DIR] [--stats]
+    python experiments/bench_simulator.py --sessions 1000000 [--seed 0] [--out DIR] [--stats] [--workers N]
 
-Prints one JSON line: seconds, peak RSS (resource.getrusage, this process), sessions, events, rate and
-the parquet sizes. The number of users is chosen from the default size's sessions per user, so the
+Prints one JSON line: seconds, peak RSS (resource.getrusage, this process; --workers processes not counted),
+sessions, events, rate and the parquet sizes. The number of users is chosen from the default size's sessions per user, so the
 session count lands near --sessions. A benchmark, not a timed test.
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="output folder (default: a temporary one, removed)")
     ap.add_argument("--stats", action="store_true", help="also compute data_stats.json (on <= 20k users)")
+    ap.add_argument("--workers", type=int, default=0, help="simulate chunks in this many processes (0: serial)")
     a = ap.parse_args()
 
     n_users = max(1, round(a.sessions / SESSIONS_PER_USER))
@@ -43,7 +44,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = a.out or Path(tmp)
         t = time.perf_counter()
-        paths = simulate_to_dir(cfg, out, catalog, write_stats=a.stats)
+        paths = simulate_to_dir(cfg, out, catalog, write_stats=a.stats, workers=a.workers)
         seconds = time.perf_counter() - t
         meta = {k: pq.ParquetFile(p).metadata.num_rows for k, p in paths.items() if p.suffix == ".parquet"}
         sizes = {k: round(p.stat().st_size / 2**20, 1) for k, p in paths.items() if p.suffix == ".parquet"}
@@ -53,6 +54,7 @@ def main() -> None:
         "n_users": n_users, "n_sessions": meta["sessions"], "n_events": meta["events"],
         "n_billing_rows": meta["billing"], "sessions_per_s": round(meta["sessions"] / seconds),
         "events_per_s": round(meta["events"] / seconds), "chunk_users": cfg.chunk_users, "stats": a.stats,
+        "workers": a.workers,
         "parquet_mb": sizes, "cpus": os.cpu_count(), "python": platform.python_version(),
     }))
 

@@ -31,7 +31,7 @@ Everything is vectorised numpy over chunks of `chunk_users` users; chunk c draws
 `np.random.default_rng(SeedSequence([seed, c]))`, so the data is deterministic per (seed, chunk_users)
 and `simulate_to_dir` (streaming, memory bounded) writes exactly what `simulate` returns.
 
-    python -m sessionbert.data.simulator --size default --seed 0 [--out DIR]
+    python -m sessionbert.data.simulator --size default --seed 0 [--out DIR] [--workers N]
 
 prints the data_stats JSON (see `sessionbert.data.stats`) and, with --out, writes the parquet files and
 data_stats.json there.
@@ -843,16 +843,61 @@ def _compiled(catalog: Catalog | None) -> _Compiled:
     return hit[1]
 
 
-def iter_chunks(cfg: SimConfig, catalog: Catalog | None = None) -> Iterator[SimData]:
-    """The simulation chunk by chunk (users [c*chunk_users, (c+1)*chunk_users))."""
+def _chunk_bounds(cfg: SimConfig) -> list[tuple[int, int, int]]:
+    """(chunk index, first user, end user) of every chunk."""
+    starts = range(0, cfg.n_users, cfg.chunk_users)
+    return [(c, u0, min(u0 + cfg.chunk_users, cfg.n_users)) for c, u0 in enumerate(starts)]
+
+
+def iter_chunks(cfg: SimConfig, catalog: Catalog | None = None, workers: int = 0) -> Iterator[SimData]:
+    """The simulation chunk by chunk (users [c*chunk_users, (c+1)*chunk_users)), in chunk order.
+
+    `workers` > 0 simulates the chunks in a pool of that many spawned processes (a caller may hold CUDA, so no
+    fork), at most 2 * workers chunks in flight (bounded memory). Every chunk draws from its own
+    SeedSequence([seed, c]), so the result is the same whatever the number of workers.
+    """
     cc = _compiled(catalog)
-    for c, u0 in enumerate(range(0, cfg.n_users, cfg.chunk_users)):
-        yield _simulate_chunk(cfg, cc, c, u0, min(u0 + cfg.chunk_users, cfg.n_users))
+    bounds = _chunk_bounds(cfg)
+    if workers <= 0 or len(bounds) <= 1:
+        for c, u0, u1 in bounds:
+            yield _simulate_chunk(cfg, cc, c, u0, u1)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    n = min(workers, len(bounds))
+    with ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init, initargs=(cc,)) as pool:
+        inflight: deque = deque()
+        todo = iter(bounds)
+        try:
+            for c, u0, u1 in todo:
+                inflight.append(pool.submit(_worker_chunk, cfg, c, u0, u1))
+                if len(inflight) >= 2 * n:
+                    yield inflight.popleft().result()
+            while inflight:
+                yield inflight.popleft().result()
+        finally:
+            for f in inflight:
+                f.cancel()
 
 
-def simulate(cfg: SimConfig, catalog: Catalog | None = None) -> SimData:
+_WORKER_CC: _Compiled | None = None
+
+
+def _worker_init(cc: _Compiled) -> None:
+    global _WORKER_CC
+    _WORKER_CC = cc
+
+
+def _worker_chunk(cfg: SimConfig, c: int, u0: int, u1: int) -> SimData:
+    return _simulate_chunk(cfg, _WORKER_CC, c, u0, u1)
+
+
+def simulate(cfg: SimConfig, catalog: Catalog | None = None, workers: int = 0) -> SimData:
     """Simulate in memory (fine up to a few million sessions; use simulate_to_dir beyond)."""
-    parts = list(iter_chunks(cfg, catalog))
+    parts = list(iter_chunks(cfg, catalog, workers))
     return SimData(
         *(pa.concat_tables([getattr(p, f) for p in parts]).combine_chunks()
           for f in ("events", "billing", "users", "sessions"))
@@ -873,6 +918,7 @@ def simulate_to_dir(
     catalog: Catalog | None = None,
     write_stats: bool = True,
     stats_max_users: int = 20_000,
+    workers: int = 0,
 ) -> dict[str, Path]:
     """Stream the simulation to parquet files in `out_dir`, one chunk of users at a time.
 
@@ -881,6 +927,9 @@ def simulate_to_dir(
     `write_stats`. Stats are measured on the first chunks' users (at most `stats_max_users`: users are
     i.i.d. across chunks, so they are a random sample), with the totals (n_users, n_sessions, n_events)
     counted over everything written.
+
+    `workers` > 0 simulates the chunks in that many spawned processes (`iter_chunks`); the files are written
+    in chunk order by this process, so they are byte-for-byte those of the serial run.
     """
     from sessionbert.data.stats import data_stats, write_data_stats
 
@@ -894,7 +943,7 @@ def simulate_to_dir(
     n_sample_users = 0
     totals = dict(n_users=0, n_sessions=0, n_events=0)
     try:
-        for part in iter_chunks(cfg, catalog):
+        for part in iter_chunks(cfg, catalog, workers):
             for k, w in writers.items():
                 w.write_table(getattr(part, k))
             totals["n_users"] += part.users.num_rows
@@ -928,15 +977,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=None, help="write the parquet files and data_stats.json here")
     ap.add_argument("--n-users", type=int, default=None, help="override the size's number of users")
     ap.add_argument("--catalog", type=Path, default=None, help="catalogue YAML (default: the packaged one)")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="simulate chunks in this many processes (0: in this one); the output is the same")
     a = ap.parse_args(argv)
     over = {"seed": a.seed} | ({"n_users": a.n_users} if a.n_users else {})
     cfg = sim_config(a.size, **over)
     catalog = load_catalog(a.catalog) if a.catalog else None
     if a.out is not None:
-        paths = simulate_to_dir(cfg, a.out, catalog)
+        paths = simulate_to_dir(cfg, a.out, catalog, workers=a.workers)
         stats = json.loads(paths["data_stats"].read_text())
     else:
-        data = simulate(cfg, catalog)
+        data = simulate(cfg, catalog, workers=a.workers)
         stats = data_stats(data.events.to_pandas(), data.users.to_pandas(), seed=cfg.seed)
         stats["sim_config"] = asdict(cfg)
     json.dump(stats, sys.stdout, indent=2, default=str)
