@@ -3,8 +3,8 @@
     python experiments/bench_simulator.py --sessions 1000000 [--seed 0] [--out DIR] [--stats] [--workers N]
 
 Prints one JSON line: seconds, peak RSS (resource.getrusage, this process; --workers processes not counted),
-sessions, events, rate and the parquet sizes. The number of users is chosen from the default size's sessions per user, so the
-session count lands near --sessions. A benchmark, not a timed test.
+sessions, events, rate and the parquet sizes. The number of users is chosen from the default size's sessions
+per user, so the session count lands near --sessions. A benchmark, not a timed test.
 """
 from __future__ import annotations
 
