@@ -3,6 +3,8 @@ SessionEncoder.build) under every truncation case, in fixed-size shards, the tok
 Corpus.train_texts, and inputs that break the streaming contract fail naming the file and row."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -135,6 +137,62 @@ def test_prep_input_contract_errors_name_file_and_row(sim, shards, tmp_path):
     with pytest.raises(PrepInputError, match=r"bill\.parquet: billing must be sorted by user_id"):
         prep_shards(sim / "events.parquet", tmp_path / "o4", bill, tokenizer=tok)
     # nothing half-written is left behind
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
+
+
+def _manifest_without_timings(m):
+    return {k: v for k, v in m.items() if k not in ("seconds", "source")} | {
+        "source": {k: v and Path(v).name for k, v in m["source"].items()}}
+
+
+@pytest.mark.parametrize("given_tokenizer", [False, True])
+def test_prep_workers_equal_serial(sim, shards, tmp_path, monkeypatch, given_tokenizer):
+    """workers=2 (spawned processes serialise and encode the chunks after the tokenizer's sample): the same shards,
+    tokenizer and manifest as the serial run. Small batches and shards: many chunks, more than 2 * workers.
+    WordPiece training breaks ties run-dependently, so the trainer is replaced by one that records its texts (they
+    must be the same) and returns a fixed tokenizer; the pool is then given the tokenizer trained in the run."""
+    import sessionbert.data.tokenizer as tk
+
+    tok = load_tokenizer(shards[0] / "tokenizer")
+    seen = []
+
+    def fixed(texts, vocab_size, min_frequency):
+        seen.append(list(texts))
+        return tok, {"fixed": True}
+
+    monkeypatch.setattr(tk, "train_wordpiece", fixed)
+    kw = dict(seq_len=64, vocab_size=400, shard_sessions=300, batch_rows=3000)
+    kw |= {"tokenizer": tok} if given_tokenizer else {"tokenizer_sample": 150}
+    a = prep_shards(sim / "events.parquet", tmp_path / "serial", sim / "billing.parquet", **kw)
+    b = prep_shards(sim / "events.parquet", tmp_path / "par", sim / "billing.parquet", workers=2, **kw)
+    assert len(seen) == (0 if given_tokenizer else 2) and (not seen or seen[0] == seen[1])
+    assert _manifest_without_timings(a) == _manifest_without_timings(b)
+    assert len(a["shards"]) >= 3
+    for s in a["shards"]:
+        ta, tb = pq.read_table(tmp_path / "serial" / s["file"]), pq.read_table(tmp_path / "par" / s["file"])
+        assert ta.num_rows > 0 and ta.equals(tb), s["file"]
+    assert ((tmp_path / "serial" / "tokenizer" / "tokenizer.json").read_bytes()
+            == (tmp_path / "par" / "tokenizer" / "tokenizer.json").read_bytes())
+
+
+def test_prep_workers_input_errors_as_serial(sim, shards, tmp_path):
+    """The parallel path raises the serial path's error (file and row), and leaves nothing half-written."""
+    tok = load_tokenizer(shards[0] / "tokenizer")
+    n = pq.ParquetFile(sim / "events.parquet").metadata.num_rows
+    bad = _rewrite(sim / "events.parquet", tmp_path / "unsorted.parquet",
+                   lambda t: pa.concat_tables([t.slice(n // 2), t.slice(0, n // 2)]))
+    msgs = []
+    for w in (0, 2):
+        with pytest.raises(PrepInputError, match=r"unsorted\.parquet: events must be sorted by user_id") as e:
+            prep_shards(bad, tmp_path / f"o{w}", tokenizer=tok, batch_rows=3000, workers=w)
+        msgs.append(str(e.value))
+    bill = _rewrite(sim / "billing.parquet", tmp_path / "bill.parquet",
+                    lambda t: pa.concat_tables([t.slice(t.num_rows // 2), t.slice(0, t.num_rows // 2)]))
+    for w in (0, 2):  # raised in this process, by the billing merge join
+        with pytest.raises(PrepInputError, match=r"bill\.parquet: billing must be sorted by user_id") as e:
+            prep_shards(sim / "events.parquet", tmp_path / f"ob{w}", bill, tokenizer=tok, batch_rows=3000, workers=w)
+        msgs.append(str(e.value))
+    assert msgs[0] == msgs[1] and msgs[2] == msgs[3]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".o", "o"))]
 
 

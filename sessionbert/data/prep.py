@@ -1,6 +1,6 @@
 """Streaming CPU prep: events Parquet -> serialised sessions -> WordPiece ids -> token-id shards on disk.
 
-    python -m sessionbert.data.prep EVENTS.parquet OUT_DIR [--billing BILLING.parquet] [--seq-len 128]
+    python -m sessionbert.data.prep EVENTS.parquet OUT_DIR [--billing BILLING.parquet] [--seq-len 128] [--workers N]
 
 The events file is read in record batches (pyarrow) and cut at user boundaries, so memory is bounded by one
 batch of events plus one shard of output, never by the dataset. Per batch everything is vectorised: event
@@ -37,8 +37,9 @@ import shutil
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -374,7 +375,7 @@ class _Ids:
     """Token ids of texts, tokenised once (Rust encode_batch) and cached; the cache is bounded."""
 
     def __init__(self, tokenizer, max_cache: int = 1_000_000):
-        self.tok = tokenizer.backend_tokenizer
+        self.tok = getattr(tokenizer, "backend_tokenizer", tokenizer)  # PreTrainedTokenizerFast or tokenizers.Tokenizer
         self.cache: dict[str, np.ndarray] = {}
         self.max_cache = max_cache
 
@@ -599,12 +600,19 @@ def prep_shards(
     batch_rows: int = 1 << 20,
     compression: str | None = "zstd",
     overwrite: bool = False,
+    workers: int = 0,
 ) -> dict:
     """Events (+ billing) Parquet -> token-id shards in `out_dir`; returns the manifest (with step times).
 
     `tokenizer`: a PreTrainedTokenizerFast, a tokenizer dir, or None to train WordPiece (vocab_size,
     min_frequency) on the first `tokenizer_sample` training-window sessions (a bounded sample: WordPiece
     training on the whole stream would cost as much as the rest of the prep).
+
+    `workers` > 0: once the tokenizer is ready (given, or trained here on the first chunks, as in the serial run),
+    the remaining chunks (whole users, with their billing rows) are serialised and encoded in a pool of that many
+    spawned processes, at most 2 * workers chunks in flight; this process reads, merge-joins billing and adds
+    the tables to the shards in chunk order. Shards, tokenizer and manifest are those of the serial run (timings
+    aside), and so is the first input error raised.
     """
     from .tokenizer import load_tokenizer, train_wordpiece
 
@@ -614,6 +622,8 @@ def prep_shards(
         raise ValueError(f"prep: seq_len must be >= 3 or None, got {seq_len}")
     if shard_sessions < 1 or batch_rows < 1:
         raise ValueError("prep: shard_sessions and batch_rows must be >= 1")
+    if workers < 0:
+        raise ValueError(f"prep: workers must be >= 0, got {workers}")
     if not events_path.exists():
         raise FileNotFoundError(f"prep: events file {events_path} does not exist")
     if out.exists() and not overwrite:
@@ -650,6 +660,9 @@ def prep_shards(
     pending: list[_Chunk] = []
     n_sample = 0
     n_events = 0
+    pool: ProcessPoolExecutor | None = None
+    inflight: deque[Future] = deque()  # chunks in the pool, in chunk order
+    from_worker = False  # the exception being handled was raised by a worker (for the error order below)
 
     def ready(tk) -> None:
         nonlocal ids, evt_id, cls_id, end_id
@@ -667,6 +680,19 @@ def prep_shards(
             times["encode_assemble"] += t2 - t
             times["write"] += time.perf_counter() - t2
 
+    def collect(keep: int) -> None:
+        """Add the pool's results to the shards, oldest first, until at most `keep` chunks are in flight."""
+        nonlocal from_worker
+        while len(inflight) > keep:
+            t = time.perf_counter()
+            from_worker = True
+            table = inflight.popleft().result()
+            from_worker = False
+            t2 = time.perf_counter()
+            writer.add(table)
+            times["encode_assemble"] += t2 - t  # waiting for the workers
+            times["write"] += time.perf_counter() - t2
+
     if tokenizer is not None:
         ready(tokenizer)
     try:
@@ -675,6 +701,18 @@ def prep_shards(
         for row0, tab in _prefetch(_user_chunks(events_path, columns, batch_rows)):
             last = tab.column("user_id")[-1].as_py()
             btab = bill.upto(last) if bill is not None else None
+            if workers > 0 and ids is not None:
+                if pool is None:
+                    pool = _start_pool(workers, tokenizer, evt_id, cls_id, end_id, split, use_region, events_path,
+                                       seq_len)
+                inflight.append(pool.submit(_work_chunk, tab, btab, row0, prev_user))
+                prev_user = last
+                n_events += tab.num_rows
+                del tab, btab
+                times["read_serialise"] += time.perf_counter() - t
+                collect(2 * workers - 1)
+                t = time.perf_counter()
+                continue
             ch = _serialise_chunk(tab, btab, split, use_region, events_path, row0, prev_user)
             prev_user = last
             n_events += tab.num_rows
@@ -697,14 +735,30 @@ def prep_shards(
             ready(tokenizer)
             flush(pending)
             pending = []
+        collect(0)
         t = time.perf_counter()
         writer.close()
         tokenizer.save_pretrained(str(tmp / "tokenizer"))
         times["write"] += time.perf_counter() - t
-    except BaseException:
-        writer.abort()
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        try:
+            if isinstance(e, Exception) and not from_worker:
+                # as in the serial run, an earlier chunk's error comes before this one (raised on reading a
+                # later chunk or its billing): the chunks still in the pool are older than the one being read
+                for f in inflight:
+                    f.result()
+        finally:
+            for f in inflight:
+                f.cancel()
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+                pool = None
+            writer.abort()
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
     n_sessions = sum(s["sessions"] for s in writer.shards)
     win = {w: sum(s["windows"][w] for s in writer.shards) for w in WINDOWS}
     manifest = {
@@ -723,6 +777,38 @@ def prep_shards(
     os.replace(tmp, out)
     manifest["seconds"] = {k: round(v, 3) for k, v in times.items()} | {"total": round(time.perf_counter() - t_all, 3)}
     return manifest
+
+
+# ---------------------------------------------------------------------------------------------- worker processes
+_WORKER: dict = {}
+
+
+def _start_pool(workers: int, tokenizer, evt_id: int, cls_id: int, end_id: int, split: TimeSplit, use_region: bool,
+                path: Path, seq_len: int | None) -> ProcessPoolExecutor:
+    """Spawned processes (the caller may hold CUDA: no fork), each loading the tokenizer once from its JSON."""
+    import multiprocessing
+
+    tok_json = tokenizer.backend_tokenizer.to_str()
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker,
+                               initargs=(tok_json, evt_id, cls_id, end_id, split, use_region, path, seq_len))
+
+
+def _init_worker(tok_json: str, evt_id: int, cls_id: int, end_id: int, split: TimeSplit, use_region: bool,
+                 path: Path, seq_len: int | None) -> None:
+    # one process per core already: no Rust thread pool per worker as well (the ids do not depend on it)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from tokenizers import Tokenizer
+
+    _WORKER.update(ids=_Ids(Tokenizer.from_str(tok_json)), evt_id=evt_id, cls_id=cls_id, end_id=end_id,
+                   split=split, use_region=use_region, path=path, seq_len=seq_len)
+
+
+def _work_chunk(tab: pa.Table, btab: pa.Table | None, row0: int, prev_user: str | None) -> pa.Table:
+    """One chunk of whole users (and their billing rows), serialised and encoded: the shard rows."""
+    w = _WORKER
+    ch = _serialise_chunk(tab, btab, w["split"], w["use_region"], w["path"], row0, prev_user)
+    return _encode_chunk(ch, w["ids"], w["evt_id"], w["cls_id"], w["end_id"], w["seq_len"])
 
 
 def _train(pending: list[_Chunk], sample: int, vocab_size: int, min_frequency: int, times: dict, train_wordpiece):
@@ -769,10 +855,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer-sample", type=int, default=20_000)
     ap.add_argument("--shard-sessions", type=int, default=100_000)
     ap.add_argument("--overwrite", action="store_true")
+    ap.add_argument("--workers", type=int, default=0,
+                    help="serialise and encode in this many processes (0: in this one); the shards are the same")
     a = ap.parse_args(argv)
     m = prep_shards(a.events, a.out, a.billing, seq_len=a.seq_len or None, vocab_size=a.vocab_size,
                     tokenizer=a.tokenizer, tokenizer_sample=a.tokenizer_sample, shard_sessions=a.shard_sessions,
-                    overwrite=a.overwrite)
+                    overwrite=a.overwrite, workers=a.workers)
     json.dump({k: m[k] for k in ("n_sessions", "n_events", "n_tokens", "windows", "seconds")}, sys.stdout)
     print()
     return 0
