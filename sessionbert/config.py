@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .data.serialize import SPECIAL_TOKENS
 
-STAGES = ("all", "data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "report")
+STAGES = ("all", "data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "score_all", "report")
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,16 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "pretrain.packed", default=False) and cfg.model.kind == "scratch" \
             and not OmegaConf.select(cfg, "pretrain.max_tokens"):
         raise ConfigError("pretrain.packed: needs pretrain.max_tokens (tokens per packed step, e.g. 131072 on a GPU)")
+    _int(cfg, "corpus.max_users", lo=1, allow_none=True)
+    _int(cfg, "runtime.prep_workers", lo=0, allow_none=True)
+    source = OmegaConf.select(cfg, "pretrain.source", default="corpus")
+    if source not in ("corpus", "shards"):
+        raise ConfigError(f"pretrain.source: corpus or shards, got {source!r}")
+    if OmegaConf.select(cfg, "score_all") is not None:
+        if not isinstance(cfg.score_all.enabled, bool):
+            raise ConfigError(f"score_all.enabled: true or false, got {cfg.score_all.enabled!r}")
+        _int(cfg, "score_all.workers", lo=0)
+        _int(cfg, "score_all.batch_rows", lo=1)
     ks = list(cfg.personas.k_range)
     if not ks or any((not isinstance(x, int)) or x < 2 for x in ks):
         raise ConfigError(f"personas.k_range: integers >= 2 expected, got {ks}")

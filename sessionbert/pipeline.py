@@ -69,6 +69,7 @@ class Run:
         self.keys: dict[str, str] = {}
         self._logger = None
         self._corpus = None
+        self.corpus_note: dict | None = None  # the user sample's size when corpus.max_users samples
         self.device = torch.device(
             "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
         )
@@ -123,18 +124,60 @@ class Run:
         return self._logger
 
     def corpus(self):
+        """The in-memory Corpus of the run's events: all users, or a seeded sample of corpus.max_users users (with
+        the whole data's time windows)."""
         if self._corpus is None:
             from .data.corpus import Corpus
 
             d = self.stage_dirs["data"]
-            events = pd.read_parquet(d / "events.parquet")
-            billing = pd.read_parquet(d / "billing.parquet") if (d / "billing.parquet").exists() else None
+            sample = user_sample(d / "events.parquet", OmegaConf.select(self.cfg, "corpus.max_users"), self.cfg.seed)
+            period = None
+            if sample is None:
+                events = pd.read_parquet(d / "events.parquet")
+                billing = pd.read_parquet(d / "billing.parquet") if (d / "billing.parquet").exists() else None
+            else:
+                import pyarrow.compute as pc
+                import pyarrow.parquet as pq
+
+                from .data.prep import _period_end
+
+                users, n_all = sample
+                keep = pc.field("user_id").isin(users)
+                events = pq.read_table(d / "events.parquet", filters=keep).to_pandas()
+                billing = pq.read_table(d / "billing.parquet", filters=keep).to_pandas() \
+                    if (d / "billing.parquet").exists() else None
+                period = _period_end(pq.ParquetFile(d / "events.parquet"), d / "events.parquet", 1 << 20)
+                self.corpus_note = {"users": len(users), "of_users": n_all, "events": len(events)}
+                log.info("corpus: a seeded sample of %d of %d users (corpus.max_users)", len(users), n_all)
             sp = self.cfg.data.split
             split = self.metrics.get("data", {}).get("realdata", {}).get("split", {})  # file-order split days
             val_days, test_days = split.get("val_days", sp.val_days), split.get("test_days", sp.test_days)
             self._corpus = Corpus.build(events, billing, val_days, test_days,
-                                        self.cfg.tokenizer.metadata, self.cfg.tokenizer.billing)
+                                        self.cfg.tokenizer.metadata, self.cfg.tokenizer.billing, period=period)
         return self._corpus
+
+    def corpus_key(self) -> dict:
+        """Part of the cache key of every stage that reads `corpus()` (empty for the whole corpus, so those keys
+        are unchanged)."""
+        m = OmegaConf.select(self.cfg, "corpus.max_users")
+        return {} if m is None else {"corpus_max_users": int(m)}
+
+
+def user_sample(events_path: Path, max_users: int | None, seed: int):
+    """(sorted user ids as a pyarrow array, number of users in the file) of a seeded sample of `max_users` users,
+    or None when the file has no more users than that (or `max_users` is None). Reads only the user_id column."""
+    if max_users is None:
+        return None
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    users = pc.unique(pq.read_table(events_path, columns=["user_id"]).column("user_id").combine_chunks())
+    if len(users) <= max_users:
+        return None
+    users = users.take(pc.sort_indices(users))
+    pick = np.sort(np.random.default_rng(seed).choice(len(users), int(max_users), replace=False))
+    return users.take(pa.array(pick)), len(users)
 
 
 # ---- stages ---------------------------------------------------------------------------------------
@@ -154,7 +197,7 @@ def stage_data(run: Run) -> Path:
 
             sim = sim_config(cfg.data.size, seed=cfg.data.seed, **_plain(cfg.data.overrides))
             # the simulator measures data_stats while streaming (a user sample at paper scale), on this split
-            res = simulate_to_dir(sim, out, load_catalog(cfg.data.catalog))
+            res = simulate_to_dir(sim, out, load_catalog(cfg.data.catalog), **_workers_kw(cfg))
             stats = json.loads(Path(res["data_stats"]).read_text())
             sp = cfg.data.split
             if (sp.val_days, sp.test_days) != (14, 28):  # the simulator measured on the default split
@@ -258,7 +301,70 @@ def stage_tokenizer(run: Run) -> Path | None:
         n_train = len(corpus.window_sessions("train"))
         return {**note, "training_sessions": n_train, "tokenizer_sessions": min(n_train, cap or n_train)}
 
-    return run.stage("tokenizer", {"data": run.keys["data"], "tokenizer": _plain(cfg.tokenizer)}, fn)
+    if _shards_mode(cfg):
+        return stage_shards(run)
+    return run.stage("tokenizer", {"data": run.keys["data"], "tokenizer": _plain(cfg.tokenizer), **run.corpus_key()},
+                     fn)
+
+
+def _shards_mode(cfg: DictConfig) -> bool:
+    return cfg.model.kind == "scratch" and OmegaConf.select(cfg, "pretrain.source", default="corpus") == "shards"
+
+
+def stage_shards(run: Run) -> Path:
+    """pretrain.source=shards: the streaming prep (sessionbert.data.prep.prep_shards) over the whole events file
+    writes the tokenizer (WordPiece on the first tokenizer.max_sessions training sessions) and the token ids of
+    every session at seq_len (`shards/`), in memory bounded by one batch of events. Registered as the tokenizer
+    stage: the later stages load `tokenizer/` from it as from the corpus-mode stage."""
+    cfg = run.cfg
+
+    def fn(out: Path) -> dict:
+        from .data.prep import prep_shards
+
+        d = run.stage_dirs["data"]
+        sp = cfg.data.split
+        split = run.metrics.get("data", {}).get("realdata", {}).get("split", {})
+        bill = d / "billing.parquet"
+        m = prep_shards(d / "events.parquet", out / "shards", bill if bill.exists() else None, seq_len=cfg.seq_len,
+                        val_days=split.get("val_days", sp.val_days), test_days=split.get("test_days", sp.test_days),
+                        use_region=cfg.tokenizer.metadata, use_billing=cfg.tokenizer.billing,
+                        vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency,
+                        tokenizer_sample=cfg.tokenizer.max_sessions or (1 << 62), **_workers_kw(cfg))
+        shutil.copytree(out / "shards" / "tokenizer", out / "tokenizer")
+        return {**m["tokenizer_note"], "source": "shards", "sessions": m["n_sessions"], "tokens": m["n_tokens"],
+                "windows": m["windows"], "prep_seconds": m["seconds"], "training_sessions": m["windows"]["train"],
+                "tokenizer_sessions": m["tokenizer_note"].get("sample_sessions")}
+
+    key = {"data": run.keys["data"], "tokenizer": _plain(cfg.tokenizer), "source": "shards", "seq_len": cfg.seq_len}
+    return run.stage("tokenizer", key, fn)
+
+
+def _workers_kw(cfg: DictConfig) -> dict:
+    """{"workers": runtime.prep_workers} for the simulator / streaming prep (their process pools), {} for 0."""
+    w = OmegaConf.select(cfg, "runtime.prep_workers", default=0) or 0
+    return {"workers": int(w)} if w else {}
+
+
+def shard_ids(shard_dir: Path, window: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (T,) int32, offsets (N + 1,) int64) of the sessions of one window of a shard folder, in shard order
+    (at most `limit` sessions): row i = ids[offsets[i]:offsets[i + 1]]."""
+    from .data.prep import iter_shards
+
+    ids, lens, n = [], [], 0
+    for t in iter_shards(shard_dir, (window,)):
+        if limit is not None and n >= limit:
+            break
+        col = t.column("input_ids")
+        if limit is not None and n + len(col) > limit:
+            col = col.slice(0, limit - n)
+        col = col.combine_chunks()
+        off = col.offsets.to_numpy()
+        ids.append(col.values.to_numpy()[off[0]:off[-1]].astype(np.int32, copy=False))
+        lens.append(np.diff(off))
+        n += len(col)
+    lens_all = np.concatenate(lens) if lens else np.zeros(0, np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens_all)]).astype(np.int64)
+    return (np.concatenate(ids) if ids else np.zeros(0, np.int32)), offsets
 
 
 def _tokenizer(run: Run):
@@ -290,9 +396,7 @@ def stage_pretrain(run: Run) -> Path:
         from .models.modules import MLMModule
         from .train_utils import build_trainer, fit, resolve_resume
 
-        corpus, tok = run.corpus(), _tokenizer(run)
-        enc_obj = SessionEncoder(tok, cfg.seq_len)
-        enc = corpus.encode(enc_obj)
+        tok = _tokenizer(run)
         pa = cfg.pretrain
         packed = bool(pa.get("packed", False))
         bcfg = bert_config(len(tok), tok.pad_token_id, ARCHS[cfg.model.arch], cfg.model.max_position_embeddings,
@@ -302,9 +406,21 @@ def stage_pretrain(run: Run) -> Path:
         module = MLMModule(bcfg.to_dict(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay,
                            warmup_ratio=cfg.pretrain.warmup_ratio, compile=bool(pa.get("compile", False)) and packed)
         special = tok.all_special_ids
-        train_s = corpus.window_sessions("train")
-        val_s = corpus.window_sessions("val")[: pa.val_max_sessions]
-        whole = lambda s: np.stack([s, -np.ones_like(s)], 1)  # noqa: E731
+        if _shards_mode(cfg):  # every session's ids from the streaming prep (equal to the corpus path's, tested)
+            from .data.datasets import IdsDataset
+
+            sd = run.stage_dirs["tokenizer"] / "shards"
+            train_ds = IdsDataset(*shard_ids(sd, "train"))
+            val_ds = IdsDataset(*shard_ids(sd, "val", pa.val_max_sessions))
+            train_lengths = train_ds.lengths()
+        else:
+            corpus = run.corpus()
+            enc_obj = SessionEncoder(tok, cfg.seq_len)
+            enc = corpus.encode(enc_obj)
+            whole = lambda s: np.stack([s, -np.ones_like(s)], 1)  # noqa: E731
+            train_ds = SessionDataset(enc_obj, enc, whole(corpus.window_sessions("train")))
+            val_ds = SessionDataset(enc_obj, enc, whole(corpus.window_sessions("val")[: pa.val_max_sessions]))
+            train_lengths = enc_obj.lengths(enc, train_ds.items)  # vectorised len(build(...)) of each session
         nw = cfg.runtime.num_workers
         mult = None if packed else pa.get("pad_to_multiple_of")  # a packed stream has no width to round
         train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability,
@@ -313,8 +429,6 @@ def stage_pretrain(run: Run) -> Path:
             from .data.datasets import PackedMLMCollator
 
             train_coll = PackedMLMCollator(train_coll, max_len=cfg.seq_len)
-        train_ds = SessionDataset(enc_obj, enc, whole(train_s))
-        train_lengths = enc_obj.lengths(enc, train_ds.items)  # vectorised len(build(...)) of each session
         # both samplers are pure functions of (seed, epoch) and resumable mid-epoch (train_utils.ResumeState)
         if pa.get("max_tokens"):  # length bucketing: batches of similar length, B x T <= max_tokens (GPU path)
             from .data.sampler import TokenBudgetBatchSampler
@@ -329,7 +443,7 @@ def stage_pretrain(run: Run) -> Path:
 
             sampler = SeededBatchSampler(len(train_ds), pa.batch_size, shuffle=True, seed=cfg.seed)
         train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, num_workers=nw)
-        val_dl = DataLoader(SessionDataset(enc_obj, enc, whole(val_s)), batch_size=cfg.runtime.eval_batch_size,
+        val_dl = DataLoader(val_ds, batch_size=cfg.runtime.eval_batch_size,
                             collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
                                                    pa.mlm_probability, fixed_seed=cfg.seed), num_workers=nw)
         ckpt = resolve_resume(cfg, run.ckpt_dir)
@@ -345,14 +459,29 @@ def stage_pretrain(run: Run) -> Path:
         module.model.bert.save_pretrained(str(out / "encoder"))
         tok.save_pretrained(str(out / "encoder"))
         n_tokens = int(train_lengths.sum())
+        total = _train_seconds(trainer, seconds)
         return {"mlm_loss": float(val["pretrain/val_mlm_loss_epoch"] if "pretrain/val_mlm_loss_epoch" in val
                                   else val["pretrain/val_mlm_loss"]),
-                "train_sessions": int(len(train_s)), "seconds": round(seconds, 3),
+                "train_sessions": int(len(train_ds)), "seconds": round(seconds, 3),
+                "source": "shards" if _shards_mode(cfg) else "corpus", "train_seconds_total": round(total, 3),
+                "real_tokens_per_s": round(n_tokens * pa.epochs / total, 1) if total > 0 else None,
                 "train_tokens": n_tokens, "vocab_size": len(tok)}
 
+    pre = _plain(cfg.pretrain)
+    if pre.get("source") == "corpus":  # the default: keys of runs from before the knob existed stay valid
+        del pre["source"]
     key = {"tokenizer": run.keys["tokenizer"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
-           "pretrain": _plain(cfg.pretrain), "precision": cfg.trainer.precision, "debug": _debug_key(cfg)}
+           "pretrain": pre, "precision": cfg.trainer.precision, "debug": _debug_key(cfg),
+           **({} if _shards_mode(cfg) else run.corpus_key())}
     return run.stage("pretrain", key, fn) / "encoder"
+
+
+def _train_seconds(trainer, seconds: float) -> float:
+    """fit's wall time summed over a run and the interrupted runs it resumed (train_utils.ResumeState)."""
+    from .train_utils import ResumeState
+
+    rs = [c for c in trainer.callbacks if isinstance(c, ResumeState)]
+    return rs[0].train_seconds() if rs and rs[0].prior_seconds else seconds
 
 
 def _debug_key(cfg: DictConfig) -> dict:
@@ -455,6 +584,8 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
              "max_batch_slots": work["max_batch_slots"],
              "pad_fraction": round(1 - work["real_tokens"] / work["padded_slots"], 4) if work["padded_slots"] else None,
              "real_tokens_per_s": round(work["real_tokens"] / seconds, 1) if seconds > 0 else None}
+        if run.corpus_note:
+            m["corpus_sample"] = run.corpus_note
         for head in ("page", "service"):
             for name in ("f1_micro", "f1_macro", "f1_weighted", "hit@5"):
                 m[f"{head}_{name}"] = float(test[f"finetune/test_{head}_{name}"])
@@ -462,7 +593,8 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
 
     key = {"encoder": run.keys.get("pretrain", str(encoder_dir)), "tokenizer": run.keys.get("tokenizer"),
            "data": run.keys["data"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
-           "finetune": _plain(cfg.finetune), "precision": cfg.trainer.precision, "debug": _debug_key(cfg)}
+           "finetune": _plain(cfg.finetune), "precision": cfg.trainer.precision, "debug": _debug_key(cfg),
+           **run.corpus_key()}
     return run.stage("finetune", key, fn)
 
 
@@ -604,6 +736,89 @@ def stage_recommend(run: Run, ft_dir: Path) -> Path:
     d = run.stage("recommend", key, fn)
     _persona_popularity_metric(run)
     return d
+
+
+def data_split(run: Run):
+    """The TimeSplit of the whole events file (its first / last timestamp from Parquet statistics), without
+    loading it: what `Corpus.build` computes over all events."""
+    import pyarrow.parquet as pq
+
+    from .data.prep import _period_end
+    from .data.split import time_split
+
+    path = run.stage_dirs["data"] / "events.parquet"
+    sp = run.cfg.data.split
+    split = run.metrics.get("data", {}).get("realdata", {}).get("split", {})
+    lo, hi = _period_end(pq.ParquetFile(path), path, 1 << 20)
+    return time_split(pd.Series([lo, hi]), split.get("val_days", sp.val_days), split.get("test_days", sp.test_days))
+
+
+def stage_score_all(run: Run, ft_dir: Path) -> Path:
+    """score_all.enabled: every user of the events file scored through the API's streaming path
+    (`SessionBERT.recommend_file`, what `sessionbert recommend` runs): persona by the nearest cluster centre of the
+    personas stage and the top recommend.k new services from the sessions before the test window, written to
+    all_users.parquet (the API's columns); Hit@5 over every user who adopts a service in the test window
+    (`split.used_and_adopted_file`, the recommend stage's protocol) and, with a ground truth, persona ARI over all
+    users. Memory holds a few batches of users, never the events."""
+    cfg = run.cfg
+
+    def fn(out: Path) -> dict:
+        import pyarrow.parquet as pq
+
+        from .data.split import used_and_adopted_file
+        from .inference import COLUMNS, OUTPUT_SCHEMA, SessionBERT
+        from .recommend.metrics import hit_at_k
+
+        module, tok, labels = load_finetuned(ft_dir, run.device)
+        pdir = run.stage_dirs["personas"]
+        mapping = {str(k): v for k, v in (run.metrics["personas"].get("mapping") or {}).items()}
+        conf = {"seq_len": cfg.seq_len, "recommend": _plain(cfg.recommend), "tokenizer": _plain(cfg.tokenizer),
+                "personas": _plain(cfg.personas)}
+        d = run.stage_dirs["data"]
+        bill = d / "billing.parquet"
+        model = SessionBERT(module, tok, labels, np.load(pdir / "centers.npy"), mapping, conf,
+                            {k: str(v) for k, v in run.stage_dirs.items()}, run.device,
+                            cfg.runtime.eval_batch_size, ft_dir / "tokenizer", bill.exists())
+        split = data_split(run)
+        t0 = time.perf_counter()
+        top: dict[str, list[str]] = {}
+        clusters: list[pd.DataFrame] = []
+        n_users = n_scored = 0
+        with pq.ParquetWriter(out / "all_users.parquet", OUTPUT_SCHEMA) as w:
+            for t in model.recommend_file(d / "events.parquet", bill if bill.exists() else None,
+                                          cutoff=split.test_start, workers=cfg.score_all.workers,
+                                          batch_rows=cfg.score_all.batch_rows):
+                w.write_table(t.select(list(COLUMNS)))
+                users = t.column("user_id").to_pylist()
+                top.update(zip(users, t.column("new_services").to_pylist()))
+                clusters.append(pd.DataFrame({"user_id": users, "cluster": t.column("cluster").to_numpy(
+                    zero_copy_only=False)}))
+                n_users += t.num_rows
+                n_scored += int(t.column("skipped_reason").null_count)
+        score_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        _, adopted = used_and_adopted_file(d / "events.parquet", split.test_start)
+        top = {u: (r or []) for u, r in top.items()}
+        k = cfg.recommend.k
+        m = {"users": n_users, "users_scored": n_scored, "score_seconds": round(score_s, 3),
+             "users_per_s": round(n_users / score_s, 1) if score_s > 0 else None,
+             "hit@5": hit_at_k(top, adopted, k), "adopting_users": len(adopted),
+             "adopted_seconds": round(time.perf_counter() - t1, 3), "workers": cfg.score_all.workers,
+             "protocol": f"every user of the data; last {cfg.recommend.last_sessions} sessions before the test "
+                         f"window; hit when a top-{k} service is first used by the user in the test window"}
+        truth_path = d / "truth_users.parquet"
+        if truth_path.exists():
+            from sklearn.metrics import adjusted_rand_score
+
+            cl = pd.concat(clusters)
+            cl = cl[cl["cluster"].notna()]
+            truth = pd.read_parquet(truth_path).set_index("user_id")["primary_persona"]
+            m["ari"] = float(adjusted_rand_score(truth.reindex(cl["user_id"]).to_numpy(), cl["cluster"].to_numpy()))
+        return m
+
+    key = {"finetune": run.keys["finetune"], "personas": run.keys["personas"], "recommend": _plain(cfg.recommend),
+           "seq_len": cfg.seq_len}
+    return run.stage("score_all", key, fn)
 
 
 # ---- Issue 3 (experiment grids): the persona ranker and the persona-popularity baseline ------------------
@@ -750,8 +965,11 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if ((cfg.stage in ("all", "personas", "report") or cfg.recommend.ranker == "persona")  # persona: Issue 3
                 and "personas" not in skips):
             stage_personas(run, ft)
-        if cfg.stage in ("all", "recommend", "report") and "recommend" not in skips:
+        if cfg.stage in ("all", "recommend", "score_all", "report") and "recommend" not in skips:
             stage_recommend(run, ft)
+        if (cfg.stage in ("all", "score_all", "report") and OmegaConf.select(cfg, "score_all.enabled", default=False)
+                and "recommend" not in skips and "personas" not in skips):
+            stage_score_all(run, ft)
         return _finish(run, report=cfg.stage in ("all", "report"))
     finally:
         if run._logger is not None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import sys
 from pathlib import Path
 
@@ -145,6 +146,14 @@ class ResumeState(L.Callback):
 
     def __init__(self, seed: int, sampler=None):
         self.seed, self.sampler = int(seed), sampler
+        self.prior_seconds, self._t0 = 0.0, None  # training wall time of the interrupted runs before this one
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._t0 = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Wall time of `fit` over this run and every interrupted run it resumed (from the checkpoint)."""
+        return self.prior_seconds + (time.perf_counter() - self._t0 if self._t0 is not None else 0.0)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         import random
@@ -162,6 +171,7 @@ class ResumeState(L.Callback):
         checkpoint[self.KEY] = {
             "seed": self.seed, "epoch": int(trainer.current_epoch), "global_step": int(trainer.global_step),
             "batches_done": int(progress.current.processed), "last_batch": bool(progress.is_last_batch),
+            "train_seconds": float(self.train_seconds()),
         }
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
@@ -170,6 +180,7 @@ class ResumeState(L.Callback):
             log.warning("checkpoint has no data-position state (%s): the interrupted epoch restarts from its first "
                         "batch", self.KEY)
             return
+        self.prior_seconds = float(st.get("train_seconds", 0.0))
         if st["seed"] != self.seed:
             raise ValueError(f"seed: the checkpoint was trained with seed={st['seed']}, this run has seed={self.seed}; "
                              "a resumed run must use the interrupted run's seed")

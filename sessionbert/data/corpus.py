@@ -23,11 +23,12 @@ class Corpus:
 
     @classmethod
     def build(cls, events: pd.DataFrame, billing: pd.DataFrame | None, val_days: float, test_days: float,
-              use_region: bool = True, use_billing: bool = True) -> "Corpus":
-        """Serialise `events`; windows from (val_days, test_days) before the end."""
+              use_region: bool = True, use_billing: bool = True, period: tuple | None = None) -> "Corpus":
+        """Serialise `events`; windows from (val_days, test_days) before the end. `period` (first, last timestamp):
+        the whole data's span when `events` are a sample of its users, so the windows are the whole data's."""
         ev = events.copy()
         ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
-        split = time_split(ev["timestamp"], val_days, test_days)
+        split = time_split(pd.Series(list(period)) if period is not None else ev["timestamp"], val_days, test_days)
         # sessions contiguous, ordered by user then session start; events inside a session by time
         start = ev.groupby("session_id")["timestamp"].transform("min")
         ev = ev.assign(_start=start).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")

@@ -39,6 +39,23 @@ class SessionDataset(Dataset):
         return out
 
 
+class IdsDataset(Dataset):
+    """Item i: the token ids ids[offsets[i]:offsets[i + 1]] of one whole session, already built (the streaming
+    prep's shards, `pipeline.shard_ids`): what `SessionDataset` yields for whole sessions, without the corpus."""
+
+    def __init__(self, ids: np.ndarray, offsets: np.ndarray):
+        self.ids, self.offsets = np.asarray(ids), np.asarray(offsets, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> dict:
+        return {"idx": i, "input_ids": self.ids[self.offsets[i]:self.offsets[i + 1]]}
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+
 def pad_batch(batch: list[dict], pad_id: int, multiple: int | None = None) -> dict[str, torch.Tensor]:
     """Dynamic padding to the longest sequence in the batch, rounded up to `multiple` when given (few distinct
     batch shapes: on a GPU every new shape costs kernel selection and allocator work)."""
@@ -47,7 +64,7 @@ def pad_batch(batch: list[dict], pad_id: int, multiple: int | None = None) -> di
         width = -(-width // multiple) * multiple
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)  # (B, T)
     for r, b in enumerate(batch):
-        ids[r, : len(b["input_ids"])] = torch.as_tensor(b["input_ids"])
+        ids[r, : len(b["input_ids"])] = torch.as_tensor(b["input_ids"], dtype=torch.long)
     out = {"input_ids": ids, "attention_mask": (ids != pad_id).long(), "idx": torch.tensor([b["idx"] for b in batch])}
     if "page" in batch[0]:
         out["page"] = torch.tensor([b["page"] for b in batch])

@@ -73,3 +73,25 @@ def used_and_adopted(events: pd.DataFrame, split: TimeSplit) -> tuple[dict[str, 
         if new:
             adopted[user] = new
     return used, adopted
+
+
+def used_and_adopted_file(path, test_start: pd.Timestamp, batch_rows: int = 1 << 22
+                          ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """`used_and_adopted` of an events Parquet file too large to load: each (user, service)'s first use is
+    aggregated per record batch (pyarrow group_by, three columns read), then over batches, so memory holds the
+    (user, service) pairs, never the events. Equal to `used_and_adopted` of the whole table (tested)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = []
+    for b in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=["user_id", "service", "timestamp"]):
+        parts.append(pa.Table.from_batches([b]).group_by(["user_id", "service"]).aggregate([("timestamp", "min")]))
+    if not parts:
+        return {}, {}
+    first = pa.concat_tables(parts).group_by(["user_id", "service"]).aggregate([("timestamp_min", "min")])
+    df = first.to_pandas()
+    before = pd.to_datetime(df["timestamp_min_min"], utc=True) < test_start
+    used = df.loc[before].groupby("user_id")["service"].agg(set).to_dict()
+    new = df.loc[~before & df["user_id"].isin(used.keys())]
+    adopted = new.groupby("user_id")["service"].agg(set).to_dict()
+    return used, adopted
