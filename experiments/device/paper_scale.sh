@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Paper scale (issue 6, goal 4) on one H200 as a chain of device calls of at most 10 minutes each:
+#   python train.py experiment=paper_scale resume=auto stage=$STAGE   under   timeout -s TERM $LIMIT
+# A SIGTERM while pretraining or fine-tuning writes preempted.ckpt and the next call continues from it; finished
+# stages come from the cache (.cache/sessionbert, kept on the machine while it is warm). Every call appends its
+# wall time to outputs/paper_scale/calls.jsonl; $OUT gets that file and every call's metrics.json / train.log.
+# Needs .whl/site (hydra, omegaconf, antlr4, hydra_plugins) carried; torch/lightning/transformers are on the machine.
+#   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 1: simulate, prep, pretraining (cut)
+#   LIMIT=560 STAGE=recommend bash experiments/device/paper_scale.sh   # call 2: rest of pretraining .. recommend
+#   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 3: score_all (every user), report
+export PYTHONPATH=$PWD:$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
+mkdir -p outputs/paper_scale
+if [ ! -f outputs/paper_scale/device.txt ]; then
+  { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2;
+    python3 -c "import torch, lightning, transformers, pyarrow, tokenizers, sklearn; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, 'pyarrow', pyarrow.__version__, 'tokenizers', tokenizers.__version__, 'sklearn', sklearn.__version__)"; } \
+    > outputs/paper_scale/device.txt 2>&1
+fi
+n=$(ls -d outputs/paper_scale/call-*/ 2>/dev/null | wc -l)
+dir=outputs/paper_scale/call-$((n + 1))
+t0=$(date +%s.%N)
+timeout -s TERM ${LIMIT:-560} python3 train.py experiment=paper_scale logger=csv resume=auto stage=${STAGE:-all} \
+  hydra.run.dir=$dir $EXTRA > $dir.log 2>&1
+rc=$?
+t1=$(date +%s.%N)
+python3 - "$t0" "$t1" "$rc" "${STAGE:-all}" "$dir" <<'PY'
+import json, sys
+t0, t1, rc, stage, d = sys.argv[1:]
+print(json.dumps({"call": d, "stage": stage, "rc": int(rc), "seconds": round(float(t1) - float(t0), 1)}),
+      file=open("outputs/paper_scale/calls.jsonl", "a"))
+PY
+grep -v -i "warning\|litlogger\|│\|┃\|━\|─" $dir.log | grep -i "stage \|resum\|error\|preempt\|metrics:\|Traceback\|exception" | tail -40
+tail -5 $dir.log
+cat outputs/paper_scale/calls.jsonl
+mkdir -p $OUT/paper_scale && cp -r outputs/paper_scale/. $OUT/paper_scale/ 2>/dev/null
+find $OUT/paper_scale -name "*.ckpt" -delete; rm -rf $OUT/paper_scale/*/csv
+ls .cache/sessionbert/*/ 2>/dev/null | head -30
+du -sh .cache/sessionbert/* 2>/dev/null
