@@ -18,6 +18,10 @@ order (session start, session_id, timestamp) when they are not already. The time
 first: it comes from the Parquet row-group statistics of `timestamp` (a streaming pass over that one column
 when a file has none).
 
+`workers` > 0 (`--workers N`): after the tokenizer's sample, the chunks are serialised and encoded in N spawned
+processes and added to the shards in order; the output is that of the serial run. Spawned processes import the
+caller's main module, so a script calling prep_shards(workers=...) needs the `if __name__ == "__main__":` guard.
+
 Output (`out_dir`, written under a temporary name and renamed when complete):
   shard-00000.parquet ...  `shard_sessions` sessions each (the last one fewer), SHARD_SCHEMA: session_id,
                            user_id, start, window (index into WINDOWS), n_events, input_ids (list<int32>,
@@ -662,7 +666,7 @@ def prep_shards(
     n_events = 0
     pool: ProcessPoolExecutor | None = None
     inflight: deque[Future] = deque()  # chunks in the pool, in chunk order
-    from_worker = False  # the exception being handled was raised by a worker (for the error order below)
+    from_worker = False  # the exception being handled was raised collecting the pool's results (error order below)
 
     def ready(tk) -> None:
         nonlocal ids, evt_id, cls_id, end_id
@@ -683,15 +687,15 @@ def prep_shards(
     def collect(keep: int) -> None:
         """Add the pool's results to the shards, oldest first, until at most `keep` chunks are in flight."""
         nonlocal from_worker
+        from_worker = True  # an error from here on is an older chunk's than those still in flight
         while len(inflight) > keep:
             t = time.perf_counter()
-            from_worker = True
             table = inflight.popleft().result()
-            from_worker = False
             t2 = time.perf_counter()
             writer.add(table)
             times["encode_assemble"] += t2 - t  # waiting for the workers
             times["write"] += time.perf_counter() - t2
+        from_worker = False
 
     if tokenizer is not None:
         ready(tokenizer)
