@@ -60,6 +60,27 @@ def write_run_report(out: Path, m: dict) -> Path:
         f"persona oracle {_f(rc.get('hit@5_persona_oracle'))}; {rc.get('users')} users) |",
         "",
     ]
+    sa = m.get("score_all") or {}
+    if sa:  # every user scored through the API's streaming path (score_all.enabled)
+        lines += ["## Every user (score_all)", "",
+                  f"{sa.get('users')} users scored in {_f(sa.get('score_seconds'), 1)} s ({sa.get('users_per_s')} "
+                  f"users/s, {sa.get('workers')} prep workers): Hit@5 {_f(sa.get('hit@5'))} over "
+                  f"{sa.get('adopting_users')} adopting users, persona ARI {_f(sa.get('ari'))}.", ""]
+        sample = ft.get("corpus_sample")
+        if sample:
+            lines += [f"Fine-tuning, personas and the Hit@5 above ran on a seeded sample of {sample['users']} of "
+                      f"{sample['of_users']} users (corpus.max_users).", ""]
+    order = ("data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "score_all")
+    times = {st: m[st]["stage_seconds"] for st in order if isinstance(m.get(st), dict) and "stage_seconds" in m[st]}
+    if times:
+        pre = times.get("pretrain")
+        if pre is not None and pt.get("train_seconds_total") and pt.get("seconds"):
+            times["pretrain"] = pre + pt["train_seconds_total"] - pt["seconds"]  # + interrupted runs' training
+        lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {st} | {_f(v, 1)} |" for st, v in times.items()]
+        lines += [f"| **total** | **{_f(sum(times.values()), 1)}** |", "",
+                  "Each stage's time when it ran (a reused cached stage shows the run that computed it); pretraining "
+                  "includes the training time of interrupted runs it resumed.", ""]
     skipped = m.get("skipped") or {}
     if skipped:  # public data lacking users / services / time (issue 5): skipped and said, never faked
         lines += ["## Skipped", "", "| stage | why |", "|---|---|"] + [f"| {k} | {v} |" for k, v in skipped.items()]

@@ -39,6 +39,9 @@ def test_shards_pretraining_sees_every_session_and_sample_runs_the_rest(scaled):
     sa = m["score_all"]
     assert sa["users"] == users and 0.0 <= sa["hit@5"] <= 1.0 and sa["adopting_users"] > 0
     assert -1.0 <= sa["ari"] <= 1.0
+    report = (tmp / "run" / "report.md").read_text()
+    assert "## Every user (score_all)" in report and f"{users} users scored" in report
+    assert "| score_all |" in report and "| **total** |" in report
     out = pq.read_table(Path(m["stage_dirs"]["score_all"]) / "all_users.parquet")
     assert out.num_rows == users and out.column("user_id").to_pylist() == sorted(out.column("user_id").to_pylist())
 

@@ -18,9 +18,16 @@ fi
 n=$(ls -d outputs/paper_scale/call-*/ 2>/dev/null | wc -l)
 dir=outputs/paper_scale/call-$((n + 1))
 t0=$(date +%s.%N)
-timeout -s TERM ${LIMIT:-560} python3 train.py experiment=paper_scale logger=csv resume=auto stage=${STAGE:-all} \
-  hydra.run.dir=$dir $EXTRA > $dir.log 2>&1
+# SIGTERM to the main process only (GNU timeout signals the whole process group, which kills the data-loader
+# workers before Lightning can write its checkpoint)
+python3 train.py experiment=paper_scale logger=csv resume=auto stage=${STAGE:-all} hydra.run.dir=$dir $EXTRA \
+  > $dir.log 2>&1 &
+pid=$!
+( sleep ${LIMIT:-560}; kill -TERM $pid 2>/dev/null ) &
+watchdog=$!
+wait $pid
 rc=$?
+kill $watchdog 2>/dev/null
 t1=$(date +%s.%N)
 python3 - "$t0" "$t1" "$rc" "${STAGE:-all}" "$dir" <<'PY'
 import json, sys

@@ -89,9 +89,19 @@ def used_and_adopted_file(path, test_start: pd.Timestamp, batch_rows: int = 1 <<
     if not parts:
         return {}, {}
     first = pa.concat_tables(parts).group_by(["user_id", "service"]).aggregate([("timestamp_min", "min")])
-    df = first.to_pandas()
-    before = pd.to_datetime(df["timestamp_min_min"], utc=True) < test_start
-    used = df.loc[before].groupby("user_id")["service"].agg(set).to_dict()
-    new = df.loc[~before & df["user_id"].isin(used.keys())]
-    adopted = new.groupby("user_id")["service"].agg(set).to_dict()
-    return used, adopted
+    users = first.column("user_id").to_numpy(zero_copy_only=False)
+    services = first.column("service").to_numpy(zero_copy_only=False)
+    before = (pd.to_datetime(first.column("timestamp_min_min").to_pandas(), utc=True) < test_start).to_numpy()
+    used = _sets_by_user(users[before], services[before])
+    new = ~before & pd.Index(users).isin(list(used))
+    return used, _sets_by_user(users[new], services[new])
+
+
+def _sets_by_user(users: np.ndarray, services: np.ndarray) -> dict[str, set[str]]:
+    """{user: set of its services} of parallel arrays: users factorised, rows grouped by a stable sort, one slice
+    per user (pandas' groupby(...).agg(set) runs a Python function per group: 60% of the time at 1M sessions)."""
+    codes, uniq = pd.factorize(users)
+    order = np.argsort(codes, kind="stable")
+    cuts = np.flatnonzero(np.diff(codes[order])) + 1
+    groups = np.split(services[order], cuts) if len(order) else []
+    return {str(uniq[codes[order[g0]]]): set(g.tolist()) for g0, g in zip(np.concatenate([[0], cuts]), groups)}
