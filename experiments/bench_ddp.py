@@ -9,6 +9,10 @@ workers. Examples are random in-vocabulary ids with the session-length distribut
 is N x the one-GPU throughput of real (non-padding) tokens.
 
     python experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --out experiments/results/bench_ddp.json
+    python experiments/bench_ddp.py --packed ...   # the packed path (pretrain.packed=true): PackedMLMCollator, varlen
+
+With `--packed` the batches go through `PackedMLMCollator` (what `pretrain.packed=true` trains with; attention-
+probability dropout 0) and real tokens are the collator's count.
 
 For each device count the script launches itself (`--child`) so that each measurement starts clean; Lightning
 starts the DDP processes. Timing starts after `--warmup` steps (NCCL set-up, cuDNN/cuBLAS heuristics) and covers
@@ -55,7 +59,7 @@ def child(a) -> None:
     import torch
     from torch.utils.data import DataLoader
 
-    from sessionbert.data.datasets import MLMCollator
+    from sessionbert.data.datasets import MLMCollator, PackedMLMCollator
     from sessionbert.data.sampler import TokenBudgetBatchSampler
     from sessionbert.models.encoder import ARCHS, bert_config
     from sessionbert.models.modules import MLMModule
@@ -69,9 +73,13 @@ def child(a) -> None:
     lengths = np.minimum(np.load(a.lengths).astype(np.int64), a.seq)
     lengths = lengths[lengths >= 3]
     cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
+    if a.packed:  # as stage_pretrain: the varlen kernel has no attention-probability dropout
+        cfg.attention_probs_dropout_prob = 0.0
     module = MLMModule(cfg.to_dict(), lr=1e-4)
     sampler = TokenBudgetBatchSampler(lengths, a.tokens_per_step, shuffle=True, seed=0)
     coll = MLMCollator(0, 4, a.vocab, [0, 1, 2, 3, 4, 5], 0.15, seed=0)
+    if a.packed:
+        coll = PackedMLMCollator(coll, max_len=a.seq)
     dl = DataLoader(_Ids(lengths, a.vocab), batch_sampler=sampler, collate_fn=coll, num_workers=a.workers,
                     pin_memory=True, persistent_workers=a.workers > 0, prefetch_factor=4 if a.workers else None)
 
@@ -84,7 +92,8 @@ def child(a) -> None:
                 _sync()
                 self.t0 = time.perf_counter()
             if trainer.global_step >= a.warmup:
-                self.tokens += int(batch["attention_mask"].sum())
+                self.tokens += int(batch["real_tokens"]) if "real_tokens" in batch else int(
+                    batch["attention_mask"].sum())
 
         def on_train_end(self, trainer, pl_module):
             _sync()
@@ -95,6 +104,7 @@ def child(a) -> None:
             if trainer.is_global_zero:
                 secs = self.t1 - self.t0
                 res = {"devices": trainer.world_size, "seq": a.seq, "model": a.model, "steps": a.steps,
+                       "packed": bool(a.packed),
                        "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
                        "real_tokens_per_s": t.item() / secs,
                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
@@ -118,6 +128,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--packed", action="store_true", help="the packed path (pretrain.packed=true)")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -133,6 +144,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(res_file), "--devices", str(d), "--lengths", a.lengths,
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers)]
+        cmd += ["--packed"] if a.packed else []
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         runs.append(json.loads(res_file.read_text()))
