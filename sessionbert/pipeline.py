@@ -962,7 +962,7 @@ def run_pipeline(cfg: DictConfig) -> dict:
             run.metrics["skipped"] = skips
             for stage, why in skips.items():
                 log.warning("skipped %s: %s", stage, why)
-        if ((cfg.stage in ("all", "personas", "report") or cfg.recommend.ranker == "persona")  # persona: Issue 3
+        if ((cfg.stage in ("all", "personas", "score_all", "report") or cfg.recommend.ranker == "persona")  # Issue 3
                 and "personas" not in skips):
             stage_personas(run, ft)
         if cfg.stage in ("all", "recommend", "score_all", "report") and "recommend" not in skips:

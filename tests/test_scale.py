@@ -117,3 +117,12 @@ def test_scale_config_errors_name_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(make_cfg(tmp_path, ["experiment=smoke", override]))
 
+
+
+def test_stage_score_all_runs_its_upstream_stages(scaled, tmp_path):
+    """`stage=score_all` needs the personas' centres: they are computed (here reused from the cache) on the way."""
+    tmp, cfg, m = scaled
+    cfg2 = make_cfg(tmp, SCALE + ["stage=score_all"])
+    cfg2.paths.output_dir = str(tmp_path / "again")
+    m2 = run_pipeline(cfg2)
+    assert m2["score_all"]["users"] == m["score_all"]["users"] and "personas" in m2["stage_dirs"]
