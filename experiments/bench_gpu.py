@@ -154,13 +154,14 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
     return out, 1000 * t_coll / n
 
 
-def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False) -> dict:
+def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False,
+             fused_qkv: bool = False) -> dict:
     torch.manual_seed(0)
     cfg = bert_config(a.vocab, SPECIAL["pad"], ARCHS[a.model], max_position_embeddings=max(512, seq),
                       dropout=a.dropout)
     if packed:  # the varlen kernel has no attention-probability dropout (hidden dropout 0.1 is kept)
         cfg.attention_probs_dropout_prob = 0.0
-    module = MLMModule(cfg.to_dict(), compile=compile_ and packed).to(device)
+    module = MLMModule(cfg.to_dict(), compile=compile_ and packed, fused_qkv=fused_qkv and packed).to(device)
     module.train()
     if compile_ and not packed:
         module.model.bert.compile(dynamic=True)
@@ -266,6 +267,8 @@ def main() -> None:
                    help="also measure ours packed (PackedMLMCollator + varlen attention, pretrain.packed), eager and "
                         "(with --compile) compiled")
     p.add_argument("--only-packed", action="store_true", help="of ours, measure only the packed variants")
+    p.add_argument("--fused-qkv", action="store_true",
+                   help="also measure every packed variant with one Q/K/V GEMM (pretrain.fused_qkv)")
     p.add_argument("--dropout", type=float, default=0.1, help="ours: hidden dropout (the reference: 0.1)")
     p.add_argument("--pack-multiple", type=int, default=1024, help="packed stream length rounded up to this")
     p.add_argument("--cycle", type=int, default=0, metavar="N",
@@ -313,8 +316,10 @@ def main() -> None:
     # eager runs (and the reference) first, compiled ones last: a run cut short by a time limit loses the least
     variants = [] if a.only_packed else [(False, False)] + ([(True, False)] if a.compile else [])
     variants += [(False, True)] + ([(True, True)] if a.compile else []) if (a.packed or a.only_packed) else []
-    plan = [(name, path, seq, comp, pk) for comp, pk in variants for name, path in dists for seq in a.seq_lens]
-    for name, path, seq, comp, pk in plan:
+    # --fused-qkv: every packed variant again with pretrain.fused_qkv (an A/B in the same call)
+    variants = [(c, p, False) for c, p in variants] + [(c, p, True) for c, p in variants if p and a.fused_qkv]
+    plan = [(name, path, seq, comp, pk, fq) for comp, pk, fq in variants for name, path in dists for seq in a.seq_lens]
+    for name, path, seq, comp, pk, fq in plan:
         lengths = loaded[name]
         suffix = "" if name == "sim" else f"_{name}"
         if (name, seq) not in peers and not a.no_peer:
@@ -333,7 +338,7 @@ def main() -> None:
                 res.setdefault("errors", []).append(f"reference {name} seq{seq}: {str(e)[-1500:]}")
             save()
         try:
-            r = run_ours(lengths, seq, a, device, comp, pk)
+            r = run_ours(lengths, seq, a, device, comp, pk, fq)
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -341,8 +346,9 @@ def main() -> None:
             res.setdefault("errors", []).append(f"ours {name} seq{seq} compile={comp} packed={pk}: {str(e)[-1500:]}")
             save()
             continue
-        r.update(label="ours" + (" packed" if pk else "") + (" + compile" if comp else ""), lengths=name)
-        tag = f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_compile" if comp else "")
+        r.update(label="ours" + (" packed" if pk else "") + (" + fused QKV" if fq else "") + (" + compile" if comp else ""),
+                 lengths=name, fused_qkv=fq)
+        tag = f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_fusedqkv" if fq else "") + ("_compile" if comp else "")
         peer = peers.get((name, seq))
         if peer:
             r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)

@@ -18,11 +18,11 @@ def _items(lens, seed=0):
     return [{"idx": i, "input_ids": [2] + g.integers(6, VOCAB, n - 2).tolist() + [3]} for i, n in enumerate(lens)]
 
 
-def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0):
+def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, fused_qkv=False):
     torch.manual_seed(seed)
     cfg = bert_config(VOCAB, PAD, ARCHS["tiny"], max_position_embeddings=64, dropout=hidden_dropout)
     cfg.attention_probs_dropout_prob = attn_dropout
-    return MLMModule(cfg.to_dict())
+    return MLMModule(cfg.to_dict(), fused_qkv=fused_qkv)
 
 
 def test_padded_index_roundtrip():
@@ -65,13 +65,15 @@ def test_packed_batch_layout():
     assert torch.equal(b["input_ids"][b["mlm_positions"][:m]], padded["input_ids"][padded["labels"] != -100])
 
 
-def test_packed_loss_and_grads_equal_padded():
-    """Same weights, same masks: the packed loss and every gradient equal the padded path's (dropout off)."""
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_packed_loss_and_grads_equal_padded(fused_qkv):
+    """Same weights, same masks: the packed loss and every gradient equal the padded path's (dropout off), with the
+    Q, K, V projections as three GEMMs or one (pretrain.fused_qkv: the grads still reach the three Linears)."""
     lens = [9, 30, 4, 17, 17, 2 + 1, 25]
     mlm = MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3)
     padded = mlm(_items(lens, 1))
     packed = PackedMLMCollator(mlm, max_len=32, multiple=64, label_multiple=16)(_items(lens, 1))
-    a, b = _module(), _module()
+    a, b = _module(), _module(fused_qkv=fused_qkv)
     la = a(padded["input_ids"], padded["attention_mask"], padded["labels"])
     lb = b.packed_loss(packed)
     la.backward()

@@ -5,6 +5,8 @@ Hyper-parameters are plain numbers and dicts (no nn.Modules), so `save_hyperpara
 """
 from __future__ import annotations
 
+import functools
+
 import math
 
 import lightning as L
@@ -66,13 +68,14 @@ class MLMModule(_Schedule, L.LightningModule):
     """BERT masked-language modelling on serialised sessions. The decoder runs on masked positions only."""
 
     def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
-                 compile: bool = False):
+                 compile: bool = False, fused_qkv: bool = False):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
         cfg._attn_implementation = "sdpa"
         self.model = BertForMaskedLM(cfg)
-        self._packed = torch.compile(packed_hidden) if compile else packed_hidden  # compile: pretrain.compile
+        fwd = functools.partial(packed_hidden, fused_qkv=fused_qkv)  # pretrain.fused_qkv
+        self._packed = torch.compile(fwd) if compile else fwd  # compile: pretrain.compile
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)

@@ -62,9 +62,13 @@ def _layer_norm_as(y: torch.Tensor, mod, dtype: torch.dtype) -> torch.Tensor:
 
 
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                  max_len: int) -> torch.Tensor:
+                  max_len: int, fused_qkv: bool = False) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
-    (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session."""
+    (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
+
+    `fused_qkv`: the query, key and value projections as one (H -> 3H) GEMM over the concatenated weights (one read of
+    the input and one input-gradient GEMM instead of three, plus two adds); the parameters stay the three Linears, so
+    checkpoints are unchanged. Same maths (tests/test_packed.py); its speed is measured by `bench_gpu.py --fused-qkv`."""
     cfg = bert.config
     if bert.training and cfg.attention_probs_dropout_prob > 0:
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
@@ -87,7 +91,12 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
 
     for layer in bert.encoder.layer:
         sa, so = layer.attention.self, layer.attention.output
-        q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
+        if fused_qkv:
+            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])  # (3H, H)
+            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
+            q, k, v = F.linear(x, w, b).view(n, 3, heads, h // heads).unbind(1)  # views: last dim contiguous
+        else:
+            q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
         x = norm(so.LayerNorm, so.dropout(so.dense(a)) + x)
         y = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
