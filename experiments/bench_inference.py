@@ -106,6 +106,8 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=-1, help="as `sessionbert recommend --workers` (-1: its default)")
     ap.add_argument("--batch-rows", type=int, default=1_000_000)
     ap.add_argument("--compare-users", type=int, default=0, help="also time this many users with --workers 0")
+    ap.add_argument("--packed", action="store_true",
+                    help="also time the same users with `sessionbert recommend --packed` (padding-free encoder pass)")
     ap.add_argument("--train-args", default="", help="extra overrides for the run trained when --run is not given")
     ap.add_argument("--out", help="append the command and the result lines to this file")
     a = ap.parse_args()
@@ -124,14 +126,14 @@ def main() -> None:
         run_pipeline(make_cfg(work, ["experiment=smoke", *a.train_args.split()]))
     lines = []
 
-    def measure(users: int, workers: int) -> dict:
+    def measure(users: int, workers: int, packed: bool = False) -> dict:
         ev, bi, info = make_input(work, users, a.base_users, a.last_sessions, a.seed)
         out = work / f"recs-{users}-{workers}.parquet"
         load0 = os.getloadavg()[0]
         # a fresh process per measurement, as a user runs it (thread pools and allocator state not carried over)
         cmd = [sys.executable, "-m", "sessionbert.cli", "recommend", "--run", str(run_dir), "--events", str(ev),
                "--billing", str(bi), "--out", str(out), "--device", a.device, "--workers", str(workers),
-               "--batch-rows", str(a.batch_rows)]
+               "--batch-rows", str(a.batch_rows)] + (["--packed"] if packed else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -150,7 +152,7 @@ def main() -> None:
                "users": n, "input": info, "batch_rows": a.batch_rows,
                "workers": workers if workers >= 0 else (max(1, min(32, (os.cpu_count() or 2) - 2))
                                                          if a.device == "cuda" else 0),
-               "seconds": round(secs, 2), "users_per_s": round(n / secs, 1),
+               "packed": packed, "seconds": round(secs, 2), "users_per_s": round(n / secs, 1),
                "wall_seconds_with_startup": round(wall, 2),
                "sessions_per_s": round(info["sessions"] / secs, 1), "cpus": os.cpu_count(),
                "loadavg_before": round(load0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
@@ -167,6 +169,8 @@ def main() -> None:
         lines.append(measure(a.compare_users, 0))
         lines.append(measure(a.compare_users, a.workers))
     lines.append(measure(a.users, a.workers))
+    if a.packed:
+        lines.append(measure(a.users, a.workers, packed=True))
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     print(cmd)
     for r in lines:

@@ -120,6 +120,7 @@ def cmd_recommend(a: argparse.Namespace) -> int:
     from .inference import SessionBERT
 
     model = SessionBERT.from_run(a.run, device=a.device)
+    model.packed = a.packed
     tables, n_users = _tables(a, model)
     write, close = _writer(Path(a.out))
     advance, stop = _progress(n_users)
@@ -184,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process)")
     r.add_argument("--top-pages", type=int, default=5, help="next pages listed per user (default 5)")
     r.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
+    r.add_argument("--packed", action="store_true",
+                   help="encode sessions packed end to end (variable-length attention on CUDA, no padding computed; "
+                        "same outputs)")
     r.add_argument("--no-stream", action="store_true",
                    help="read the input whole instead of streaming it (needed when a user's rows are not "
                         "together in the input)")

@@ -55,6 +55,38 @@ def pad_rows(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int
     return out, mask.astype(np.int64)
 
 
+def pack_rows(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ragged rows `rows` end to end: (N,) int64 ids, (N,) int64 positions (restarting at 0 in each row) and
+    (B + 1,) int32 row offsets, for the padding-free encoder (`models.packed.packed_hidden`)."""
+    lo, ln = offsets[rows], offsets[rows + 1] - offsets[rows]
+    cu = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(ln, out=cu[1:])
+    pos = np.arange(cu[-1]) - np.repeat(cu[:-1], ln)
+    return ids[np.repeat(lo, ln) + pos].astype(np.int64), pos, cu.astype(np.int32)
+
+
+def _encode(encoder, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, device: torch.device,
+            packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last layer (B, T, H) and attention mask (B, T) of the sessions `rows` (call under `_autocast`).
+
+    packed=False: the padded batch through the Hugging Face encoder. packed=True: the rows packed end to end through
+    `packed_hidden` (variable-length FlashAttention on CUDA, no padding computed, bf16 residual stream under autocast;
+    the same maths, tests/test_inference.py), then laid out as (B, T, H) for the heads and pooling."""
+    if not packed:
+        x, m = pad_rows(ids, offsets, rows, pad_id)
+        x = torch.from_numpy(x).to(device, non_blocking=True)
+        m = torch.from_numpy(m).to(device, non_blocking=True)
+        return encoder(input_ids=x, attention_mask=m).last_hidden_state, m
+    from .models.packed import packed_hidden, padded_index
+
+    flat, pos, cu = pack_rows(ids, offsets, rows)
+    T = int((cu[1:] - cu[:-1]).max())
+    cu_t = torch.from_numpy(cu).to(device)
+    h = packed_hidden(encoder, torch.from_numpy(flat).to(device), torch.from_numpy(pos).to(device), cu_t, T)
+    idx, valid = padded_index(cu_t, T)
+    return h[idx], valid.long()  # rows past a session's end repeat other tokens: the mask hides them
+
+
 @dataclass
 class UserScores:
     """Per user (in input order) and, for the recommender, per (user, rank)."""
@@ -76,12 +108,13 @@ def _autocast(device: torch.device):
 def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int,
                 used: np.ndarray, services: list[str], pages: list[str] | None, rec_cfg, device,
                 max_tokens: int, pad_id: int, embed: bool = True, embed_module=None,
-                top_pages: int = 5) -> UserScores:
+                top_pages: int = 5, packed: bool = False) -> UserScores:
     """Score `n_users` users from their sessions (`sess_user`: (S,) user index of each session, non-decreasing,
     sessions oldest first); `used` (U, C) bool: services (head classes) each user used before the cut-off.
 
     `embed_module`: the encoder for the user embeddings when it is not `module`'s (personas.embedding=pretrained);
     `embed=False` skips them (and encodes only the sessions the recommender needs). `pages=None` skips next pages.
+    `packed`: the padding-free encoder (see `_encode`).
     """
     device = torch.device(device)
     module.eval()
@@ -111,12 +144,9 @@ def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndar
     latest_t = torch.from_numpy(latest).to(device)
     for b in length_batches(lengths, max_tokens):
         r = rows[b]
-        x, m = pad_rows(ids, offsets, r, pad_id)
-        x = torch.from_numpy(x).to(device, non_blocking=True)
-        m = torch.from_numpy(m).to(device, non_blocking=True)
         r_t = torch.from_numpy(r).to(device, non_blocking=True)
         with _autocast(device):
-            hidden = module.encoder(input_ids=x, attention_mask=m).last_hidden_state  # (B, T, H)
+            hidden, m = _encode(module.encoder, ids, offsets, r, pad_id, device, packed)  # (B, T, H), (B, T)
             page_logit, service_logit = module.heads(hidden, m)
         u_b = user_t[r_t]
         if same:
@@ -153,23 +183,21 @@ def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndar
         emb = (emb_sum / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None])
         emb = emb.cpu().numpy()
     elif embed:
-        emb = embed_sessions(embed_module, ids, offsets, sess_user, n_users, device, max_tokens, pad_id)
+        emb = embed_sessions(embed_module, ids, offsets, sess_user, n_users, device, max_tokens, pad_id, packed)
     return UserScores(counts, svc, cnt, mass, pg_idx if n_pg else None, pg_p if n_pg else None, emb)
 
 
 @torch.no_grad()
 def embed_sessions(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int, device,
-                   max_tokens: int, pad_id: int) -> np.ndarray:
+                   max_tokens: int, pad_id: int, packed: bool = False) -> np.ndarray:
     """(U, H) float32: per user, the mean of its sessions' mean-pooled last-layer embeddings."""
     device = torch.device(device)
     module.eval()
     counts = np.bincount(sess_user, minlength=n_users)
     emb_sum = None
     for b in length_batches(offsets[1:] - offsets[:-1], max_tokens):
-        x, m = pad_rows(ids, offsets, b, pad_id)
-        x, m = torch.from_numpy(x).to(device), torch.from_numpy(m).to(device)
         with _autocast(device):
-            hidden = module.encoder(input_ids=x, attention_mask=m).last_hidden_state
+            hidden, m = _encode(module.encoder, ids, offsets, b, pad_id, device, packed)
         e = mean_pool(hidden.float(), m)
         if emb_sum is None:
             emb_sum = torch.zeros(n_users, e.shape[1], device=device)
