@@ -5,7 +5,7 @@ PIP ?= $(PY) -m pip
 # install their CUDA torch before `make install`, and this pin is then skipped.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run smoke test test-slow clean-cache bench-gpu bench-cpu report ablations real-data
+.PHONY: help install run smoke test test-slow clean-cache bench-gpu bench-cpu paper-scale report ablations real-data
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -32,6 +32,9 @@ clean-cache:  ## remove cached stage artefacts
 bench-gpu: install  ## MLM throughput: our training path vs the HF reference, seq 128/512 (needs a GPU)
 	mkdir -p .bench && $(PY) experiments/bench_gpu.py --write-lengths .bench/lengths_sim.npy
 	$(PY) experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --only-packed --md experiments/results/bench_gpu.md
+
+paper-scale: install  ## 9.2M simulated sessions end to end on one GPU (stage times in the run's report.md)
+	$(PY) train.py experiment=paper_scale $(ARGS)
 
 bench-cpu: install  ## CPU prep of 1M sessions (and 250k: memory vs size) + k=3..9 clustering of 1M x 768 embeddings
 	$(PY) experiments/bench_cpu.py --sessions 1000000 --scaling 250000 --users 1000000 \
