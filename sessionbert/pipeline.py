@@ -401,7 +401,7 @@ def stage_pretrain(run: Run) -> Path:
         from .data.serialize import SessionEncoder
         from .models.encoder import ARCHS, bert_config
         from .models.modules import MLMModule
-        from .train_utils import build_trainer, fit, resolve_resume
+        from .train_utils import build_trainer, fit, loader_kwargs, resolve_resume
 
         tok = _tokenizer(run)
         pa = cfg.pretrain
@@ -429,7 +429,6 @@ def stage_pretrain(run: Run) -> Path:
             train_ds = SessionDataset(enc_obj, enc, whole(corpus.window_sessions("train")))
             val_ds = SessionDataset(enc_obj, enc, whole(corpus.window_sessions("val")[: pa.val_max_sessions]))
             train_lengths = enc_obj.lengths(enc, train_ds.items)  # vectorised len(build(...)) of each session
-        nw = cfg.runtime.num_workers
         mult = None if packed else pa.get("pad_to_multiple_of")  # a packed stream has no width to round
         train_coll = MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special, pa.mlm_probability,
                                  pad_to_multiple_of=mult, seed=cfg.seed)
@@ -450,10 +449,11 @@ def stage_pretrain(run: Run) -> Path:
             from .data.sampler import SeededBatchSampler
 
             sampler = SeededBatchSampler(len(train_ds), pa.batch_size, shuffle=True, seed=cfg.seed)
-        train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, num_workers=nw)
+        lk = loader_kwargs(cfg)
+        train_dl = DataLoader(train_ds, batch_sampler=sampler, collate_fn=train_coll, **lk)
         val_dl = DataLoader(val_ds, batch_size=cfg.runtime.eval_batch_size,
                             collate_fn=MLMCollator(tok.pad_token_id, tok.mask_token_id, len(tok), special,
-                                                   pa.mlm_probability, fixed_seed=cfg.seed), num_workers=nw)
+                                                   pa.mlm_probability, fixed_seed=cfg.seed), **lk)
         ckpt = resolve_resume(cfg, run.ckpt_dir)
         trainer = build_trainer(cfg, run, out, pa.epochs, run.ckpt_dir, train_sampler=sampler)
         t0 = time.perf_counter()
@@ -530,7 +530,9 @@ def finetune_loaders(cfg: DictConfig, sets: dict, pad_id: int) -> dict:
     from .data.datasets import PadCollator
     from .data.sampler import SeededBatchSampler, TokenBudgetBatchSampler
 
-    f, nw = cfg.finetune, cfg.runtime.num_workers
+    from .train_utils import loader_kwargs
+
+    f, lk = cfg.finetune, loader_kwargs(cfg)
     mult, budget = f.get("pad_to_multiple_of"), f.get("max_tokens")
     lengths = {w: ds.encoder.lengths(ds.enc, ds.items) for w, ds in sets.items()}
     widths = {w: -(-v // mult) * mult if mult else v for w, v in lengths.items()}  # what the collator pads to
@@ -543,15 +545,15 @@ def finetune_loaders(cfg: DictConfig, sets: dict, pad_id: int) -> dict:
     else:
         sampler = SeededBatchSampler(len(sets["train"]), f.batch_size, shuffle=True, seed=cfg.seed)
     out = {"sampler": sampler, "lengths": lengths,
-           "train": DataLoader(sets["train"], batch_sampler=sampler, num_workers=nw,
+           "train": DataLoader(sets["train"], batch_sampler=sampler, **lk,
                                collate_fn=PadCollator(pad_id, mult, count=True))}
     coll = PadCollator(pad_id, mult)
     for w in ("val", "test"):
         if budget:  # one replica: every DDP rank evaluates all examples, as with the fixed batches
             bs = TokenBudgetBatchSampler(widths[w], int(budget), shuffle=False, num_replicas=1, rank=0)
-            out[w] = DataLoader(sets[w], batch_sampler=bs, collate_fn=coll, num_workers=nw)
+            out[w] = DataLoader(sets[w], batch_sampler=bs, collate_fn=coll, **lk)
         else:
-            out[w] = DataLoader(sets[w], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, num_workers=nw)
+            out[w] = DataLoader(sets[w], batch_size=cfg.runtime.eval_batch_size, collate_fn=coll, **lk)
     return out
 
 

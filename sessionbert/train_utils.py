@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import time
 import sys
 from pathlib import Path
@@ -119,13 +120,20 @@ class _SignalAt(L.Callback):
     """Sends this process a signal after optimizer step N (once): SIGTERM like a cluster pre-empting the job,
     SIGKILL like a crash or an OOM kill (before that step's checkpoint is written: checkpoint callbacks run last)."""
 
-    def __init__(self, step: int, sig: int):
-        self.step, self.sig, self.sent = step, sig, False
+    def __init__(self, step: int, sig: int, group: bool = False):
+        self.step, self.sig, self.sent, self.group = step, sig, False, group
 
     def on_train_batch_end(self, trainer, *_) -> None:
         if not self.sent and trainer.global_step >= self.step:
             self.sent = True
-            os.kill(os.getpid(), self.sig)
+            if self.group:  # the whole process group, data-loader workers included: what SLURM and `timeout` do
+                # the worst order for us: this process takes the signal only after the others had 0.5 s to react
+                signal.pthread_sigmask(signal.SIG_BLOCK, {self.sig})
+                os.killpg(os.getpgid(0), self.sig)
+                time.sleep(0.5)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {self.sig})
+            else:
+                os.kill(os.getpid(), self.sig)
 
 
 class ResumeState(L.Callback):
@@ -194,6 +202,30 @@ class ResumeState(L.Callback):
                 self.sampler.resume_from(st["epoch"], st["batches_done"])
         log.info("resume: epoch %d after %d batches (global step %d)", st["epoch"], st["batches_done"],
                  st["global_step"])
+
+
+def _outlive_first_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the next one (the main process shutting us down) is fatal
+
+
+def worker_init(worker_id: int) -> None:
+    """DataLoader `worker_init_fn` of every training / evaluation loader: a worker outlives the first SIGTERM.
+    SLURM pre-emption and GNU `timeout` signal the whole process group; a worker killed by it makes the main process
+    fail with "DataLoader worker ... killed by signal: Terminated" before Lightning writes its pre-emption checkpoint
+    (seen on an H200, experiments/results/paper_scale_gpu). The main process handles that SIGTERM and shuts its
+    workers down; a later SIGTERM (multiprocessing's or torch's terminate() of a worker that did not stop) is
+    fatal as usual, so nothing can hang on a worker that ignores it. Lightning's own worker seeding
+    (seed_everything(workers=True)), which a custom init would replace, runs too."""
+    signal.signal(signal.SIGTERM, _outlive_first_sigterm)
+    from lightning.fabric.utilities.seed import pl_worker_init_function
+
+    pl_worker_init_function(worker_id)
+
+
+def loader_kwargs(cfg: DictConfig) -> dict:
+    """DataLoader arguments shared by the stages: runtime.num_workers workers, each started with `worker_init`."""
+    nw = int(cfg.runtime.num_workers)
+    return {"num_workers": nw, "worker_init_fn": worker_init} if nw else {"num_workers": 0}
 
 
 class TokenCounter(L.Callback):
@@ -294,9 +326,11 @@ def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Pa
                                   every_n_train_steps=cfg.callbacks.get("every_n_train_steps") or None))
     cb.append(SigtermCheckpoint(dirpath=str(ckpt_dir), filename="preempted"))
     # fault injection for tests and pre-emption / crash drills
-    for env, sig in (("SESSIONBERT_SIGTERM_AT_STEP", signal.SIGTERM), ("SESSIONBERT_KILL_AT_STEP", signal.SIGKILL)):
+    for env, sig, group in (("SESSIONBERT_SIGTERM_AT_STEP", signal.SIGTERM, False),
+                            ("SESSIONBERT_SIGTERM_GROUP_AT_STEP", signal.SIGTERM, True),
+                            ("SESSIONBERT_KILL_AT_STEP", signal.SIGKILL, False)):
         if os.environ.get(env):
-            cb.append(_SignalAt(int(os.environ[env]), sig))
+            cb.append(_SignalAt(int(os.environ[env]), sig, group))
     if cfg.callbacks.lr_monitor and not t.fast_dev_run:
         cb.append(LearningRateMonitor(logging_interval="step"))
     if cfg.callbacks.model_summary:

@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 def _train(tmp: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "train.py", "experiment=smoke", "stage=pretrain", f"hydra.run.dir={tmp}/run",
            f"paths.cache_dir={tmp}/cache", "callbacks.every_n_train_steps=2", *overrides]
+    # its own session (process group), so a signal sent to the group never reaches pytest
     return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline", **(env or {})},
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, start_new_session=True)
 
 
 def test_sigterm_checkpoint_exit_code_then_resume(tmp_path):
@@ -41,6 +42,57 @@ def test_sigterm_checkpoint_exit_code_then_resume(tmp_path):
     assert f"resuming from checkpoint {ckpts[0]}" in (r3.stdout + r3.stderr)
     assert list((tmp_path / "cache" / "pretrain").glob("*/DONE"))
     assert not ckpts[0].exists(), "checkpoints of a finished stage are cleaned up"
+
+
+_LOADER_UNDER_GROUP_SIGTERM = """
+import os, signal, sys, time
+from torch.utils.data import DataLoader, Dataset
+from sessionbert.train_utils import worker_init
+
+class Slow(Dataset):
+    def __len__(self):
+        return 100000
+    def __getitem__(self, i):
+        time.sleep(0.001)
+        return i
+
+if __name__ == "__main__":
+    init = worker_init if sys.argv[1] == "worker_init" else None
+    it = iter(DataLoader(Slow(), batch_size=4, num_workers=2, worker_init_fn=init))
+    next(it)
+    signal.signal(signal.SIGTERM, lambda *a: None)  # the main process handles it (Lightning does, in training)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    os.killpg(os.getpgid(0), signal.SIGTERM)  # what SLURM pre-emption and GNU timeout do
+    time.sleep(0.5)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    try:
+        for _ in range(100):
+            next(it)
+        print("workers alive")
+    except RuntimeError as e:
+        print("workers died:", e)
+"""
+
+
+@pytest.mark.parametrize("init", ["worker_init", "none"])
+def test_loader_workers_survive_sigterm_to_the_process_group(tmp_path, init):
+    """SLURM pre-emption and GNU `timeout` signal the whole process group. Torch's workers die of SIGTERM and the
+    main process then fails on "DataLoader worker ... killed by signal" instead of writing Lightning's pre-emption
+    checkpoint (a paper-scale run on an H200 lost its last 100 s of pretraining that way). Our loaders' workers
+    (`train_utils.worker_init`) ignore it; without it they die (the control case)."""
+    script = tmp_path / "loader.py"
+    script.write_text(_LOADER_UNDER_GROUP_SIGTERM)
+    r = subprocess.run([sys.executable, str(script), init], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       start_new_session=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert ("workers alive" if init == "worker_init" else "workers died") in r.stdout, r.stdout + r.stderr[-1000:]
+
+
+def test_sigterm_to_the_process_group_with_workers_still_checkpoints(tmp_path):
+    """The pipeline under a group-wide SIGTERM with 2 data-loader workers: checkpoint written, exit 75."""
+    r = _train(tmp_path, "runtime.num_workers=2", env={"SESSIONBERT_SIGTERM_GROUP_AT_STEP": "3"})
+    assert r.returncode == EXIT_PREEMPTED, r.stderr[-3000:]
+    assert list((tmp_path / "cache" / "pretrain").glob(".ckpt-*/preempted.ckpt"))
 
 
 # ---- resume after kill -9: bit-identical to an uninterrupted run ----------------------------------------------
