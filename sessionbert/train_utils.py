@@ -223,9 +223,15 @@ def worker_init(worker_id: int) -> None:
 
 
 def loader_kwargs(cfg: DictConfig) -> dict:
-    """DataLoader arguments shared by the stages: runtime.num_workers workers, each started with `worker_init`."""
+    """DataLoader arguments shared by the stages: runtime.num_workers workers, each started with `worker_init`; on a
+    GPU, pinned batches (a copy from pageable memory waits for the device to finish its queued work first)."""
+    import torch
+
     nw = int(cfg.runtime.num_workers)
-    return {"num_workers": nw, "worker_init_fn": worker_init} if nw else {"num_workers": 0}
+    kw = {"num_workers": nw, "worker_init_fn": worker_init} if nw else {"num_workers": 0}
+    if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        kw["pin_memory"] = True
+    return kw
 
 
 class TokenCounter(L.Callback):
