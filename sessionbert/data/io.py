@@ -506,6 +506,12 @@ def _fast_jsonl(path: Path, idx: int, spec: _Spec) -> _Parsed | None:
     except (pa.ArrowInvalid, UnicodeDecodeError) as e:  # also: mixed types in a column, "Empty JSON file"
         log.debug("%s: pyarrow could not parse it (%s); reading it line by line", path, e)
         return None
+    return _jsonl_parsed(table, path, idx, spec, None)
+
+
+def _jsonl_parsed(table: pa.Table, path: Path, idx: int, spec: _Spec, lines: np.ndarray | None) -> _Parsed | None:
+    """The `_Parsed` of a JSON Lines table pyarrow read (a whole file, or a block with its `lines`), or None to send
+    it to the line-by-line pass."""
     # A required column that is absent or all null: absent from every record is a file-level error, null in every
     # record are row errors. Only the line-by-line pass can tell which.
     for c in spec.required:
@@ -515,7 +521,7 @@ def _fast_jsonl(path: Path, idx: int, spec: _Spec) -> _Parsed | None:
     if frame is None:
         log.debug("%s: a column has a type pyarrow cannot give us as is; reading it line by line", path)
         return None
-    return _Parsed(path, idx, "jsonl", frame, None, [], set(table.column_names) - set(spec.kinds))
+    return _Parsed(path, idx, "jsonl", frame, lines, [], set(table.column_names) - set(spec.kinds))
 
 
 _JSON_TYPE = {dict: "object", list: "array", bool: "boolean", str: "string", int: "number", float: "number"}
@@ -1334,13 +1340,7 @@ def _fast_jsonl_block(path: Path, idx: int, spec: _Spec, body: bytes, lines: np.
         return None
     if table.num_rows != len(lines):  # records are not one per non-blank line: let the line-by-line pass say why
         return None
-    for c in spec.required:
-        if c not in table.column_names or table[c].null_count == table.num_rows:
-            return None
-    frame = _arrow_to_frame(table, spec, path, strict=False)
-    if frame is None:
-        return None
-    return _Parsed(path, idx, "jsonl", frame, lines, [], set(table.column_names) - set(spec.kinds))
+    return _jsonl_parsed(table, path, idx, spec, lines)
 
 
 def _jsonl_blocks(path: Path, idx: int, spec: _Spec, block_bytes: int) -> _BlockIter:
