@@ -139,8 +139,6 @@ class Run:
                 import pyarrow.compute as pc
                 import pyarrow.parquet as pq
 
-                from .data.prep import _period_end
-
                 from .data.prep import _DICT_COLUMNS
 
                 users, n_all = sample
@@ -153,15 +151,27 @@ class Run:
                 events = events.to_pandas()
                 billing = pq.read_table(d / "billing.parquet", filters=keep).to_pandas() \
                     if (d / "billing.parquet").exists() else None
-                period = _period_end(pq.ParquetFile(d / "events.parquet"), d / "events.parquet", 1 << 20)
+                period = self.period()
                 self.corpus_note = {"users": len(users), "of_users": n_all, "events": len(events)}
                 log.info("corpus: a seeded sample of %d of %d users (corpus.max_users)", len(users), n_all)
-            sp = self.cfg.data.split
-            split = self.metrics.get("data", {}).get("realdata", {}).get("split", {})  # file-order split days
-            val_days, test_days = split.get("val_days", sp.val_days), split.get("test_days", sp.test_days)
-            self._corpus = Corpus.build(events, billing, val_days, test_days,
+            self._corpus = Corpus.build(events, billing, *self.split_days(),
                                         self.cfg.tokenizer.metadata, self.cfg.tokenizer.billing, period=period)
         return self._corpus
+
+    def split_days(self) -> tuple[float, float]:
+        """(val_days, test_days) of the run's time split: data.split's, or a public dataset's file-order split."""
+        sp = self.cfg.data.split
+        split = self.metrics.get("data", {}).get("realdata", {}).get("split", {})  # file-order split days
+        return split.get("val_days", sp.val_days), split.get("test_days", sp.test_days)
+
+    def period(self) -> tuple[pd.Timestamp, pd.Timestamp]:
+        """First and last timestamp of the whole events file, from its Parquet statistics (without loading it)."""
+        import pyarrow.parquet as pq
+
+        from .data.prep import _period_end
+
+        path = self.stage_dirs["data"] / "events.parquet"
+        return _period_end(pq.ParquetFile(path), path, 1 << 20)
 
     def corpus_key(self) -> dict:
         """Part of the cache key of every stage that reads `corpus()` (empty for the whole corpus, so those keys
@@ -329,11 +339,10 @@ def stage_shards(run: Run) -> Path:
         from .data.prep import prep_shards
 
         d = run.stage_dirs["data"]
-        sp = cfg.data.split
-        split = run.metrics.get("data", {}).get("realdata", {}).get("split", {})
+        val_days, test_days = run.split_days()
         bill = d / "billing.parquet"
         m = prep_shards(d / "events.parquet", out / "shards", bill if bill.exists() else None, seq_len=cfg.seq_len,
-                        val_days=split.get("val_days", sp.val_days), test_days=split.get("test_days", sp.test_days),
+                        val_days=val_days, test_days=test_days,
                         use_region=cfg.tokenizer.metadata, use_billing=cfg.tokenizer.billing,
                         vocab_size=cfg.tokenizer.vocab_size, min_frequency=cfg.tokenizer.min_frequency,
                         tokenizer_sample=cfg.tokenizer.max_sessions or (1 << 62), **_workers_kw(cfg))
@@ -750,18 +759,11 @@ def stage_recommend(run: Run, ft_dir: Path) -> Path:
 
 
 def data_split(run: Run):
-    """The TimeSplit of the whole events file (its first / last timestamp from Parquet statistics), without
-    loading it: what `Corpus.build` computes over all events."""
-    import pyarrow.parquet as pq
-
-    from .data.prep import _period_end
+    """The TimeSplit of the whole events file (`Run.period`), without loading it: what `Corpus.build` computes over
+    all events."""
     from .data.split import time_split
 
-    path = run.stage_dirs["data"] / "events.parquet"
-    sp = run.cfg.data.split
-    split = run.metrics.get("data", {}).get("realdata", {}).get("split", {})
-    lo, hi = _period_end(pq.ParquetFile(path), path, 1 << 20)
-    return time_split(pd.Series([lo, hi]), split.get("val_days", sp.val_days), split.get("test_days", sp.test_days))
+    return time_split(pd.Series(list(run.period())), *run.split_days())
 
 
 def stage_score_all(run: Run, ft_dir: Path) -> Path:
