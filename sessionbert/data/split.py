@@ -60,19 +60,19 @@ def used_and_adopted(events: pd.DataFrame, split: TimeSplit) -> tuple[dict[str, 
     A user counts in `adopted` only when they have at least one event before the test window
     (a user we know nothing about cannot be recommended to) and first use >= 1 service in it.
     """
-    t = pd.to_datetime(events["timestamp"], utc=True)
-    before = events.loc[t < split.test_start, ["user_id", "service"]].drop_duplicates()
-    used: dict[str, set[str]] = before.groupby("user_id")["service"].agg(set).to_dict()
-    after = events.loc[t >= split.test_start, ["user_id", "service"]].drop_duplicates()
-    adopted: dict[str, set[str]] = {}
-    for user, services in after.groupby("user_id")["service"]:
-        prior = used.get(user)
-        if prior is None:
-            continue
-        new = set(services) - prior
-        if new:
-            adopted[user] = new
-    return used, adopted
+    first = (events.assign(_t=pd.to_datetime(events["timestamp"], utc=True))
+             .groupby(["user_id", "service"], sort=False, observed=True)["_t"].min().reset_index())
+    return _used_and_adopted(first["user_id"].to_numpy(object), first["service"].to_numpy(object),
+                             (first["_t"] < split.test_start).to_numpy())
+
+
+def _used_and_adopted(users: np.ndarray, services: np.ndarray, before: np.ndarray
+                      ) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """The rule of `used_and_adopted` from each (user, service) pair's first use: `before` = first used before the
+    test window. A service is adopted when first used inside the window by a user with earlier use of anything."""
+    used = _sets_by_user(users[before], services[before])
+    new = ~before & pd.Index(users).isin(list(used))
+    return used, _sets_by_user(users[new], services[new])
 
 
 def used_and_adopted_file(path, test_start: pd.Timestamp, batch_rows: int = 1 << 22
@@ -89,12 +89,9 @@ def used_and_adopted_file(path, test_start: pd.Timestamp, batch_rows: int = 1 <<
     if not parts:
         return {}, {}
     first = pa.concat_tables(parts).group_by(["user_id", "service"]).aggregate([("timestamp_min", "min")])
-    users = first.column("user_id").to_numpy(zero_copy_only=False)
-    services = first.column("service").to_numpy(zero_copy_only=False)
     before = (pd.to_datetime(first.column("timestamp_min_min").to_pandas(), utc=True) < test_start).to_numpy()
-    used = _sets_by_user(users[before], services[before])
-    new = ~before & pd.Index(users).isin(list(used))
-    return used, _sets_by_user(users[new], services[new])
+    return _used_and_adopted(first.column("user_id").to_numpy(zero_copy_only=False),
+                             first.column("service").to_numpy(zero_copy_only=False), before)
 
 
 def _sets_by_user(users: np.ndarray, services: np.ndarray) -> dict[str, set[str]]:
@@ -104,4 +101,4 @@ def _sets_by_user(users: np.ndarray, services: np.ndarray) -> dict[str, set[str]
     order = np.argsort(codes, kind="stable")
     cuts = np.flatnonzero(np.diff(codes[order])) + 1
     groups = np.split(services[order], cuts) if len(order) else []
-    return {str(uniq[codes[order[g0]]]): set(g.tolist()) for g0, g in zip(np.concatenate([[0], cuts]), groups)}
+    return {uniq[codes[order[g0]]]: set(g.tolist()) for g0, g in zip(np.concatenate([[0], cuts]), groups)}
