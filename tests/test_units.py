@@ -273,3 +273,25 @@ def test_tokenizer_sample_is_seeded_and_bounded():
     a, b = list(c.train_texts(7, seed=1)), list(c.train_texts(7, seed=1))
     assert len(a) == 7 and a == b and set(a) <= set(c.train_texts())
     assert list(c.train_texts(7, seed=2)) != a
+
+
+def test_used_and_adopted_rule_by_hand():
+    """Used = any event before the test window; adopted = first used inside it, only for users seen before; the same
+    with a categorical service column (unobserved categories are not adoptions)."""
+    import pandas as pd
+
+    from sessionbert.data.split import TimeSplit, used_and_adopted
+
+    ts = pd.Timestamp
+    split = TimeSplit(start=ts("2024-01-01", tz="UTC"), val_start=ts("2024-02-01", tz="UTC"),
+                      test_start=ts("2024-03-01", tz="UTC"), end=ts("2024-04-01", tz="UTC"))
+    rows = [("a", "s1", "2024-01-05"), ("a", "s1", "2024-03-05"), ("a", "s2", "2024-03-06"),
+            ("b", "s3", "2024-03-02"),  # nothing before the window: cannot be recommended to
+            ("c", "s1", "2024-02-10"), ("c", "s1", "2024-03-10"),  # only a service used before
+            ("d", "s2", "2024-03-20"), ("d", "s3", "2024-01-20"), ("d", "s2", "2024-03-21")]
+    ev = pd.DataFrame(rows, columns=["user_id", "service", "timestamp"])
+    ev["timestamp"] = pd.to_datetime(ev["timestamp"], utc=True)
+    want = ({"a": {"s1"}, "c": {"s1"}, "d": {"s3"}}, {"a": {"s2"}, "d": {"s2"}})
+    assert used_and_adopted(ev, split) == want
+    cat = ev.astype({"service": pd.CategoricalDtype(["s1", "s2", "s3", "s4"])})
+    assert used_and_adopted(cat, split) == want
