@@ -223,3 +223,28 @@ def test_prep_refuses_existing_output_and_missing_columns(sim, shards, tmp_path)
     nocol = _rewrite(sim / "events.parquet", tmp_path / "nocol.parquet", lambda t: t.drop(["page"]))
     with pytest.raises(PrepInputError, match=r"nocol\.parquet: missing required columns \['page'\]"):
         prep_shards(nocol, tmp_path / "o")
+
+
+def test_general_bert_tokenizer_ids_without_its_json_truncation_and_padding(sim, corpus, tmp_path):
+    """all-MiniLM-L6-v2's tokenizer.json truncates and pads every text to 128 tokens; the Rust tokenizer used
+    directly (SessionEncoder, the streaming prep, `sessionbert recommend`'s workers) must give transformers' ids
+    (without them), for the corpus and the prep alike, and leave the loaded tokenizer as it was."""
+    from sessionbert.data.prep import _Ids
+    from sessionbert.data.serialize import backend_of
+    from sessionbert.models.encoder import default_general_bert_dir
+
+    tok = load_tokenizer(default_general_bert_dir())
+    raw = tok.backend_tokenizer
+    assert raw.padding is not None and raw.truncation is not None  # what the shipped JSON carries
+    texts = corpus.texts.unique().tolist()[:50] + corpus.meta[:50]
+    want = tok(texts, add_special_tokens=False)["input_ids"]
+    fresh = load_tokenizer(default_general_bert_dir())
+    assert SessionEncoder(fresh, 64)._ids(texts) == want
+    assert [a.tolist() for a in _Ids(load_tokenizer(default_general_bert_dir()))(np.array(texts, object))] == want
+    assert backend_of(fresh).padding is None and fresh.backend_tokenizer.padding is not None
+    out = tmp_path / "g"
+    prep_shards(sim / "events.parquet", out, sim / "billing.parquet", seq_len=64,
+                tokenizer=load_tokenizer(default_general_bert_dir()), shard_sessions=250, batch_rows=2000)
+    enc_obj = SessionEncoder(tok, 64)
+    enc = corpus.encode(enc_obj)
+    assert _table(out).column("input_ids").to_pylist() == [enc_obj.build(enc, s) for s in range(len(corpus.sessions))]

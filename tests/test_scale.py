@@ -39,6 +39,7 @@ def test_shards_pretraining_sees_every_session_and_sample_runs_the_rest(scaled):
     sa = m["score_all"]
     assert sa["users"] == users and 0.0 <= sa["hit@5"] <= 1.0 and sa["adopting_users"] > 0
     assert -1.0 <= sa["ari"] <= 1.0
+    assert sa["adopted_seconds"] > 0 and sa["adopted_wait_seconds"] >= 0  # aggregated beside the scoring
     report = (tmp / "run" / "report.md").read_text()
     assert "## Every user (score_all)" in report and f"{users} users scored" in report
     assert "| score_all |" in report and "| **total** |" in report

@@ -6,8 +6,11 @@
 # wall time to outputs/paper_scale/calls.jsonl; $OUT gets that file and every call's metrics.json / train.log.
 # Needs .whl/site (hydra, omegaconf, antlr4, hydra_plugins) carried; torch/lightning/transformers are on the machine.
 #   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 1: simulate, prep, pretraining (cut)
-#   LIMIT=560 STAGE=recommend bash experiments/device/paper_scale.sh   # call 2: rest of pretraining .. recommend
+#   LIMIT=560 STAGE=recommend bash experiments/device/paper_scale.sh   # call 2: rest of pretraining, finetune,
+#                                                                      #   personas, recommend (one sample Corpus)
 #   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 3: score_all (every user), report
+# A device call returns at most ~8 files: $OUT gets calls.jsonl, device.txt, every call's log and the latest call's
+# metrics.json / report.md.
 export PYTHONPATH=$PWD:$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 mkdir -p outputs/paper_scale
 if [ ! -f outputs/paper_scale/device.txt ]; then
@@ -38,7 +41,8 @@ PY
 grep -v -i "warning\|litlogger\|│\|┃\|━\|─" $dir.log | grep -i "stage \|resum\|error\|preempt\|metrics:\|Traceback\|exception" | tail -40
 tail -5 $dir.log
 cat outputs/paper_scale/calls.jsonl
-mkdir -p $OUT/paper_scale && cp -r outputs/paper_scale/. $OUT/paper_scale/ 2>/dev/null
-find $OUT/paper_scale -name "*.ckpt" -delete; rm -rf $OUT/paper_scale/*/csv
+mkdir -p $OUT/paper_scale && cp outputs/paper_scale/calls.jsonl outputs/paper_scale/device.txt \
+  outputs/paper_scale/call-*.log $OUT/paper_scale/ 2>/dev/null
+cp $dir/metrics.json $dir/report.md $OUT/paper_scale/ 2>/dev/null
 ls .cache/sessionbert/*/ 2>/dev/null | head -30
 du -sh .cache/sessionbert/* 2>/dev/null

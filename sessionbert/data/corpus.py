@@ -43,7 +43,9 @@ class Corpus:
         return cls(ev, sessions, bounds, split, meta, event_texts(ev))
 
     def encode(self, encoder: SessionEncoder) -> Encoded:
-        key = id(encoder.tok)
+        from .serialize import tokenizer_key
+
+        key = tokenizer_key(encoder.tok)  # by content: the stages each load the run's tokenizer, encoded once
         if key not in self._encoded:
             self._encoded[key] = encoder.encode(self.meta, self.texts, self.bounds)
         return self._encoded[key]
@@ -88,8 +90,9 @@ class Corpus:
             keep = rank < max_per_session
             s_rep, plen = s_rep[keep], plen[keep]
         target_row = self.bounds[s_rep] + plen  # the event right after the prefix
-        page_y = labels.page_index(self.events["page"].to_numpy()[target_row])
-        service_y = labels.service_index(self.events["service"].to_numpy()[target_row])
+        # only the target rows converted to numpy (not the whole column of every event, per window and column)
+        page_y = labels.page_index(self.events["page"].take(target_row).to_numpy())
+        service_y = labels.service_index(self.events["service"].take(target_row).to_numpy())
         return np.stack([s_rep, plen], axis=1), page_y, service_y
 
 

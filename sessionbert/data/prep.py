@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .io import changes as _changes, parquet_user_tables
-from .serialize import EVENT_SEP
+from .serialize import EVENT_SEP, backend_of
 from .split import TimeSplit, time_split
 
 WINDOWS = ("train", "val", "test")
@@ -379,7 +379,7 @@ class _Ids:
     """Token ids of texts, tokenised once (Rust encode_batch) and cached; the cache is bounded."""
 
     def __init__(self, tokenizer, max_cache: int = 1_000_000):
-        self.tok = getattr(tokenizer, "backend_tokenizer", tokenizer)  # PreTrainedTokenizerFast or tokenizers.Tokenizer
+        self.tok = backend_of(tokenizer)  # PreTrainedTokenizerFast or tokenizers.Tokenizer; truncation / padding off
         self.cache: dict[str, np.ndarray] = {}
         self.max_cache = max_cache
 

@@ -89,6 +89,32 @@ def session_metadata(
     return parts.str.strip().str.lower()
 
 
+def backend_of(tokenizer):
+    """The Rust `tokenizers.Tokenizer` of a fast tokenizer (or a `tokenizers.Tokenizer` itself) with truncation and
+    padding off. A tokenizer.json may carry both: all-MiniLM-L6-v2's truncates and pads every text to 128 tokens.
+    transformers' `__call__` switches them off per call, a direct `encode_batch` would apply them; so a tokenizer
+    that has them is copied (the original is left as it is)."""
+    b = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if b.truncation is None and b.padding is None:
+        return b
+    from tokenizers import Tokenizer
+
+    b = Tokenizer.from_str(b.to_str())
+    b.no_truncation()
+    b.no_padding()
+    return b
+
+
+def tokenizer_key(tokenizer) -> str:
+    """A content key of a tokenizer (two loads of the same files share it): its Rust tokenizer's JSON without the
+    truncation / padding state."""
+    import hashlib
+
+    if not hasattr(tokenizer, "backend_tokenizer"):
+        return f"id-{id(tokenizer)}"
+    return hashlib.sha1(backend_of(tokenizer).to_str().encode()).hexdigest()
+
+
 @dataclass
 class Encoded:
     """Ragged token ids of sessions: session i is ids[offsets[i]:offsets[i+1]] (without [CLS]/[SEP])."""
@@ -110,15 +136,25 @@ class SessionEncoder:
         self.cls_id = tokenizer.cls_token_id
         self.end_id = tokenizer.sep_token_id
         self.pad_id = tokenizer.pad_token_id
+        self._backend = backend_of(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
         if not texts:
             return []
-        return self.tok(texts, add_special_tokens=False)["input_ids"]
+        if self._backend is None:  # a slow (Python) tokenizer
+            return self.tok(texts, add_special_tokens=False)["input_ids"]
+        # the Rust tokenizer directly: the same ids as transformers' __call__ (tested) without its per-text Python
+        # conversion (a third of the time for 540k texts)
+        return [e.ids for e in self._backend.encode_batch(texts, add_special_tokens=False)]
 
     def encode(self, meta: list[str], event_text: pd.Series, session_bounds: np.ndarray) -> Encoded:
+        """Each distinct event text and each distinct metadata text tokenised once (540k sessions of a 40k-user
+        sample have 49k distinct metadata texts and 3.4k event texts); sessions share the id lists."""
         codes, uniques = pd.factorize(event_text, sort=False)
-        return Encoded(self._ids(list(meta)), self._ids(list(uniques)), codes.astype(np.int64), session_bounds)
+        m_codes, m_uniques = pd.factorize(pd.Series(meta, dtype=object), sort=False)
+        m_ids = self._ids(list(m_uniques))
+        return Encoded([m_ids[c] for c in m_codes.tolist()], self._ids(list(uniques)), codes.astype(np.int64),
+                       session_bounds)
 
     def build(self, enc: Encoded, session: int, n_events: int | None = None) -> list[int]:
         """[CLS] meta ([EVT] event)* [SEP] for the first `n_events` events of `session` (all when None),
