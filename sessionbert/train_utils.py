@@ -212,7 +212,7 @@ def worker_init(worker_id: int) -> None:
     """DataLoader `worker_init_fn` of every training / evaluation loader: a worker outlives the first SIGTERM.
     SLURM pre-emption and GNU `timeout` signal the whole process group; a worker killed by it makes the main process
     fail with "DataLoader worker ... killed by signal: Terminated" before Lightning writes its pre-emption checkpoint
-    (seen on an H200, experiments/results/paper_scale_gpu). The main process handles that SIGTERM and shuts its
+    (seen on an H200, experiments/results/paper_scale_gpu_s5). The main process handles that SIGTERM and shuts its
     workers down; a later SIGTERM (multiprocessing's or torch's terminate() of a worker that did not stop) is
     fatal as usual, so nothing can hang on a worker that ignores it. Lightning's own worker seeding
     (seed_everything(workers=True)), which a custom init would replace, runs too."""

@@ -120,10 +120,15 @@ def test_scale_config_errors_name_the_key(tmp_path, override, key):
 
 
 
-def test_stage_score_all_runs_its_upstream_stages(scaled, tmp_path):
-    """`stage=score_all` needs the personas' centres: they are computed (here reused from the cache) on the way."""
+def test_stage_score_all_runs_its_upstream_stages(scaled, tmp_path, caplog):
+    """`stage=score_all` needs the personas' centres: they are computed (here reused from the cache) on the way.
+    Every stage before it reused: the user sample's Corpus is never built (the persona-popularity baseline of the
+    reused recommend stage is read back, not recomputed)."""
     tmp, cfg, m = scaled
     cfg2 = make_cfg(tmp, SCALE + ["stage=score_all"])
     cfg2.paths.output_dir = str(tmp_path / "again")
-    m2 = run_pipeline(cfg2)
+    with caplog.at_level("INFO", logger="sessionbert"):
+        m2 = run_pipeline(cfg2)
     assert m2["score_all"]["users"] == m["score_all"]["users"] and "personas" in m2["stage_dirs"]
+    assert "stage recommend: reusing" in caplog.text and "corpus: a seeded sample" not in caplog.text
+    assert m2["recommend"]["hit@5_persona_popularity"] == m["recommend"]["hit@5_persona_popularity"]

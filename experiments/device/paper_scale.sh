@@ -26,7 +26,7 @@ t0=$(date +%s.%N)
 python3 train.py experiment=paper_scale logger=csv resume=auto stage=${STAGE:-all} hydra.run.dir=$dir $EXTRA \
   > $dir.log 2>&1 &
 pid=$!
-( sleep ${LIMIT:-560}; kill -TERM $pid 2>/dev/null ) &
+( sleep ${LIMIT:-560}; kill -TERM $pid 2>/dev/null ) >/dev/null 2>&1 &  # no pipe held open after the run
 watchdog=$!
 wait $pid
 rc=$?
