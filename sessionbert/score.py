@@ -87,6 +87,17 @@ def _encode(encoder, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad
     return h[idx], valid.long()  # rows past a session's end repeat other tokens: the mask hides them
 
 
+def use_packed(packed: bool | None, device: torch.device) -> bool:
+    """packed=None (auto): the padding-free pass where the varlen kernel exists (CUDA: 1.31x users/s for BERT-base on
+    an H200, experiments/results/bench_inference_packed_gpu.txt); on a CPU its padded fallback is slower (9.7 vs
+    13.1 s for 3k users on 2 cores), so the padded pass."""
+    if packed is None:
+        from .models.packed import has_varlen_kernel
+
+        return has_varlen_kernel(device)
+    return bool(packed)
+
+
 @dataclass
 class UserScores:
     """Per user (in input order) and, for the recommender, per (user, rank)."""
@@ -108,15 +119,16 @@ def _autocast(device: torch.device):
 def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int,
                 used: np.ndarray, services: list[str], pages: list[str] | None, rec_cfg, device,
                 max_tokens: int, pad_id: int, embed: bool = True, embed_module=None,
-                top_pages: int = 5, packed: bool = False) -> UserScores:
+                top_pages: int = 5, packed: bool | None = None) -> UserScores:
     """Score `n_users` users from their sessions (`sess_user`: (S,) user index of each session, non-decreasing,
     sessions oldest first); `used` (U, C) bool: services (head classes) each user used before the cut-off.
 
     `embed_module`: the encoder for the user embeddings when it is not `module`'s (personas.embedding=pretrained);
     `embed=False` skips them (and encodes only the sessions the recommender needs). `pages=None` skips next pages.
-    `packed`: the padding-free encoder (see `_encode`).
+    `packed`: the padding-free encoder (see `_encode`); None: on CUDA only (`use_packed`).
     """
     device = torch.device(device)
+    packed = use_packed(packed, device)
     module.eval()
     S = len(sess_user)
     counts = np.bincount(sess_user, minlength=n_users)  # (U,)
@@ -189,9 +201,11 @@ def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndar
 
 @torch.no_grad()
 def embed_sessions(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int, device,
-                   max_tokens: int, pad_id: int, packed: bool = False) -> np.ndarray:
-    """(U, H) float32: per user, the mean of its sessions' mean-pooled last-layer embeddings."""
+                   max_tokens: int, pad_id: int, packed: bool | None = None) -> np.ndarray:
+    """(U, H) float32: per user, the mean of its sessions' mean-pooled last-layer embeddings (`packed` as in
+    `score_users`)."""
     device = torch.device(device)
+    packed = use_packed(packed, device)
     module.eval()
     counts = np.bincount(sess_user, minlength=n_users)
     emb_sum = None

@@ -356,3 +356,22 @@ def test_packed_scoring_equals_padded(smoke, tmp_path):
     for col in ("new_service_scores", "next_page_probs"):
         np.testing.assert_allclose(np.concatenate(a[col].to_numpy()), np.concatenate(b[col].to_numpy()), atol=1e-5)
     np.testing.assert_allclose(a["persona_similarity"].to_numpy(), b["persona_similarity"].to_numpy(), atol=1e-5)
+
+
+def test_packed_scoring_default_is_cuda_only(monkeypatch):
+    """packed=None (the default of `score_users`, `SessionBERT`, `score_all.packed`, `sessionbert recommend`): the
+    padding-free pass where the varlen kernel exists, the padded one on a CPU (the fallback is slower there)."""
+    import torch
+
+    import sessionbert.models.packed as P
+    from sessionbert.cli import build_parser
+    from sessionbert.score import use_packed
+
+    cpu = torch.device("cpu")
+    assert use_packed(None, cpu) is False and use_packed(True, cpu) is True and use_packed(False, cpu) is False
+    monkeypatch.setattr(P, "has_varlen_kernel", lambda device: True)
+    assert use_packed(None, cpu) is True and use_packed(False, cpu) is False
+    base = ["recommend", "--run", "r", "--events", "e", "--out", "o"]
+    p = build_parser()
+    assert p.parse_args(base).packed is None
+    assert p.parse_args(base + ["--packed"]).packed is True and p.parse_args(base + ["--no-packed"]).packed is False
