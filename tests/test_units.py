@@ -295,3 +295,34 @@ def test_used_and_adopted_rule_by_hand():
     assert used_and_adopted(ev, split) == want
     cat = ev.astype({"service": pd.CategoricalDtype(["s1", "s2", "s3", "s4"])})
     assert used_and_adopted(cat, split) == want
+
+
+def test_corpus_build_skips_its_sort_only_for_rows_already_in_order(monkeypatch):
+    """`in_session_order` on (user, session start, session, time), ties included; Corpus.build of shuffled rows, of
+    sorted rows (sort skipped) and of sorted rows with the sort forced are the same Corpus."""
+    import pandas as pd
+
+    from sessionbert.data import corpus as C
+
+    u = pd.Series(["a", "a", "a", "b", "b"])
+    st = pd.Series(pd.to_datetime([1, 1, 1, 0, 5], unit="s", utc=True))
+    s = pd.Series(["s1", "s1", "s2", "s3", "s4"])
+    ts = pd.Series(pd.to_datetime([1, 2, 1, 0, 5], unit="s", utc=True))
+    assert C.in_session_order(u, st, s, ts)  # equal starts ordered by session id, then time
+    assert not C.in_session_order(u, st, s, ts.iloc[[1, 0, 2, 3, 4]].reset_index(drop=True))  # time back in s1
+    assert not C.in_session_order(u.iloc[::-1].reset_index(drop=True), st, s, ts)  # users out of order
+    assert not C.in_session_order(u, st, pd.Series(["s2", "s2", "s1", "s3", "s4"]), ts)  # same start: id order
+    assert not C.in_session_order(pd.Series(["a", None, "a", "b", "b"]), st, s, ts)  # missing: the sort decides
+
+    ev = toy_events(200, seed=4)
+    base = C.Corpus.build(ev, None, 14, 28)
+    assert C.in_session_order(base.events["user_id"], base.events.groupby("session_id")["timestamp"].transform("min"),
+                              base.events["session_id"], base.events["timestamp"])
+    shuffled = C.Corpus.build(ev.sample(frac=1.0, random_state=1), None, 14, 28)
+    again = C.Corpus.build(base.events, None, 14, 28)  # already in order: no sort
+    monkeypatch.setattr(C, "in_session_order", lambda *a: False)
+    forced = C.Corpus.build(base.events, None, 14, 28)
+    for c in (shuffled, again, forced):
+        pd.testing.assert_frame_equal(c.events, base.events)
+        pd.testing.assert_frame_equal(c.sessions, base.sessions)
+        assert c.meta == base.meta and (c.bounds == base.bounds).all()

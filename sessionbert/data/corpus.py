@@ -31,8 +31,10 @@ class Corpus:
         split = time_split(pd.Series(list(period)) if period is not None else ev["timestamp"], val_days, test_days)
         # sessions contiguous, ordered by user then session start; events inside a session by time
         start = ev.groupby("session_id")["timestamp"].transform("min")
-        ev = ev.assign(_start=start).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")
-        ev = ev.drop(columns="_start").reset_index(drop=True)
+        if not in_session_order(ev["user_id"], start, ev["session_id"], ev["timestamp"]):
+            ev = ev.assign(_start=start).sort_values(["user_id", "_start", "session_id", "timestamp"], kind="stable")
+            ev = ev.drop(columns="_start")
+        ev = ev.reset_index(drop=True)
         sessions = session_table(ev, split)
         order = pd.Index(ev["session_id"]).unique()
         sessions = sessions.set_index("session_id").loc[order].reset_index()
@@ -94,6 +96,27 @@ class Corpus:
         page_y = labels.page_index(self.events["page"].take(target_row).to_numpy())
         service_y = labels.service_index(self.events["service"].take(target_row).to_numpy())
         return np.stack([s_rep, plen], axis=1), page_y, service_y
+
+
+def in_session_order(user: pd.Series, start: pd.Series, session: pd.Series, timestamp: pd.Series) -> bool:
+    """Whether the rows are already ordered by (user_id, session start, session_id, timestamp), as the simulator and
+    sorted logs write them: `Corpus.build` then skips its sort (5.1 of 12.6 s for 540k sessions on 2 cores). Checked
+    on integer keys (ids factorised in sorted order, times as int64) in one vectorised pass; a missing id or time
+    answers False (the sort decides)."""
+    if len(user) < 2:
+        return True
+    keys = []
+    for col, is_id in ((user, True), (start, False), (session, True), (timestamp, False)):
+        if col.isna().any():
+            return False
+        keys.append(pd.factorize(col, sort=True)[0] if is_id else col.astype("int64").to_numpy())
+    undecided = np.ones(len(user) - 1, bool)  # consecutive pairs equal on every key so far
+    for k in keys:
+        d = np.diff(k)
+        if (undecided & (d < 0)).any():
+            return False
+        undecided &= d == 0
+    return True
 
 
 @dataclass
