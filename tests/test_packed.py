@@ -175,3 +175,25 @@ def test_packed_needs_max_tokens(tmp_path):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.packed=true"]))
     with pytest.raises(ConfigError, match="pretrain.compile: true or false"):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.compile=3"]))
+
+
+def test_bench_attention_variants_agree_and_refusals_are_reported(tmp_path):
+    """experiments/bench_attention.py (the attention kernels for the packed step): on a CPU the varlen path's fallback
+    and padded length buckets through SDPA's math kernel give the same attention; a kernel that refuses the input
+    is reported with its error, and the next variant still runs."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_attention", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "att.json"
+    rows = mod.main(["--device", "cpu", "--tokens", "1500", "--repeats", "1", "--warmup", "1", "--buckets", "3",
+                     "--variants", "varlen,sdpa-efficient,sdpa-math", "--out", str(out)])
+    by = {r["variant"]: r for r in rows}
+    assert by["varlen"]["max_abs_diff_vs_first"] == 0.0 and by["sdpa-math"]["max_abs_diff_vs_first"] < 1e-4
+    assert "error" in by["sdpa-efficient"] and "fwd_ms" not in by["sdpa-efficient"]  # no CPU kernel: said
+    assert by["sdpa-math"]["tokens"] >= 1500 and by["sdpa-math"]["fwd_bwd_ms"] > 0
+    assert [json.loads(x)["variant"] for x in out.read_text().splitlines()] == ["varlen", "sdpa-efficient", "sdpa-math"]
