@@ -75,8 +75,9 @@ class Run:
         )
 
     # ---- stage folders ------------------------------------------------------------------------
-    def stage(self, name: str, key_parts: dict, fn: Callable[[Path], dict | None]) -> Path:
-        """Run `fn(tmp_dir)` unless a finished folder for this key exists; return the folder."""
+    def stage(self, name: str, key_parts: dict, fn: Callable[[Path], dict | None], collective: bool = False) -> Path:
+        """Run `fn(tmp_dir)` unless a finished folder for this key exists; return the folder. `collective`: a training
+        stage, which every DDP rank runs (see `_finish_distributed`)."""
         key = _key(name, key_parts)
         self.keys[name] = key
         root = Path(self.cfg.cache.dir) if self.cfg.cache.enabled else self.out / "stages"
@@ -95,6 +96,9 @@ class Run:
             t0 = time.perf_counter()
             try:
                 metrics = fn(tmp) or {}
+                if collective and _distributed():  # a DDP training stage ran on every rank: rank 0's folder is it
+                    self._finish_distributed(tmp, final, metrics, key, key_parts, t0)
+                    return self._record(name, final)
                 metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
                 _write_json(tmp / "metrics.json", metrics)
                 _write_json(tmp / "config.json", key_parts)
@@ -109,10 +113,32 @@ class Run:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+        return self._record(name, final)
+
+    def _record(self, name: str, final: Path) -> Path:
         self.stage_dirs[name] = final
         m = json.loads((final / "metrics.json").read_text())
         self.metrics[name] = m
         return final
+
+    def _finish_distributed(self, tmp: Path, final: Path, metrics: dict, key: str, key_parts: dict, t0: float):
+        """After a stage's fit / test under DDP (every rank ran `fn` into its own folder; Lightning and Hugging Face
+        write checkpoints and `save_pretrained` files on rank 0 only): rank 0 finishes and publishes its folder,
+        the other ranks drop theirs and wait for it, so no rank reads a half-written or rank-local folder."""
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
+            _write_json(tmp / "metrics.json", metrics)
+            _write_json(tmp / "config.json", key_parts)
+            (tmp / "DONE").write_text(key)
+            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+            if final.exists():  # cache disabled, or an earlier run's folder: this run's result replaces it
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
 
     # ---- shared pieces --------------------------------------------------------------------------
     @property
@@ -491,7 +517,7 @@ def stage_pretrain(run: Run) -> Path:
     key = {"tokenizer": run.keys["tokenizer"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
            "pretrain": pre, "precision": cfg.trainer.precision, "debug": _debug_key(cfg),
            **({} if _shards_mode(cfg) else run.corpus_key())}
-    return run.stage("pretrain", key, fn) / "encoder"
+    return run.stage("pretrain", key, fn, collective=True) / "encoder"
 
 
 def _train_seconds(trainer, seconds: float) -> float:
@@ -615,7 +641,7 @@ def stage_finetune(run: Run, encoder_dir: Path) -> Path:
            "data": run.keys["data"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
            "finetune": _plain(cfg.finetune), "precision": cfg.trainer.precision, "debug": _debug_key(cfg),
            **run.corpus_key()}
-    return run.stage("finetune", key, fn)
+    return run.stage("finetune", key, fn, collective=True)
 
 
 def load_finetuned(d: Path, device: torch.device | str = "cpu"):
@@ -997,6 +1023,8 @@ def run_pipeline(cfg: DictConfig) -> dict:
         if cfg.stage == "pretrain":
             return _finish(run, report=False)
         ft = stage_finetune(run, enc_dir)
+        if _other_rank():
+            return _finish(run, report=False)
         skips = realdata_skips(run)  # what a public dataset lacks: said and skipped, never faked
         if skips:
             run.metrics["skipped"] = skips
@@ -1019,8 +1047,26 @@ def run_pipeline(cfg: DictConfig) -> dict:
             close_logger(run, sys.exc_info()[0] is not None)
 
 
+def _distributed() -> bool:
+    """Inside a multi-process DDP run (the process group that Lightning's `trainer=ddp` starts at the first fit)."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _other_rank() -> bool:
+    """A DDP rank other than 0. Lightning's launcher re-runs this script in each extra rank. Those ranks join the fits
+    and tests of the training stages and stop after fine-tuning: the later stages, the metrics file and the report
+    are rank 0's work."""
+    import torch.distributed as dist
+
+    return _distributed() and dist.get_rank() > 0
+
+
 def _finish(run: Run, report: bool) -> dict:
     metrics = dict(run.metrics)
+    if _other_rank():
+        return metrics
     metrics["config"] = {"seq_len": run.cfg.seq_len, "vocab_size": run.cfg.vocab_size, "k": run.cfg.k,
                          "seed": run.cfg.seed, "model": run.cfg.model.name, "data": run.cfg.data.name}
     metrics["stage_dirs"] = {k: str(v) for k, v in run.stage_dirs.items()}

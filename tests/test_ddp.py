@@ -1,0 +1,40 @@
+"""The pipeline under Lightning's DDP (`trainer=ddp`), on 2 CPU processes (gloo): what users who outgrow one GPU run.
+
+Lightning's launcher re-runs `train.py` in the extra rank. Every rank runs the fits and tests of the training
+stages (pretraining, fine-tuning). Hugging Face's `save_pretrained` and Lightning's checkpoints write on rank 0
+only, so rank 0's stage folder is the one published; the other rank waits for it, then stops after fine-tuning.
+Before this was handled, rank 1 could publish its own folder, which had no encoder config.json, and the run failed
+at fine-tuning."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_pipeline_under_ddp_two_cpu_ranks_packed(tmp_path):
+    cmd = [sys.executable, "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+           "pretrain.packed=true", "pretrain.max_tokens=4096", "finetune.max_tokens=4096",
+           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
+                       timeout=600, start_new_session=True)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert (Path(m["stage_dirs"]["pretrain"]) / "encoder" / "config.json").exists()
+    assert (Path(m["stage_dirs"]["finetune"]) / "model.ckpt").exists()
+    assert m["finetune"]["train_batches"] == 8  # 4 per rank, summed over both
+    assert 0.0 <= m["recommend"]["hit@5"] <= 1.0 and "k" in m["personas"]
+    assert (tmp_path / "run" / "report.md").exists()
+    # every stage ran once per run: one published folder each, no rank's leftover temp folder
+    for stage in ("pretrain", "finetune", "personas", "recommend"):
+        names = [p.name for p in (tmp_path / "cache" / stage).iterdir()]
+        assert len([n for n in names if not n.startswith(".")]) == 1 and not [n for n in names if ".tmp" in n], names
+    rank0 = (tmp_path / "run" / "train.log").read_text()
+    rank1 = (tmp_path / "run" / "train_ddp_process_1.log").read_text()
+    assert rank0.count("stage finetune: running") == 1 and rank1.count("stage finetune: running") == 1
+    assert "stage personas: running" in rank0 and "stage personas" not in rank1  # rank 1 stops after fine-tuning
