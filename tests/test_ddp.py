@@ -4,7 +4,8 @@ Lightning's launcher re-runs `train.py` in the extra rank. Every rank runs the f
 stages (pretraining, fine-tuning). Hugging Face's `save_pretrained` and Lightning's checkpoints write on rank 0
 only, so rank 0's stage folder is the one published; the other rank waits for it, then stops after fine-tuning.
 Before this was handled, rank 1 could publish its own folder, which had no encoder config.json, and the run failed
-at fine-tuning."""
+at fine-tuning. Launchers that start every rank at once (torchrun, Slurm tasks) leave the stages before the first
+fit to rank 0; the other ranks wait for its folders."""
 from __future__ import annotations
 
 import json
@@ -38,3 +39,61 @@ def test_pipeline_under_ddp_two_cpu_ranks_packed(tmp_path):
     rank1 = (tmp_path / "run" / "train_ddp_process_1.log").read_text()
     assert rank0.count("stage finetune: running") == 1 and rank1.count("stage finetune: running") == 1
     assert "stage personas: running" in rank0 and "stage personas" not in rank1  # rank 1 stops after fine-tuning
+
+
+def test_pipeline_under_torchrun_rank0_prepares_the_data_once(tmp_path):
+    """torchrun (or Slurm tasks) starts every rank at once: rank 0 simulates the data and trains the tokenizer, the
+    other rank waits for the published folders instead of repeating the work, then both train."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+           "trainer.precision=32-true", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
+           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
+                       timeout=600, start_new_session=True)
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-4000:]
+    assert out.count("stage data: running") == 1 and out.count("stage tokenizer: running") == 1
+    assert out.count("stage pretrain: running") == 2 and out.count("stage personas: running") == 1
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["finetune"]["train_batches"] == 8 and 0.0 <= m["recommend"]["hit@5"] <= 1.0
+
+
+def test_other_launch_rank_waits_for_rank0_folder_and_never_computes(tmp_path, monkeypatch):
+    """A rank > 0 (torchrun's RANK) reaching a stage before any process group exists waits until rank 0's folder
+    is published, then reuses it; rank 0 (and a run without a launcher) computes as usual."""
+    import threading
+    import time
+
+    from sessionbert.pipeline import Run, _key
+
+    from .conftest import make_cfg
+
+    cfg = make_cfg(tmp_path, ["experiment=smoke"])
+    monkeypatch.setenv("RANK", "1")
+    run = Run(cfg)
+    final = Path(cfg.paths.cache_dir) / "data" / _key("data", {"k": 1})
+
+    def publish():  # what rank 0 leaves behind, a moment later
+        time.sleep(1.0)
+        tmp = final.parent / ".tmp-rank0"
+        tmp.mkdir(parents=True)
+        (tmp / "metrics.json").write_text('{"from": "rank 0"}')
+        (tmp / "DONE").write_text("x")
+        tmp.rename(final)
+
+    def never(out):
+        raise AssertionError("rank 1 computed a stage that rank 0 publishes")
+
+    t = threading.Thread(target=publish)
+    t.start()
+    t0 = time.perf_counter()
+    assert run.stage("data", {"k": 1}, never) == final
+    t.join()
+    assert time.perf_counter() - t0 >= 0.9 and run.metrics["data"] == {"from": "rank 0"}
+    monkeypatch.setenv("RANK", "0")
+    assert Run(cfg).stage("tokenizer", {"k": 2}, lambda out: {"ran": True}).exists()
