@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Paper scale (issue 6, goal 4) on one H200 as a chain of device calls of at most 10 minutes each:
-#   python train.py experiment=paper_scale resume=auto stage=$STAGE   under   timeout -s TERM $LIMIT
+#   python train.py experiment=paper_scale resume=auto stage=$STAGE, sent SIGTERM after $LIMIT seconds
 # A SIGTERM while pretraining or fine-tuning writes preempted.ckpt and the next call continues from it; finished
 # stages come from the cache (.cache/sessionbert, kept on the machine while it is warm). Every call appends its
-# wall time to outputs/paper_scale/calls.jsonl; $OUT gets that file and every call's metrics.json / train.log.
+# wall time to outputs/paper_scale/calls.jsonl.
 # Needs .whl/site (hydra, omegaconf, antlr4, hydra_plugins) carried; torch/lightning/transformers are on the machine.
 #   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 1: simulate, prep, pretraining (cut)
 #   LIMIT=560 STAGE=recommend bash experiments/device/paper_scale.sh   # call 2: rest of pretraining, finetune,
