@@ -98,49 +98,40 @@ class Run:
             t0 = time.perf_counter()
             try:
                 metrics = fn(tmp) or {}
-                if collective and _distributed():  # a DDP training stage ran on every rank: rank 0's folder is it
-                    self._finish_distributed(tmp, final, metrics, key, key_parts, t0)
-                    return self._record(name, final)
-                metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
-                _write_json(tmp / "metrics.json", metrics)
-                _write_json(tmp / "config.json", key_parts)
-                (tmp / "DONE").write_text(key)
-                shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # finished: nothing left to resume
-                try:
-                    os.rename(tmp, final)
-                except OSError:  # another job finished the same key first: theirs is equivalent
-                    if not (final / "DONE").exists():
-                        raise
-                    shutil.rmtree(tmp, ignore_errors=True)
+                if collective and _distributed():
+                    # a DDP training stage ran on every rank, each into its own folder, but Lightning's checkpoints
+                    # and Hugging Face's save_pretrained write on rank 0 only: rank 0's folder is published, the
+                    # other ranks drop theirs and wait for it, so no rank reads a half-written or rank-local folder
+                    import torch.distributed as dist
+
+                    if dist.get_rank() == 0:
+                        self._publish(tmp, final, metrics, key, key_parts, t0)
+                    else:
+                        shutil.rmtree(tmp, ignore_errors=True)
+                    dist.barrier()
+                else:
+                    self._publish(tmp, final, metrics, key, key_parts, t0)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        return self._record(name, final)
-
-    def _record(self, name: str, final: Path) -> Path:
         self.stage_dirs[name] = final
         m = json.loads((final / "metrics.json").read_text())
         self.metrics[name] = m
         return final
 
-    def _finish_distributed(self, tmp: Path, final: Path, metrics: dict, key: str, key_parts: dict, t0: float):
-        """After a stage's fit / test under DDP (every rank ran `fn` into its own folder; Lightning and Hugging Face
-        write checkpoints and `save_pretrained` files on rank 0 only): rank 0 finishes and publishes its folder,
-        the other ranks drop theirs and wait for it, so no rank reads a half-written or rank-local folder."""
-        import torch.distributed as dist
-
-        if dist.get_rank() == 0:
-            metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
-            _write_json(tmp / "metrics.json", metrics)
-            _write_json(tmp / "config.json", key_parts)
-            (tmp / "DONE").write_text(key)
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
-            if final.exists():  # cache disabled, or an earlier run's folder: this run's result replaces it
-                shutil.rmtree(final)
+    def _publish(self, tmp: Path, final: Path, metrics: dict, key: str, key_parts: dict, t0: float) -> None:
+        """Finish a stage's temp folder (metrics, config, DONE) and move it into place."""
+        metrics["stage_seconds"] = round(time.perf_counter() - t0, 3)
+        _write_json(tmp / "metrics.json", metrics)
+        _write_json(tmp / "config.json", key_parts)
+        (tmp / "DONE").write_text(key)
+        shutil.rmtree(self.ckpt_dir, ignore_errors=True)  # finished: nothing left to resume
+        try:
             os.rename(tmp, final)
-        else:
+        except OSError:  # another job finished the same key first: theirs is equivalent
+            if not (final / "DONE").exists():
+                raise
             shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
 
     # ---- shared pieces --------------------------------------------------------------------------
     @property
@@ -1067,10 +1058,12 @@ def _wait_for(final: Path, name: str, poll_s: float = 2.0) -> None:
     t0 = time.perf_counter()
     if not (final / "DONE").exists():
         log.info("stage %s: rank %d waits for rank 0 to publish %s", name, _launch_rank(), final)
+    next_note = t0 + 600
     while not (final / "DONE").exists():
         time.sleep(poll_s)
-        if time.perf_counter() - t0 > 600 and int(time.perf_counter() - t0) % 600 < poll_s:
+        if time.perf_counter() >= next_note:  # a line every 10 minutes, so a long wait is visibly alive
             log.info("stage %s: still waiting for %s (%.0f s)", name, final, time.perf_counter() - t0)
+            next_note += 600
 
 
 def _distributed() -> bool:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -322,8 +322,6 @@ def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Pa
                   train_sampler=None, callbacks: list[L.Callback] | None = None) -> L.Trainer:
     """The stage's Trainer. `train_sampler`: the train loader's resumable batch sampler (see ResumeState).
     `callbacks`: the stage's own (e.g. TokenCounter), run before the checkpoint callbacks."""
-    import signal
-
     t = cfg.trainer
     cb: list[L.Callback] = [ResumeState(cfg.seed, train_sampler), *(callbacks or [])]
     ckpt_dir = ckpt_dir or out / "checkpoints"
