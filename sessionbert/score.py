@@ -89,8 +89,8 @@ def _encode(encoder, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad
 
 def use_packed(packed: bool | None, device: torch.device) -> bool:
     """packed=None (auto): the padding-free pass where the varlen kernel exists (CUDA: 1.31x users/s for BERT-base on
-    an H200, experiments/results/bench_inference_packed_gpu.txt); on a CPU its padded fallback is slower (9.7 vs
-    13.1 s for 3k users on 2 cores), so the padded pass."""
+    an H200, experiments/results/bench_inference_packed_gpu.txt); on a CPU its padded fallback is slower (10.8 vs
+    9.6 s padded for 3k users on 2 cores, bench_inference_packed_cpu.txt), so the padded pass."""
     if packed is None:
         from .models.packed import has_varlen_kernel
 

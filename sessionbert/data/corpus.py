@@ -100,9 +100,10 @@ class Corpus:
 
 def in_session_order(user: pd.Series, start: pd.Series, session: pd.Series, timestamp: pd.Series) -> bool:
     """Whether the rows are already ordered by (user_id, session start, session_id, timestamp), as the simulator and
-    sorted logs write them: `Corpus.build` then skips its sort (5.1 of 12.6 s for 540k sessions on 2 cores). Checked
-    on integer keys (ids factorised in sorted order, times as int64) in one vectorised pass; a missing id or time
-    answers False (the sort decides)."""
+    sorted logs write them: `Corpus.build` then skips its sort (12.2 -> 7.7 s for 540k sessions on 2 cores,
+    experiments/results/bench_encode_cpu.txt). Checked on integer keys (ids factorised in sorted order, times as
+    int64) in one vectorised pass; a missing id or time answers False (the sort decides). The streaming prep has its
+    own check per chunk of whole users (`prep._in_corpus_order`), from the row flags it already computes."""
     if len(user) < 2:
         return True
     keys = []
