@@ -12,6 +12,8 @@ bf16 on CUDA) goes through each variant, forward and forward + backward, per lay
   varlen        torch's varlen_attn, what `models.packed.varlen_attention` runs now (on a CPU: its padded fallback)
   sdpa-<kernel> sessions sorted by length and cut into --buckets padded (B, T) batches with a key-padding mask,
                 through scaled_dot_product_attention pinned to one kernel (efficient, cudnn, math)
+  njt-<kernel>   the packed rows as nested jagged tensors through SDPA pinned to one kernel (flash, efficient,
+                cudnn): torch's own ragged dispatch
   flex          torch.nn.attention.flex_attention over the whole (1, N) stream with a document mask (block-sparse:
                 only blocks that hold one session's rows are computed), under torch.compile
 
@@ -105,12 +107,29 @@ def flex_document(cu: torch.Tensor, n: int, device):
     def same_doc(b, h, q_idx, kv_idx):
         return doc[q_idx] == doc[kv_idx]
 
-    mask = create_block_mask(same_doc, None, None, n, n, device=device.type)
+    # _compile=True: the mask is built block by block; uncompiled it materialises the (N, N) boolean first (128 GiB
+    # at N = 131072, the OOM of the first run)
+    mask = create_block_mask(same_doc, None, None, n, n, device=device.type, _compile=device.type == "cuda")
     attn = torch.compile(flex_attention) if device.type == "cuda" else flex_attention
 
     def fn(q, k, v):
         o = attn(*(t.transpose(0, 1)[None] for t in (q, k, v)), block_mask=mask)  # (1, heads, N, d)
         return o[0].transpose(0, 1)
+    return fn
+
+
+def njt(cu: torch.Tensor, backend):
+    """fn(q, k, v): the packed rows as nested jagged tensors (offsets = cu), SDPA pinned to `backend`: torch's own
+    ragged dispatch (flash / efficient / cudnn varlen kernels), no gather into padded buckets."""
+    from torch.nn.attention import sdpa_kernel
+
+    offsets = cu.long()
+
+    def fn(q, k, v):
+        qn, kn, vn = (torch.nested.nested_tensor_from_jagged(t, offsets).transpose(1, 2) for t in (q, k, v))
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(qn, kn, vn)  # (B, heads, j, d)
+        return o.transpose(1, 2).values()
     return fn
 
 
@@ -125,7 +144,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--variants", default="varlen,sdpa-efficient,sdpa-cudnn,sdpa-math,flex")
+    ap.add_argument("--variants", default="varlen,njt-flash,njt-efficient,njt-cudnn,flex,sdpa-efficient,sdpa-cudnn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the JSON lines here")
     a = ap.parse_args(argv)
@@ -143,7 +162,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     q, k, v = (torch.randn(n, a.heads, a.head_dim, generator=g).to(device, dtype).requires_grad_() for _ in range(3))
     flops_fwd = float((4 * lens_np.astype(np.float64) ** 2 * a.heads * a.head_dim).sum())  # QK^T and PV
     kernels = {"efficient": SDPBackend.EFFICIENT_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-               "math": SDPBackend.MATH}
+               "math": SDPBackend.MATH, "flash": SDPBackend.FLASH_ATTENTION}
     results, ref = [], None
     for name in a.variants.split(","):
         row = {"variant": name, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -156,6 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     return varlen_attention(q, k, v, cu, max_len)
             elif name.startswith("sdpa-"):
                 fn = sdpa_buckets(lens, cu, a.buckets, kernels[name[5:]])
+            elif name.startswith("njt-"):
+                fn = njt(cu, kernels[name[4:]])
             elif name == "flex":
                 fn = flex_document(cu, n, device)
             else:

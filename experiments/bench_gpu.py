@@ -155,13 +155,16 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
 
 
 def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False,
-             fused_qkv: bool = False) -> dict:
+             fused_qkv: bool = False, ln_graph: bool = False, fused_norm: bool = False) -> dict:
     torch.manual_seed(0)
+    if compile_:  # a fresh dynamo cache: earlier runs' graphs and resume frames must not serve this one
+        torch._dynamo.reset()
     cfg = bert_config(a.vocab, SPECIAL["pad"], ARCHS[a.model], max_position_embeddings=max(512, seq),
                       dropout=a.dropout)
     if packed:  # the varlen kernel has no attention-probability dropout (hidden dropout 0.1 is kept)
         cfg.attention_probs_dropout_prob = 0.0
-    module = MLMModule(cfg.to_dict(), compile=compile_ and packed, fused_qkv=fused_qkv and packed).to(device)
+    module = MLMModule(cfg.to_dict(), compile=compile_ and packed, fused_qkv=fused_qkv and packed,
+                       compile_layer_norm=ln_graph, fused_norm=fused_norm and packed).to(device)
     module.train()
     if compile_ and not packed:
         module.model.bert.compile(dynamic=True)
@@ -201,7 +204,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
     masked = sum(b["masked"] for b in timed)
     flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
     res = dict(path="sessionbert_mlm_packed" if packed else "sessionbert_mlm", model=a.model, seq_len=seq,
-               compile=compile_, packed=packed, steps=len(timed),
+               compile=compile_, compile_layer_norm=ln_graph, fused_norm=fused_norm and packed, packed=packed, pack_multiple=a.pack_multiple if packed else None,
+               steps=len(timed),
                real_tokens_per_s=round(real / dts), slot_tokens_per_s=round(slots / dts),
                padding_share=round(1 - real / slots, 4), masked_share=round(masked / real, 4),
                distinct_batches=n_distinct, mean_batch_sessions=round(float(np.mean([len(b["lens"]) for b in timed])), 1),
@@ -223,6 +227,7 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
         name = (f"profile_{a.model}_seq{seq}{'_packed' if packed else ''}{'_compile' if compile_ else ''}"
+                f"{'_lngraph' if ln_graph else ''}{'_fusednorm' if fused_norm else ''}"
                 f"_{int(lengths.mean())}.txt")
         (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     del module, opt, batches
@@ -267,8 +272,13 @@ def main() -> None:
                    help="also measure ours packed (PackedMLMCollator + varlen attention, pretrain.packed), eager and "
                         "(with --compile) compiled")
     p.add_argument("--only-packed", action="store_true", help="of ours, measure only the packed variants")
-    p.add_argument("--fused-qkv", action="store_true",
-                   help="also measure every packed variant with one Q/K/V GEMM (pretrain.fused_qkv)")
+    p.add_argument("--fused-qkv", nargs="?", const="also", choices=["also", "only"], default=None,
+                   help="also (or only) measure every packed variant with one Q/K/V GEMM (pretrain.fused_qkv)")
+    p.add_argument("--compile-ln", choices=["eager", "graph", "both"], default="eager",
+                   help="packed + compile: LayerNorm kept eager (default), inside the compiled graph, or both variants")
+    p.add_argument("--fused-norm", nargs="?", const="also", choices=["also", "only"], default=None,
+                   help="also (or only) measure every packed variant with the Triton dropout + add + LayerNorm "
+                        "kernels (pretrain.fused_norm)")
     p.add_argument("--dropout", type=float, default=0.1, help="ours: hidden dropout (the reference: 0.1)")
     p.add_argument("--pack-multiple", type=int, default=1024, help="packed stream length rounded up to this")
     p.add_argument("--cycle", type=int, default=0, metavar="N",
@@ -317,9 +327,16 @@ def main() -> None:
     variants = [] if a.only_packed else [(False, False)] + ([(True, False)] if a.compile else [])
     variants += [(False, True)] + ([(True, True)] if a.compile else []) if (a.packed or a.only_packed) else []
     # --fused-qkv: every packed variant again with pretrain.fused_qkv (an A/B in the same call)
-    variants = [(c, p, False) for c, p in variants] + [(c, p, True) for c, p in variants if p and a.fused_qkv]
-    plan = [(name, path, seq, comp, pk, fq) for comp, pk, fq in variants for name, path in dists for seq in a.seq_lens]
-    for name, path, seq, comp, pk, fq in plan:
+    variants = ([(c, p, False) for c, p in variants if not (p and a.fused_qkv == "only")]
+                + [(c, p, True) for c, p in variants if p and a.fused_qkv])
+    # --compile-ln: compiled packed variants with the LayerNorms eager, in the graph, or both
+    lns = {"eager": [False], "graph": [True], "both": [False, True]}[a.compile_ln]
+    variants = [(c, p, fq, ln) for c, p, fq in variants for ln in (lns if c and p else [False])]
+    variants = ([(c, p, fq, ln, False) for c, p, fq, ln in variants if not (p and a.fused_norm == "only")]
+                + [(c, p, fq, ln, True) for c, p, fq, ln in variants if p and a.fused_norm])
+    plan = [(name, path, seq, comp, pk, fq, ln, fn) for comp, pk, fq, ln, fn in variants for name, path in dists
+            for seq in a.seq_lens]
+    for name, path, seq, comp, pk, fq, ln, fn in plan:
         lengths = loaded[name]
         suffix = "" if name == "sim" else f"_{name}"
         if (name, seq) not in peers and not a.no_peer:
@@ -338,7 +355,7 @@ def main() -> None:
                 res.setdefault("errors", []).append(f"reference {name} seq{seq}: {str(e)[-1500:]}")
             save()
         try:
-            r = run_ours(lengths, seq, a, device, comp, pk, fq)
+            r = run_ours(lengths, seq, a, device, comp, pk, fq, ln, fn)
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -346,9 +363,11 @@ def main() -> None:
             res.setdefault("errors", []).append(f"ours {name} seq{seq} compile={comp} packed={pk}: {str(e)[-1500:]}")
             save()
             continue
-        r.update(label="ours" + (" packed" if pk else "") + (" + fused QKV" if fq else "") + (" + compile" if comp else ""),
+        r.update(label="ours" + (" packed" if pk else "") + (" + fused QKV" if fq else "") + (" + compile" if comp else "")
+                 + (" (LayerNorm in graph)" if ln else "") + (" + fused norm" if fn else ""),
                  lengths=name, fused_qkv=fq)
-        tag = f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_fusedqkv" if fq else "") + ("_compile" if comp else "")
+        tag = (f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_fusedqkv" if fq else "") + ("_compile" if comp else "")
+               + ("_lngraph" if ln else "") + ("_fusednorm" if fn else ""))
         peer = peers.get((name, seq))
         if peer:
             r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)

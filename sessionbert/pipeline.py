@@ -440,7 +440,8 @@ def stage_pretrain(run: Run) -> Path:
             bcfg.attention_probs_dropout_prob = 0.0
         module = MLMModule(bcfg.to_dict(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay,
                            warmup_ratio=cfg.pretrain.warmup_ratio, compile=bool(pa.get("compile", False)) and packed,
-                           fused_qkv=bool(pa.get("fused_qkv", False)) and packed)
+                           fused_qkv=bool(pa.get("fused_qkv", False)) and packed,
+                           fused_norm=bool(pa.get("fused_norm", False)) and packed)
         special = tok.all_special_ids
         if _shards_mode(cfg):  # every session's ids from the streaming prep (equal to the corpus path's, tested)
             from .data.datasets import IdsDataset
@@ -504,8 +505,9 @@ def stage_pretrain(run: Run) -> Path:
                 "train_tokens": n_tokens, "vocab_size": len(tok)}
 
     pre = _plain(cfg.pretrain)
-    for knob, default in (("source", "corpus"), ("fused_qkv", False)):  # later knobs at their defaults: keys of
-        if knob in pre and pre[knob] == default:                         # runs from before them stay valid
+    # knobs added later, at their defaults, are left out of the key: runs from before them stay valid
+    for knob, default in (("source", "corpus"), ("fused_qkv", False), ("fused_norm", False)):
+        if knob in pre and pre[knob] == default:
             del pre[knob]
     key = {"tokenizer": run.keys["tokenizer"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
            "pretrain": pre, "precision": cfg.trainer.precision, "debug": _debug_key(cfg),

@@ -18,11 +18,11 @@ def _items(lens, seed=0):
     return [{"idx": i, "input_ids": [2] + g.integers(6, VOCAB, n - 2).tolist() + [3]} for i, n in enumerate(lens)]
 
 
-def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, fused_qkv=False):
+def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, fused_qkv=False, fused_norm=False):
     torch.manual_seed(seed)
     cfg = bert_config(VOCAB, PAD, ARCHS["tiny"], max_position_embeddings=64, dropout=hidden_dropout)
     cfg.attention_probs_dropout_prob = attn_dropout
-    return MLMModule(cfg.to_dict(), fused_qkv=fused_qkv)
+    return MLMModule(cfg.to_dict(), fused_qkv=fused_qkv, fused_norm=fused_norm)
 
 
 def test_padded_index_roundtrip():

@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused_norm import dropout_add_layer_norm
+
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
 except ImportError:  # pragma: no cover - depends on the torch build
@@ -52,23 +54,34 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out.transpose(1, 2)[valid]  # (N, heads, d)
 
 
-@torch.compiler.disable
 def _layer_norm_as(y: torch.Tensor, mod, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm of `y` in `dtype` (weights cast to it; CUDA's kernel wants one dtype and accumulates in fp32).
-    Kept out of torch.compile graphs: Inductor's fused dropout + add + LayerNorm backward took 2.5 ms per call on an
-    H200 where eager's LayerNorm backward takes 0.46 ms (experiments/notes_speed.md)."""
+    """LayerNorm of `y` in `dtype` (weights cast to it; CUDA's kernel wants one dtype and accumulates in fp32)."""
     with torch.autocast(y.device.type, enabled=False):
         return F.layer_norm(y, mod.normalized_shape, mod.weight.to(dtype), mod.bias.to(dtype), mod.eps)
 
 
+# The same LayerNorm kept out of torch.compile graphs (the default): Inductor's fused dropout + add + LayerNorm
+# backward took 2.5 ms per call on an H200 where eager's LayerNorm backward takes 0.46 ms, with the stream length
+# changing between steps or fixed (experiments/notes_speed.md #10, #28).
+_layer_norm_eager = torch.compiler.disable(_layer_norm_as)
+
+
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
-                  max_len: int, fused_qkv: bool = False) -> torch.Tensor:
+                  max_len: int, fused_qkv: bool = False, layer_norm_in_graph: bool = False,
+                  fused_norm: bool = False) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
     (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
 
     `fused_qkv`: the query, key and value projections as one (H -> 3H) GEMM over the concatenated weights (one read of
     the input and one input-gradient GEMM instead of three, plus two adds); the parameters stay the three Linears, so
-    checkpoints are unchanged. Same maths (tests/test_packed.py); its speed is measured by `bench_gpu.py --fused-qkv`."""
+    checkpoints are unchanged. Same maths (tests/test_packed.py); its speed is measured by `bench_gpu.py --fused-qkv`.
+
+    `layer_norm_in_graph`: under torch.compile, let Inductor fuse the LayerNorms with the dropout and residual add
+    around them (by default they stay eager kernels); no effect without compile. Measured slower (notes_speed.md #28).
+
+    `fused_norm`: each sub-block's `LayerNorm(dropout(dense_out) + residual)` as one Triton kernel forward and one
+    backward (`models.fused_norm`, where Triton and a GPU are there; otherwise the same maths in eager PyTorch).
+    Dropout draws come from another generator than torch's, so losses match the unfused path only without dropout."""
     cfg = bert.config
     if bert.training and cfg.attention_probs_dropout_prob > 0:
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
@@ -86,8 +99,10 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     if amp is not None:
         x = x.to(amp)
 
+    ln = _layer_norm_as if layer_norm_in_graph else _layer_norm_eager
+
     def norm(mod, y):
-        return mod(y) if amp is None else _layer_norm_as(y, mod, amp)
+        return mod(y) if amp is None else ln(y, mod, amp)
 
     for layer in bert.encoder.layer:
         sa, so = layer.attention.self, layer.attention.output
@@ -98,7 +113,14 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         else:
             q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
-        x = norm(so.LayerNorm, so.dropout(so.dense(a)) + x)
+        if fused_norm:
+            x = dropout_add_layer_norm(so.dense(a), x, so.LayerNorm, so.dropout.p if so.dropout.training else 0.0)
+        else:
+            x = norm(so.LayerNorm, so.dropout(so.dense(a)) + x)
         y = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-        x = norm(layer.output.LayerNorm, layer.output.dropout(layer.output.dense(y)) + x)
+        out = layer.output
+        if fused_norm:
+            x = dropout_add_layer_norm(out.dense(y), x, out.LayerNorm, out.dropout.p if out.dropout.training else 0.0)
+        else:
+            x = norm(out.LayerNorm, out.dropout(out.dense(y)) + x)
     return x

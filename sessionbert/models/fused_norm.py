@@ -1,0 +1,194 @@
+"""Fused dropout + residual add + LayerNorm for the packed encoder (issue 6 goal 1, `pretrain.fused_norm`).
+
+Each BERT layer ends its two sub-blocks with `LayerNorm(dropout(dense_out) + residual)`. In eager PyTorch that is
+four kernels forward (dropout's mask and scale, the add, LayerNorm) and five backward (LayerNorm's input gradient, its
+weight / bias gradient, the dropout mask product, the add's two outputs), each a full pass over the (N, 768)
+activations; on an H200 they were ~26 ms of a ~186 ms packed step at seq 128 (`results/profile_*`). Here one Triton
+kernel does the forward pass and one the backward pass:
+
+- forward: reads the dense output and the residual once, writes the LayerNorm input `z` (kept for backward, as eager
+  keeps it), the output, and the per-row mean / reciprocal std;
+- backward: reads the output gradient and `z` once, writes the gradients of the residual and of the dense output,
+  and per-program partial sums of the LayerNorm weight / bias gradients (summed by one small torch reduction);
+- dropout keeps no mask: it is drawn from a counter-based generator (Philox, `tl.rand`) seeded per call from torch's
+  CPU generator (so `torch.manual_seed` makes runs repeatable), and drawn again in backward.
+
+Why our own kernel: no library in our dependency set fuses these (Apex and TransformerEngine do, but need CUDA
+builds users must compile); torch.compile fuses them, but its generated LayerNorm backward took 2.5 ms per call on an
+H200 where eager's takes ~0.6 ms, so the compiled step was slower than eager (notes_speed.md #27). Triton ships with
+every CUDA build of torch. Where there is no Triton or no GPU, `dropout_add_layer_norm` runs the same maths in eager
+PyTorch (the CPU tests also run the kernels themselves through Triton's interpreter, `tests/test_fused_norm.py`).
+
+Same maths as `LayerNorm(dropout(a) + x)` up to rounding, with statistics in fp32 and LayerNorm weights read in
+their own dtype (fp32 master weights: no bf16 copies). Dropout draws differ from torch's (another generator).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - CPU-only torch builds ship without Triton
+    triton = None
+
+_MAX_ELEMENTS = 2**31 - 1  # dropout counters are int32 offsets of the (N, H) block
+_ROWS = 32  # rows per backward program (4,096 programs for 131k rows), in autotuned tiles of RB rows
+
+
+def available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels run for tensors on `device` (a CUDA device, or any device under Triton's
+    interpreter, TRITON_INTERPRET=1, which the CPU tests use)."""
+    if triton is None:
+        return False
+    import os
+
+    return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _configs(**grid) -> list:
+    """Triton autotuning configs: the product of `grid`'s values (name -> options; `num_warps` is the launch's).
+    Under Triton's interpreter (CPU tests) only the first of each, as nothing is timed there."""
+    import itertools
+    import os
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        grid = {k: v[:1] for k, v in grid.items()}
+    out = []
+    for values in itertools.product(*grid.values()):
+        kw = dict(zip(grid, values))
+        warps = kw.pop("num_warps")
+        out.append(triton.Config(kw, num_warps=warps))
+    return out
+
+
+if triton is not None:
+    @triton.jit
+    def _keep(seed, rows, p, RB: tl.constexpr, BLOCK: tl.constexpr):
+        """(RB, BLOCK) dropout keep-mask of `rows`: one Philox call gives 4 draws (`tl.rand4x`), laid out
+        interleaved (column 4c + 2i + k takes draw 2k + i of counter row * BLOCK / 4 + c), so the RNG costs a
+        quarter of one `tl.rand` per element; backward draws the same mask again from (seed, rows)."""
+        q = tl.arange(0, BLOCK // 4)
+        r0, r1, r2, r3 = tl.rand4x(seed, rows[:, None] * (BLOCK // 4) + q[None, :])
+        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (RB, BLOCK))
+        return r >= p
+
+    # Tile sizes picked by Triton's autotuner on the first call for each width (a few ms, once per process): the best
+    # rows per tile and warps differ between GPUs. The seed and the row count are not specialised on (a new value
+    # must not compile a new kernel).
+    @triton.autotune(configs=_configs(RB=[4, 1, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT"])
+    @triton.jit(do_not_specialize=["n_rows", "seed"])
+    def _fwd_kernel(A, X, W, B, Z, Y, Mean, Rstd, n_rows, n_cols, eps, p, seed,
+                    BLOCK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr):
+        rows = tl.program_id(0) * RB + tl.arange(0, RB)
+        cols = tl.arange(0, BLOCK)
+        mc = cols < n_cols
+        m = (rows < n_rows)[:, None] & mc[None, :]
+        off = rows[:, None] * n_cols + cols[None, :]  # int32: the wrapper checks N * H < 2**31
+        a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
+        if DROPOUT:
+            a = tl.where(_keep(seed, rows, p, RB, BLOCK), a / (1.0 - p), 0.0)
+        zq = (a + tl.load(X + off, mask=m, other=0.0).to(tl.float32)).to(Z.dtype.element_ty)
+        tl.store(Z + off, zq, mask=m)
+        z = zq.to(tl.float32)  # statistics of the stored (rounded) z: backward recomputes from it
+        mean = tl.sum(z, axis=1) / n_cols
+        d = tl.where(m, z - mean[:, None], 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+        w = tl.load(W + cols, mask=mc, other=0.0).to(tl.float32)
+        b = tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)
+        tl.store(Y + off, (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=m)
+        tl.store(Mean + rows, mean, mask=rows < n_rows)
+        tl.store(Rstd + rows, rstd, mask=rows < n_rows)
+
+    # Each program takes ROWS rows in autotuned tiles of RB and writes one row of partial weight / bias gradients,
+    # added by one torch reduction. (One tile per program was measured slower on an H200, 1.04 against 0.93 ms
+    # forward + backward at 131072 x 768: its partial sums are ROWS / RB times more bytes.)
+    @triton.autotune(configs=_configs(RB=[4, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT"])
+    @triton.jit(do_not_specialize=["n_rows", "seed"])
+    def _bwd_kernel(DY, Z, W, Mean, Rstd, DX, DA, DWp, DBp, n_rows, n_cols, p, seed,
+                    BLOCK: tl.constexpr, RB: tl.constexpr, ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mc = cols < n_cols
+        w = tl.load(W + cols, mask=mc, other=0.0).to(tl.float32)
+        dw = tl.zeros([BLOCK], dtype=tl.float32)
+        db = tl.zeros([BLOCK], dtype=tl.float32)
+        for i in range(0, ROWS // RB):
+            rows = pid * ROWS + i * RB + tl.arange(0, RB)
+            ok = rows < n_rows  # the last program's tail: nothing loaded, stored or summed
+            m = ok[:, None] & mc[None, :]
+            off = rows[:, None] * n_cols + cols[None, :]
+            dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+            z = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
+            mean = tl.load(Mean + rows, mask=ok, other=0.0)
+            rstd = tl.load(Rstd + rows, mask=ok, other=0.0)
+            xh = tl.where(m, (z - mean[:, None]) * rstd[:, None], 0.0)
+            wdy = w[None, :] * dy
+            c1 = tl.sum(xh * wdy, axis=1) / n_cols
+            c2 = tl.sum(wdy, axis=1) / n_cols
+            dz = (wdy - (xh * c1[:, None] + c2[:, None])) * rstd[:, None]
+            tl.store(DX + off, dz.to(DX.dtype.element_ty), mask=m)
+            if DROPOUT:
+                dz = tl.where(_keep(seed, rows, p, RB, BLOCK), dz / (1.0 - p), 0.0)
+            tl.store(DA + off, dz.to(DA.dtype.element_ty), mask=m)
+            dw += tl.sum(dy * xh, axis=0)
+            db += tl.sum(dy, axis=0)
+        tl.store(DWp + pid * n_cols + cols, dw, mask=mc)
+        tl.store(DBp + pid * n_cols + cols, db, mask=mc)
+
+
+def _block(n_cols: int) -> int:
+    return max(triton.next_power_of_2(n_cols), 16)
+
+
+class _DropoutAddLayerNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, x, weight, bias, p: float, eps: float):
+        shape = a.shape
+        a2, x2 = a.reshape(-1, shape[-1]).contiguous(), x.reshape(-1, shape[-1]).contiguous()
+        n, h = a2.shape
+        dtype = torch.promote_types(a2.dtype, x2.dtype)
+        z, y = torch.empty(n, h, dtype=dtype, device=a.device), torch.empty(n, h, dtype=dtype, device=a.device)
+        mean = torch.empty(n, dtype=torch.float32, device=a.device)
+        rstd = torch.empty_like(mean)
+        seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0 else 0  # CPU generator: no GPU sync
+        if n:
+            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["RB"]),)](a2, x2, weight, bias, z, y, mean, rstd, n, h, eps,
+                                                                    p, seed, BLOCK=_block(h), DROPOUT=p > 0)
+        ctx.save_for_backward(z, weight, mean, rstd)
+        ctx.p, ctx.seed, ctx.shape, ctx.dtypes = p, seed, shape, (a.dtype, x.dtype, weight.dtype, bias.dtype)
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        z, weight, mean, rstd = ctx.saved_tensors
+        n, h = z.shape
+        dy2 = dy.reshape(n, h).contiguous()
+        a_dt, x_dt, w_dt, b_dt = ctx.dtypes
+        dx = torch.empty(n, h, dtype=x_dt, device=z.device)
+        da = torch.empty(n, h, dtype=a_dt, device=z.device)
+        progs = max(1, -(-n // _ROWS))  # one row of partial weight / bias gradients per program
+        dwp = torch.empty(progs, h, dtype=torch.float32, device=z.device)
+        dbp = torch.empty_like(dwp)
+        if n:
+            _bwd_kernel[(progs,)](dy2, z, weight, mean, rstd, dx, da, dwp, dbp, n, h, ctx.p, ctx.seed,
+                                  BLOCK=_block(h), ROWS=_ROWS, DROPOUT=ctx.p > 0)
+        else:
+            dwp.zero_(), dbp.zero_()
+        return (da.view(ctx.shape), dx.view(ctx.shape), dwp.sum(0).to(w_dt), dbp.sum(0).to(b_dt), None, None)
+
+
+def dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float) -> torch.Tensor:
+    """`norm(dropout(a, p) + x)` (the end of a BERT sub-block; `p` 0 when not training): one Triton kernel each way
+    where `available(a.device)`, otherwise eager PyTorch. a, x: (..., H), same shape; the result has their dtype."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_add_layer_norm: dropout probability must be in [0, 1), got {p}")
+    if a.shape != x.shape or a.shape[-1] != norm.normalized_shape[-1]:
+        raise ValueError(f"dropout_add_layer_norm: shapes {tuple(a.shape)} / {tuple(x.shape)} for a LayerNorm of "
+                         f"{tuple(norm.normalized_shape)}")
+    if available(a.device) and a.numel() <= _MAX_ELEMENTS:
+        return _DropoutAddLayerNorm.apply(a, x, norm.weight, norm.bias, float(p), float(norm.eps))
+    z = F.dropout(a, p, training=p > 0) + x
+    with torch.autocast(z.device.type, enabled=False):
+        return F.layer_norm(z, norm.normalized_shape, norm.weight.to(z.dtype), norm.bias.to(z.dtype), norm.eps)

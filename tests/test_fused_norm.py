@@ -1,0 +1,176 @@
+"""The fused dropout + add + LayerNorm of the packed encoder (`pretrain.fused_norm`, sessionbert/models/fused_norm.py).
+
+The Triton kernels themselves run here through Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU), in a
+subprocess because the interpreter is chosen when the kernels are defined. On a GPU the same kernels are checked
+against the eager path at BERT-base size by experiments/device/fused_norm_check.py
+(results/fused_norm_check_gpu.json)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from sessionbert.models.fused_norm import available, dropout_add_layer_norm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _eager(a, x, norm, p=0.0):
+    return norm(F.dropout(a, p, training=p > 0) + x)
+
+
+def test_without_triton_kernels_the_eager_maths_runs():
+    """On a CPU (no interpreter) the function is LayerNorm(dropout(a) + x) in eager PyTorch, gradients included."""
+    assert not available("cpu") or os.environ.get("TRITON_INTERPRET") == "1"
+    torch.manual_seed(0)
+    norm = torch.nn.LayerNorm(24)
+    torch.nn.init.normal_(norm.weight)
+    a, x = torch.randn(10, 24, requires_grad=True), torch.randn(10, 24, requires_grad=True)
+    y = dropout_add_layer_norm(a, x, norm, 0.0)
+    torch.testing.assert_close(y, _eager(a, x, norm))
+    y.sum().backward()
+    assert a.grad is not None and x.grad is not None and norm.weight.grad is not None
+
+
+def test_bad_arguments_are_refused():
+    norm = torch.nn.LayerNorm(8)
+    with pytest.raises(ValueError, match="dropout probability must be in"):
+        dropout_add_layer_norm(torch.zeros(2, 8), torch.zeros(2, 8), norm, 1.0)
+    with pytest.raises(ValueError, match="shapes"):
+        dropout_add_layer_norm(torch.zeros(2, 8), torch.zeros(3, 8), norm, 0.1)
+    with pytest.raises(ValueError, match="shapes"):
+        dropout_add_layer_norm(torch.zeros(2, 6), torch.zeros(2, 6), norm, 0.1)
+
+
+def test_packed_encoder_with_fused_norm_equals_the_unfused_path():
+    """packed_hidden(fused_norm=True) gives the same loss and gradients as the unfused path (dropout off), in fp32
+    and under bf16 autocast (the bf16 residual stream)."""
+    from sessionbert.data.datasets import MLMCollator, PackedMLMCollator
+
+    from .test_packed import MASK, PAD, SPECIAL, VOCAB, _items, _module
+
+    mlm = MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3)
+    batch = PackedMLMCollator(mlm, max_len=32, multiple=64, label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
+    for amp in (False, True):
+        a, b = _module(), _module(fused_norm=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            la, lb = a.packed_loss(batch), b.packed_loss(batch)
+        la.backward()
+        lb.backward()
+        torch.testing.assert_close(lb, la)
+        gb = dict(b.named_parameters())
+        for name, p in a.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(gb[name].grad, p.grad, msg=name)
+
+
+def test_fused_norm_knob_is_validated(tmp_path):
+    from sessionbert.config import ConfigError, validate
+
+    from .conftest import make_cfg
+
+    with pytest.raises(ConfigError, match="pretrain.fused_norm: true or false"):
+        validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_norm=yes"]))
+    validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.packed=true", "pretrain.max_tokens=512",
+                                 "pretrain.fused_norm=true"]))
+
+
+_KERNEL_CHECKS = r"""
+import json, sys
+import torch
+import torch.nn.functional as F
+from sessionbert.models import fused_norm as fn
+
+assert fn.available("cpu"), "the interpreter should make the kernels available on a CPU"
+out = {}
+
+
+def eager(a, x, norm, keep=None, p=0.0):
+    a = a if keep is None else a * keep / (1 - p)
+    return F.layer_norm(a + x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+
+
+torch.manual_seed(0)
+for n, h in ((70, 48), (5, 20)):  # 70 rows: three backward programs of 32, the last one short; 48 / 20 columns masked
+    norm = torch.nn.LayerNorm(h)
+    torch.nn.init.normal_(norm.weight)
+    torch.nn.init.normal_(norm.bias)
+    ref = torch.nn.LayerNorm(h)
+    ref.load_state_dict(norm.state_dict())
+    a, x = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
+    a2, x2 = a.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    g = torch.randn(n, h)
+    y = fn.dropout_add_layer_norm(a, x, norm, 0.0)
+    y.backward(g)
+    y2 = eager(a2, x2, ref)
+    y2.backward(g)
+    for name, u, v in (("y", y, y2), ("da", a.grad, a2.grad), ("dx", x.grad, x2.grad),
+                       ("dweight", norm.weight.grad, ref.weight.grad), ("dbias", norm.bias.grad, ref.bias.grad)):
+        torch.testing.assert_close(u, v, rtol=1e-4, atol=1e-5, msg=f"{name} at {n}x{h}")
+    out[f"p0_{n}x{h}"] = "equal"
+
+# dropout: the mask the backward applies is the forward's (y recomputed from it), rate about p, scaled by 1/(1-p)
+p, n, h = 0.3, 96, 40
+norm = torch.nn.LayerNorm(h)
+a, x = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
+torch.manual_seed(11)
+y = fn.dropout_add_layer_norm(a, x, norm, p)
+y.backward(torch.randn(n, h))
+keep = (a.grad != 0).float()
+torch.testing.assert_close(y, eager(a.detach(), x.detach(), norm, keep, p), rtol=1e-4, atol=1e-5)
+torch.testing.assert_close(a.grad, x.grad * keep / (1 - p), rtol=1e-4, atol=1e-6)
+out["drop_share"] = 1 - float(keep.mean())
+torch.manual_seed(11)
+same = fn.dropout_add_layer_norm(a.detach(), x.detach(), norm, p)
+torch.manual_seed(12)
+other = fn.dropout_add_layer_norm(a.detach(), x.detach(), norm, p)
+out["same_seed_equal"] = bool(torch.equal(same, y.detach()))
+out["other_seed_differs"] = not bool(torch.equal(other, y.detach()))
+
+# bf16 activations with fp32 LayerNorm weights (the packed encoder under autocast): gradients in the inputs' dtypes
+norm = torch.nn.LayerNorm(32)
+a = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+x = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+y = fn.dropout_add_layer_norm(a, x, norm, 0.0)
+y.float().sum().backward()
+ref = F.layer_norm((a.detach() + x.detach()).float(), (32,), norm.weight.detach(), norm.bias.detach())
+out["bf16_dtypes"] = [str(t.dtype) for t in (y, a.grad, x.grad, norm.weight.grad)]
+out["bf16_max_err"] = float((y.float() - ref).abs().max())
+
+# no rows
+e = torch.zeros(0, 16, requires_grad=True)
+ye = fn.dropout_add_layer_norm(e, torch.zeros(0, 16), torch.nn.LayerNorm(16), 0.1)
+ye.sum().backward()
+out["empty"] = list(ye.shape)
+
+sys.path.insert(0, "experiments")
+import bench_fused_norm
+rows = bench_fused_norm.main(["--device", "cpu", "--rows", "8", "--hidden", "16", "--repeats", "1"])
+out["bench_variants"] = sorted({(r["variant"], r["dropout"]) for r in rows})
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_triton_kernels_under_the_interpreter():
+    """The kernels (forward, backward, weight / bias partial sums, the dropout mask drawn again in backward) against
+    eager PyTorch, through Triton's interpreter: 70 rows over three backward programs, widths that are not powers of
+    two, dropout, bf16 inputs, an empty batch; and bench_fused_norm.py's rows."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", _KERNEL_CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert out["p0_70x48"] == out["p0_5x20"] == "equal"
+    assert 0.22 < out["drop_share"] < 0.38  # 3840 draws at p = 0.3: ~0.3 +- 0.0074
+    assert out["same_seed_equal"] and out["other_seed_differs"]
+    assert out["bf16_dtypes"] == ["torch.bfloat16", "torch.bfloat16", "torch.bfloat16", "torch.float32"]
+    assert out["bf16_max_err"] < 0.05
+    assert out["empty"] == [0, 16]
+    assert out["bench_variants"] == [["eager", 0.0], ["eager", 0.1], ["fused", 0.0], ["fused", 0.1]]
