@@ -57,6 +57,8 @@ def timed(fn, q, k, v, repeats: int, warmup: int, device) -> tuple[float, float,
     """(forward ms, forward + backward ms, output) of fn(q, k, v) -> (N, heads, d)."""
     for _ in range(warmup):
         fn(q, k, v).sum().backward()
+        with torch.no_grad():  # a no-grad call can build its own kernel / graph (flex, cuDNN): not in the timing
+            fn(q, k, v)
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():

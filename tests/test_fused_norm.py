@@ -174,3 +174,31 @@ def test_triton_kernels_under_the_interpreter():
     assert out["bf16_max_err"] < 0.05
     assert out["empty"] == [0, 16]
     assert out["bench_variants"] == [["eager", 0.0], ["eager", 0.1], ["fused", 0.0], ["fused", 0.1]]
+
+
+def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
+    """experiments/bench_gpu.py on a CPU, tiny model: `--fused-norm also` adds the fused variant beside the plain one;
+    the goal keys name the fastest variant; keys from other benchmarks already in the output file are kept."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "experiments" / "bench_gpu.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    lengths = tmp_path / "lengths.npy"
+    np.save(lengths, np.random.default_rng(0).integers(8, 64, 500))
+    out = tmp_path / "bench_gpu.json"
+    out.write_text(json.dumps({"ddp_scaling_2gpu": 2.07, "paper_scale_seconds": 1122.5, "mfu_seq64": 0.9}))
+    mod.main(["--model", "tiny", "--no-peer", "--only-packed", "--fused-norm", "also", "--seq-lens", "64",
+              "--tokens-per-step", "2048", "--pack-multiple", "256", "--steps", "2", "--warmup", "1",
+              "--lengths", str(lengths), "--out", str(out)])
+    res = json.loads(out.read_text())
+    labels = [r["label"] for r in res["runs"]]
+    assert labels == ["ours packed", "ours packed + fused norm"]
+    assert [r["fused_norm"] for r in res["runs"]] == [False, True]
+    best = max(res["runs"], key=lambda r: r["real_tokens_per_s"])
+    assert res["real_tokens_per_s_seq64"] == best["real_tokens_per_s"] and res["headline_path_seq64"] == best["label"]
+    assert res["mfu_seq64"] == best["mfu"] != 0.9  # a goal key is recomputed, not carried
+    assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
+    assert "real_tokens_per_s_seq64_packed_fusednorm" in res

@@ -146,20 +146,28 @@ def test_packed_under_bf16_autocast_stays_close_to_padded():
     assert abs(lb.item() - la.item()) / la.item() < 2e-2
 
 
-@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
-def test_pipeline_pretrains_packed(tmp_path, precision):
+@pytest.mark.parametrize("precision,fused_norm", [("32-true", False), ("bf16-mixed", True)])
+def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm):
     """`pretrain.packed=true` through the pipeline and Lightning (CPU: the padded-SDPA fallback of the varlen
     attention; bf16-mixed: the bf16 residual stream under Lightning's autocast, as on a GPU): it trains, and the
-    saved encoder is an ordinary BertModel with attention-probability dropout 0."""
+    saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm=true` reaches
+    the packed encoder (two fused LayerNorm calls per layer; on a CPU their eager maths)."""
     import json
 
+    import sessionbert.models.packed as packed_mod
     from sessionbert.pipeline import run_pipeline
 
     from .conftest import make_cfg
 
+    calls = []
+    fused = packed_mod.dropout_add_layer_norm
+    monkeypatch.setattr(packed_mod, "dropout_add_layer_norm", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
     cfg = make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.packed=true", "pretrain.max_tokens=4096",
-                              f"trainer.precision={precision}"])
+                              f"trainer.precision={precision}", f"pretrain.fused_norm={str(fused_norm).lower()}"])
     metrics = run_pipeline(cfg)
+    layers = ARCHS[cfg.model.arch]["num_hidden_layers"]
+    assert (len(calls) > 0) == fused_norm and len(calls) % (2 * layers) == 0
+    assert fused_norm is False or 0.0 < max(calls) < 1  # hidden dropout while training, 0 in validation
     pre = metrics["pretrain"]
     assert np.isfinite(pre["mlm_loss"]) and pre["mlm_loss"] < 20
     enc = next((tmp_path / "cache" / "pretrain").glob("*/encoder/config.json"))

@@ -4,19 +4,19 @@ Each BERT layer ends its two sub-blocks with `LayerNorm(dropout(dense_out) + res
 four kernels forward (dropout's mask and scale, the add, LayerNorm) and five backward (LayerNorm's input gradient, its
 weight / bias gradient, the dropout mask product, the add's two outputs), each a full pass over the (N, 768)
 activations; on an H200 they were ~26 ms of a ~186 ms packed step at seq 128 (`results/profile_*`). Here one Triton
-kernel does the forward pass and one the backward pass:
+kernel does the forward pass and one the backward pass (+4.9% real tokens/s for the whole step, notes_speed.md #29):
 
 - forward: reads the dense output and the residual once, writes the LayerNorm input `z` (kept for backward, as eager
   keeps it), the output, and the per-row mean / reciprocal std;
 - backward: reads the output gradient and `z` once, writes the gradients of the residual and of the dense output,
   and per-program partial sums of the LayerNorm weight / bias gradients (summed by one small torch reduction);
-- dropout keeps no mask: it is drawn from a counter-based generator (Philox, `tl.rand`) seeded per call from torch's
-  CPU generator (so `torch.manual_seed` makes runs repeatable), and drawn again in backward.
+- dropout keeps no mask: it is drawn from a counter-based generator (Philox, four draws per call, `tl.rand4x`) seeded
+  per call from torch's CPU generator (so `torch.manual_seed` makes runs repeatable), and drawn again in backward.
 
 Why our own kernel: no library in our dependency set fuses these (Apex and TransformerEngine do, but need CUDA
 builds users must compile); torch.compile fuses them, but its generated LayerNorm backward took 2.5 ms per call on an
-H200 where eager's takes ~0.6 ms, so the compiled step was slower than eager (notes_speed.md #27). Triton ships with
-every CUDA build of torch. Where there is no Triton or no GPU, `dropout_add_layer_norm` runs the same maths in eager
+H200 where eager's takes ~0.6 ms, so the compiled step was slower than eager (notes_speed.md #7, #28). Triton ships
+with every CUDA build of torch. Where there is no Triton or no GPU, `dropout_add_layer_norm` runs the same maths in eager
 PyTorch (the CPU tests also run the kernels themselves through Triton's interpreter, `tests/test_fused_norm.py`).
 
 Same maths as `LayerNorm(dropout(a) + x)` up to rounding, with statistics in fp32 and LayerNorm weights read in
