@@ -53,25 +53,31 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, q, k, v, repeats: int, warmup: int, device) -> tuple[float, float, torch.Tensor]:
-    """(forward ms, forward + backward ms, output) of fn(q, k, v) -> (N, heads, d)."""
+def timed(fn, inputs: tuple, repeats: int, warmup: int, device) -> tuple[float, float, torch.Tensor]:
+    """(forward ms, forward + backward ms, output) of fn(*inputs) (also used by bench_fused_norm.py)."""
     for _ in range(warmup):
-        fn(q, k, v).sum().backward()
+        fn(*inputs).sum().backward()
         with torch.no_grad():  # a no-grad call can build its own kernel / graph (flex, cuDNN): not in the timing
-            fn(q, k, v)
+            fn(*inputs)
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for _ in range(repeats):
-            out = fn(q, k, v)
+            out = fn(*inputs)
     _sync(device)
     fwd = (time.perf_counter() - t0) / repeats * 1e3
     g = torch.randn_like(out)
     t0 = time.perf_counter()
     for _ in range(repeats):
-        fn(q, k, v).backward(g)
+        fn(*inputs).backward(g)
     _sync(device)
     return fwd, (time.perf_counter() - t0) / repeats * 1e3, out.detach()
+
+
+def write_rows(rows: list[dict], path: str | None) -> None:
+    """The result rows as JSON lines at `path` (nothing when None)."""
+    if path:
+        Path(path).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
 def sdpa_buckets(lens: torch.Tensor, cu: torch.Tensor, buckets: int, backend):
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 fn = flex_document(cu, n, device)
             else:
                 raise ValueError(f"unknown variant {name!r}")
-            fwd, fwd_bwd, out = timed(fn, q, k, v, a.repeats, a.warmup, device)
+            fwd, fwd_bwd, out = timed(fn, (q, k, v), a.repeats, a.warmup, device)
             row.update(fwd_ms=round(fwd, 3), fwd_bwd_ms=round(fwd_bwd, 3),
                        fwd_tflops=round(flops_fwd / fwd / 1e9, 1) if fwd > 0 else None)
             if ref is None:
@@ -193,8 +199,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         results.append(row)
         print(json.dumps(row), flush=True)
-    if a.out:
-        Path(a.out).write_text("".join(json.dumps(r) + "\n" for r in results))
+    write_rows(results, a.out)
     return results
 
 

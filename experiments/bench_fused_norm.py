@@ -13,42 +13,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from sessionbert.models.fused_norm import available, dropout_add_layer_norm  # noqa: E402
+from bench_attention import timed, write_rows  # noqa: E402
 
-
-def eager(a, x, norm, p):
-    z = F.dropout(a, p, training=p > 0) + x
-    return F.layer_norm(z, norm.normalized_shape, norm.weight.to(z.dtype), norm.bias.to(z.dtype), norm.eps)
-
-
-def timed(fn, a, x, norm, p, repeats, device):
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    g = torch.randn_like(a)
-    for _ in range(3):
-        fn(a, x, norm, p).backward(g)
-    sync()
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for _ in range(repeats):
-            fn(a, x, norm, p)
-    sync()
-    fwd = (time.perf_counter() - t0) / repeats * 1e3
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        fn(a, x, norm, p).backward(g)
-    sync()
-    return fwd, (time.perf_counter() - t0) / repeats * 1e3
+from sessionbert.models.fused_norm import available, dropout_add_layer_norm, eager_dropout_add_layer_norm  # noqa: E402
 
 
 def main(argv=None):
@@ -70,8 +44,8 @@ def main(argv=None):
     tensor_bytes = a.numel() * a.element_size()
     rows = []
     for p in (0.1, 0.0):
-        for name, fn in (("eager", eager), ("fused", dropout_add_layer_norm)):
-            fwd, fb = timed(fn, a, x, norm, p, a_.repeats, device)
+        for name, fn in (("eager", eager_dropout_add_layer_norm), ("fused", dropout_add_layer_norm)):
+            fwd, fb, _ = timed(lambda a, x: fn(a, x, norm, p), (a, x), a_.repeats, 3, device)
             bwd = fb - fwd
             row = dict(variant=name, dropout=p, rows=a_.rows, hidden=a_.hidden, dtype=str(dtype)[6:],
                        device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
@@ -80,8 +54,7 @@ def main(argv=None):
                        if bwd > 0 else None)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    if a_.out:
-        Path(a_.out).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_rows(rows, a_.out)
     return rows
 
 

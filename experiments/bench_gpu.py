@@ -263,6 +263,13 @@ def headline(res: dict) -> None:
             res[f"ratio_vs_hf_seq{seq}"] = best["ratio_vs_hf"]
 
 
+def _with_switch(variants: list[tuple], mode: str | None) -> list[tuple]:
+    """Variants (tuples starting (compile, packed)) extended by one packed-path switch: off everywhere (mode None), off
+    and then on for the packed ones ("also"), or on for the packed ones in their place ("only")."""
+    return ([v + (False,) for v in variants if not (v[1] and mode == "only")]
+            + [v + (True,) for v in variants if v[1] and mode])
+
+
 # keys of bench_gpu.json written by other benchmarks (bench_ddp.py, the paper-scale run): a new run keeps them
 CARRIED_PREFIXES = ("ddp_", "paper_scale")
 
@@ -352,13 +359,11 @@ def main(argv: list[str] | None = None) -> None:
     variants = [] if a.only_packed else [(False, False)] + ([(True, False)] if a.compile else [])
     variants += [(False, True)] + ([(True, True)] if a.compile else []) if (a.packed or a.only_packed) else []
     # --fused-qkv: every packed variant again with pretrain.fused_qkv (an A/B in the same call)
-    variants = ([(c, p, False) for c, p in variants if not (p and a.fused_qkv == "only")]
-                + [(c, p, True) for c, p in variants if p and a.fused_qkv])
+    variants = _with_switch(variants, a.fused_qkv)
     # --compile-ln: compiled packed variants with the LayerNorms eager, in the graph, or both
     lns = {"eager": [False], "graph": [True], "both": [False, True]}[a.compile_ln]
-    variants = [(c, p, fq, ln) for c, p, fq in variants for ln in (lns if c and p else [False])]
-    variants = ([(c, p, fq, ln, False) for c, p, fq, ln in variants if not (p and a.fused_norm == "only")]
-                + [(c, p, fq, ln, True) for c, p, fq, ln in variants if p and a.fused_norm])
+    variants = [v + (ln,) for v in variants for ln in (lns if v[0] and v[1] else [False])]
+    variants = _with_switch(variants, a.fused_norm)  # --fused-norm: likewise with pretrain.fused_norm
     plan = [(name, path, seq, comp, pk, fq, ln, fn) for comp, pk, fq, ln, fn in variants for name, path in dists
             for seq in a.seq_lens]
     for name, path, seq, comp, pk, fq, ln, fn in plan:

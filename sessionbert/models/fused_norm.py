@@ -24,6 +24,9 @@ their own dtype (fp32 master weights: no bf16 copies). Dropout draws differ from
 """
 from __future__ import annotations
 
+import itertools
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -42,17 +45,12 @@ def available(device: torch.device | str) -> bool:
     interpreter, TRITON_INTERPRET=1, which the CPU tests use)."""
     if triton is None:
         return False
-    import os
-
     return torch.device(device).type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _configs(**grid) -> list:
     """Triton autotuning configs: the product of `grid`'s values (name -> options; `num_warps` is the launch's).
     Under Triton's interpreter (CPU tests) only the first of each, as nothing is timed there."""
-    import itertools
-    import os
-
     if os.environ.get("TRITON_INTERPRET") == "1":
         grid = {k: v[:1] for k, v in grid.items()}
     out = []
@@ -174,8 +172,9 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         if n:
             _bwd_kernel[(progs,)](dy2, z, weight, mean, rstd, dx, da, dwp, dbp, n, h, ctx.p, ctx.seed,
                                   BLOCK=_block(h), ROWS=_ROWS, DROPOUT=ctx.p > 0)
-        else:
-            dwp.zero_(), dbp.zero_()
+        else:  # no rows: zero weight / bias gradients
+            dwp.zero_()
+            dbp.zero_()
         return (da.view(ctx.shape), dx.view(ctx.shape), dwp.sum(0).to(w_dt), dbp.sum(0).to(b_dt), None, None)
 
 
@@ -189,6 +188,16 @@ def dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.Laye
                          f"{tuple(norm.normalized_shape)}")
     if available(a.device) and a.numel() <= _MAX_ELEMENTS:
         return _DropoutAddLayerNorm.apply(a, x, norm.weight, norm.bias, float(p), float(norm.eps))
+    return eager_dropout_add_layer_norm(a, x, norm, p)
+
+
+def eager_dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float) -> torch.Tensor:
+    """The same in eager PyTorch, as the unfused packed encoder computes it (torch's dropout, then `layer_norm_as`)."""
     z = F.dropout(a, p, training=p > 0) + x
-    with torch.autocast(z.device.type, enabled=False):
-        return F.layer_norm(z, norm.normalized_shape, norm.weight.to(z.dtype), norm.bias.to(z.dtype), norm.eps)
+    return layer_norm_as(z, norm, z.dtype)
+
+
+def layer_norm_as(y: torch.Tensor, mod: torch.nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm of `y` in `dtype` (weights cast to it; CUDA's kernel wants one dtype and accumulates in fp32)."""
+    with torch.autocast(y.device.type, enabled=False):
+        return F.layer_norm(y, mod.normalized_shape, mod.weight.to(dtype), mod.bias.to(dtype), mod.eps)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_norm import dropout_add_layer_norm
+from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
 try:  # torch >= 2.10
     from torch.nn.attention.varlen import varlen_attn as _varlen_attn
@@ -54,16 +54,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out.transpose(1, 2)[valid]  # (N, heads, d)
 
 
-def _layer_norm_as(y: torch.Tensor, mod, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm of `y` in `dtype` (weights cast to it; CUDA's kernel wants one dtype and accumulates in fp32)."""
-    with torch.autocast(y.device.type, enabled=False):
-        return F.layer_norm(y, mod.normalized_shape, mod.weight.to(dtype), mod.bias.to(dtype), mod.eps)
-
-
-# The same LayerNorm kept out of torch.compile graphs (the default): Inductor's fused dropout + add + LayerNorm
+# `layer_norm_as` kept out of torch.compile graphs (the default): Inductor's fused dropout + add + LayerNorm
 # backward took 2.5 ms per call on an H200 where eager's LayerNorm backward takes 0.46 ms, with the stream length
 # changing between steps or fixed (experiments/notes_speed.md #10, #28).
-_layer_norm_eager = torch.compiler.disable(_layer_norm_as)
+_layer_norm_eager = torch.compiler.disable(layer_norm_as)
 
 
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -99,13 +93,17 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     if amp is not None:
         x = x.to(amp)
 
-    ln = _layer_norm_as if layer_norm_in_graph else _layer_norm_eager
+    ln = layer_norm_as if layer_norm_in_graph else _layer_norm_eager
 
-    def norm(mod, y):
-        return mod(y) if amp is None else ln(y, mod, amp)
+    def close(out, y, x):
+        """The end of a sub-block (`out`: BertSelfOutput / BertOutput): LayerNorm(dropout(dense(y)) + x)."""
+        if fused_norm:
+            return dropout_add_layer_norm(out.dense(y), x, out.LayerNorm, out.dropout.p if out.dropout.training else 0.0)
+        z = out.dropout(out.dense(y)) + x
+        return out.LayerNorm(z) if amp is None else ln(z, out.LayerNorm, amp)
 
     for layer in bert.encoder.layer:
-        sa, so = layer.attention.self, layer.attention.output
+        sa = layer.attention.self
         if fused_qkv:
             w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])  # (3H, H)
             b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
@@ -113,14 +111,6 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         else:
             q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
-        if fused_norm:
-            x = dropout_add_layer_norm(so.dense(a), x, so.LayerNorm, so.dropout.p if so.dropout.training else 0.0)
-        else:
-            x = norm(so.LayerNorm, so.dropout(so.dense(a)) + x)
-        y = layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x))
-        out = layer.output
-        if fused_norm:
-            x = dropout_add_layer_norm(out.dense(y), x, out.LayerNorm, out.dropout.p if out.dropout.training else 0.0)
-        else:
-            x = norm(out.LayerNorm, out.dropout(out.dense(y)) + x)
+        x = close(layer.attention.output, a, x)
+        x = close(layer.output, layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x)), x)
     return x
