@@ -75,7 +75,8 @@ def child(a) -> None:
     cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
     if a.packed:  # as stage_pretrain: the varlen kernel has no attention-probability dropout
         cfg.attention_probs_dropout_prob = 0.0
-    module = MLMModule(cfg.to_dict(), lr=1e-4, fused_qkv=a.fused_qkv and a.packed, fused_norm=a.fused_norm and a.packed)
+    module = MLMModule(cfg.to_dict(), lr=1e-4, fused_qkv=a.fused_qkv and a.packed, fused_norm=a.fused_norm and a.packed,
+                       fused_gelu=a.fused_gelu and a.packed)
     sampler = TokenBudgetBatchSampler(lengths, a.tokens_per_step, shuffle=True, seed=0)
     coll = MLMCollator(0, 4, a.vocab, [0, 1, 2, 3, 4, 5], 0.15, seed=0)
     if a.packed:
@@ -105,7 +106,7 @@ def child(a) -> None:
                 secs = self.t1 - self.t0
                 res = {"devices": trainer.world_size, "seq": a.seq, "model": a.model, "steps": a.steps,
                        "packed": bool(a.packed), "fused_qkv": bool(a.fused_qkv and a.packed),
-                       "fused_norm": bool(a.fused_norm and a.packed),
+                       "fused_norm": bool(a.fused_norm and a.packed), "fused_gelu": bool(a.fused_gelu and a.packed),
                        "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
                        "real_tokens_per_s": t.item() / secs,
                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
@@ -132,6 +133,7 @@ def main() -> None:
     ap.add_argument("--packed", action="store_true", help="the packed path (pretrain.packed=true)")
     ap.add_argument("--fused-qkv", action="store_true", help="packed: one Q/K/V GEMM (pretrain.fused_qkv)")
     ap.add_argument("--fused-norm", action="store_true", help="packed: Triton dropout-add-LayerNorm (pretrain.fused_norm)")
+    ap.add_argument("--fused-gelu", action="store_true", help="packed: Triton bias + GELU (pretrain.fused_gelu)")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -148,7 +150,7 @@ def main() -> None:
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers)]
         cmd += (["--packed"] if a.packed else []) + (["--fused-qkv"] if a.fused_qkv else []) + (
-            ["--fused-norm"] if a.fused_norm else [])
+            ["--fused-norm"] if a.fused_norm else []) + (["--fused-gelu"] if a.fused_gelu else [])
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         runs.append(json.loads(res_file.read_text()))

@@ -1,9 +1,16 @@
 #!/usr/bin/env python3
-"""`LayerNorm(dropout(a) + x)` alone: the Triton kernels of `models.fused_norm` against eager PyTorch (issue 6 goal 1).
+"""The Triton kernels of `models.fused_norm` and `models.fused_gelu` alone, against eager PyTorch (issue 6 goal 1).
 
-One (N, H) bf16 tensor pair (default: one packed BERT-base step at seq 128, 131072 x 768), forward and forward +
-backward, dropout 0.1 and 0, with the ms per call and the effective bandwidth of each (bytes that must move at the
-least: forward reads a, x and writes z, y; backward reads dy, z and writes the two input gradients). Prints JSON lines.
+Sizes of one packed BERT-base step at seq 128 (default 131072 rows, hidden 768, intermediate 3072), bf16, forward
+and forward + backward, as JSON lines with the ms per call:
+- `norm`: LayerNorm(dropout(a) + x) on given (N, H) tensors, dropout 0.1 and 0, with the effective bandwidth (bytes
+  that must move at the least: forward reads a, x and writes z, y; backward reads dy, z and writes the two input
+  gradients);
+- `dense_norm`: the end of the feed-forward sub-block with its (4H -> H) GEMM, whose bias the fused kernel adds and
+  whose bias gradient it sums (eager: bias in the GEMM, its gradient a reduction of its own);
+- `dense_gelu`: the (H -> 4H) GEMM + bias + GELU, fused (`bias_gelu`) or eager.
+Both GEMM groups run under bf16 autocast with fp32 weights, as training does. `--compare-module FILE` adds the
+`norm` / `dense_norm` rows of another version of `fused_norm.py` (an A/B of kernel versions in one process).
 
     python experiments/bench_fused_norm.py --out $OUT/bench_fused_norm.json      # on a GPU
     TRITON_INTERPRET=1 python experiments/bench_fused_norm.py --device cpu --rows 64 --hidden 48 --repeats 1
@@ -16,13 +23,25 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_attention import timed, write_rows  # noqa: E402
 
-from sessionbert.models.fused_norm import available, dropout_add_layer_norm, eager_dropout_add_layer_norm  # noqa: E402
+from sessionbert.models import fused_gelu, fused_norm  # noqa: E402
+from sessionbert.models.fused_norm import available  # noqa: E402
+
+
+def _load(path: str):
+    """The module at `path` (another version of fused_norm.py), imported under its own name."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(Path(path).stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def main(argv=None):
@@ -31,6 +50,7 @@ def main(argv=None):
     ap.add_argument("--hidden", type=int, default=768)
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--compare-module", metavar="FILE", help="another fused_norm.py to measure beside this one")
     ap.add_argument("--out")
     a_ = ap.parse_args(argv)
     device = torch.device(a_.device)
@@ -38,22 +58,42 @@ def main(argv=None):
     if not available(device):
         raise SystemExit(f"bench_fused_norm: the Triton kernels do not run on {device} (no Triton, or no GPU and no "
                          f"TRITON_INTERPRET=1)")
-    norm = torch.nn.LayerNorm(a_.hidden).to(device)
-    a = torch.randn(a_.rows, a_.hidden, device=device, dtype=dtype, requires_grad=True)
-    x = torch.randn(a_.rows, a_.hidden, device=device, dtype=dtype, requires_grad=True)
+    n, h = a_.rows, a_.hidden
+    norm = torch.nn.LayerNorm(h).to(device)
+    a = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    x = torch.randn(n, h, device=device, dtype=dtype, requires_grad=True)
+    wide = torch.randn(n, 4 * h, device=device, dtype=dtype, requires_grad=True)  # the intermediate activations
+    down, up = torch.nn.Linear(4 * h, h).to(device), torch.nn.Linear(h, 4 * h).to(device)
     tensor_bytes = a.numel() * a.element_size()
+    versions = [("fused", fused_norm)] + ([("compare", _load(a_.compare_module))] if a_.compare_module else [])
     rows = []
+
+    def measure(group, name, fn, inputs, p=None, bandwidth=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            fwd, fb, _ = timed(fn, inputs, a_.repeats, 3, device)
+        bwd = fb - fwd
+        row = dict(group=group, variant=name, dropout=p, rows=n, hidden=h, dtype=str(dtype)[6:],
+                   device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                   fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fb, 4))
+        if bandwidth:
+            row.update(fwd_gb_s=round(4 * tensor_bytes / fwd / 1e6, 1),
+                       bwd_gb_s=round(4 * tensor_bytes / bwd / 1e6, 1) if bwd > 0 else None)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
     for p in (0.1, 0.0):
-        for name, fn in (("eager", eager_dropout_add_layer_norm), ("fused", dropout_add_layer_norm)):
-            fwd, fb, _ = timed(lambda a, x: fn(a, x, norm, p), (a, x), a_.repeats, 3, device)
-            bwd = fb - fwd
-            row = dict(variant=name, dropout=p, rows=a_.rows, hidden=a_.hidden, dtype=str(dtype)[6:],
-                       device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                       torch=torch.__version__, fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fb, 4),
-                       fwd_gb_s=round(4 * tensor_bytes / fwd / 1e6, 1), bwd_gb_s=round(4 * tensor_bytes / bwd / 1e6, 1)
-                       if bwd > 0 else None)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+        measure("norm", "eager", lambda a, x: fused_norm.eager_dropout_add_layer_norm(a, x, norm, p), (a, x), p, True)
+        for name, mod in versions:
+            measure("norm", name, lambda a, x: mod.dropout_add_layer_norm(a, x, norm, p), (a, x), p, True)
+    p = 0.1
+    measure("dense_norm", "eager", lambda u, x: fused_norm.eager_dropout_add_layer_norm(down(u), x, norm, p),
+            (wide, x), p)
+    measure("dense_norm", "fused", lambda u, x: fused_norm.dropout_add_layer_norm(
+        F.linear(u, down.weight), x, norm, p, a_bias=down.bias), (wide, x), p)
+    for name, mod in versions[1:]:  # an older version without the bias in the kernel: bias in the GEMM
+        measure("dense_norm", name, lambda u, x: mod.dropout_add_layer_norm(down(u), x, norm, p), (wide, x), p)
+    measure("dense_gelu", "eager", lambda x: F.gelu(up(x)), (x,))
+    measure("dense_gelu", "fused", lambda x: fused_gelu.dense_gelu(up, x), (x,))
     write_rows(rows, a_.out)
     return rows
 

@@ -155,7 +155,8 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
 
 
 def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False,
-             fused_qkv: bool = False, ln_graph: bool = False, fused_norm: bool = False) -> dict:
+             fused_qkv: bool = False, ln_graph: bool = False, fused_norm: bool = False,
+             fused_gelu: bool = False) -> dict:
     torch.manual_seed(0)
     if compile_:  # a fresh dynamo cache: earlier runs' graphs and resume frames must not serve this one
         torch._dynamo.reset()
@@ -164,7 +165,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
     if packed:  # the varlen kernel has no attention-probability dropout (hidden dropout 0.1 is kept)
         cfg.attention_probs_dropout_prob = 0.0
     module = MLMModule(cfg.to_dict(), compile=compile_ and packed, fused_qkv=fused_qkv and packed,
-                       compile_layer_norm=ln_graph, fused_norm=fused_norm and packed).to(device)
+                       compile_layer_norm=ln_graph, fused_norm=fused_norm and packed,
+                       fused_gelu=fused_gelu and packed).to(device)
     module.train()
     if compile_ and not packed:
         module.model.bert.compile(dynamic=True)
@@ -204,7 +206,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
     masked = sum(b["masked"] for b in timed)
     flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
     res = dict(path="sessionbert_mlm_packed" if packed else "sessionbert_mlm", model=a.model, seq_len=seq,
-               compile=compile_, compile_layer_norm=ln_graph, fused_norm=fused_norm and packed, packed=packed, pack_multiple=a.pack_multiple if packed else None,
+               compile=compile_, compile_layer_norm=ln_graph, fused_norm=fused_norm and packed,
+               fused_gelu=fused_gelu and packed, packed=packed, pack_multiple=a.pack_multiple if packed else None,
                steps=len(timed),
                real_tokens_per_s=round(real / dts), slot_tokens_per_s=round(slots / dts),
                padding_share=round(1 - real / slots, 4), masked_share=round(masked / real, 4),
@@ -228,7 +231,7 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
         name = (f"profile_{a.model}_seq{seq}{'_packed' if packed else ''}{'_compile' if compile_ else ''}"
                 f"{'_lngraph' if ln_graph else ''}{'_fusednorm' if fused_norm else ''}"
-                f"_{int(lengths.mean())}.txt")
+                f"{'_fusedgelu' if fused_gelu else ''}_{int(lengths.mean())}.txt")
         (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     del module, opt, batches
     if device == "cuda":
@@ -304,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fused-norm", nargs="?", const="also", choices=["also", "only"], default=None,
                    help="also (or only) measure every packed variant with the Triton dropout + add + LayerNorm "
                         "kernels (pretrain.fused_norm)")
+    p.add_argument("--fused-gelu", nargs="?", const="also", choices=["also", "only"], default=None,
+                   help="also (or only) measure every packed variant with the Triton bias + GELU kernels "
+                        "(pretrain.fused_gelu)")
     p.add_argument("--dropout", type=float, default=0.1, help="ours: hidden dropout (the reference: 0.1)")
     p.add_argument("--pack-multiple", type=int, default=1024, help="packed stream length rounded up to this")
     p.add_argument("--cycle", type=int, default=0, metavar="N",
@@ -364,9 +370,9 @@ def main(argv: list[str] | None = None) -> None:
     lns = {"eager": [False], "graph": [True], "both": [False, True]}[a.compile_ln]
     variants = [v + (ln,) for v in variants for ln in (lns if v[0] and v[1] else [False])]
     variants = _with_switch(variants, a.fused_norm)  # --fused-norm: likewise with pretrain.fused_norm
-    plan = [(name, path, seq, comp, pk, fq, ln, fn) for comp, pk, fq, ln, fn in variants for name, path in dists
-            for seq in a.seq_lens]
-    for name, path, seq, comp, pk, fq, ln, fn in plan:
+    variants = _with_switch(variants, a.fused_gelu)  # --fused-gelu: likewise with pretrain.fused_gelu
+    plan = [(name, path, seq, *v) for v in variants for name, path in dists for seq in a.seq_lens]
+    for name, path, seq, comp, pk, fq, ln, fn, fg in plan:
         lengths = loaded[name]
         suffix = "" if name == "sim" else f"_{name}"
         if (name, seq) not in peers and not a.no_peer:
@@ -385,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
                 res.setdefault("errors", []).append(f"reference {name} seq{seq}: {str(e)[-1500:]}")
             save()
         try:
-            r = run_ours(lengths, seq, a, device, comp, pk, fq, ln, fn)
+            r = run_ours(lengths, seq, a, device, comp, pk, fq, ln, fn, fg)
         except Exception as e:  # noqa: BLE001
             import traceback
 
@@ -394,10 +400,11 @@ def main(argv: list[str] | None = None) -> None:
             save()
             continue
         r.update(label="ours" + (" packed" if pk else "") + (" + fused QKV" if fq else "") + (" + compile" if comp else "")
-                 + (" (LayerNorm in graph)" if ln else "") + (" + fused norm" if fn else ""),
+                 + (" (LayerNorm in graph)" if ln else "") + (" + fused norm" if fn else "")
+                 + (" + fused GELU" if fg else ""),
                  lengths=name, fused_qkv=fq)
         tag = (f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_fusedqkv" if fq else "") + ("_compile" if comp else "")
-               + ("_lngraph" if ln else "") + ("_fusednorm" if fn else ""))
+               + ("_lngraph" if ln else "") + ("_fusednorm" if fn else "") + ("_fusedgelu" if fg else ""))
         peer = peers.get((name, seq))
         if peer:
             r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)

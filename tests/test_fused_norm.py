@@ -1,4 +1,5 @@
-"""The fused dropout + add + LayerNorm of the packed encoder (`pretrain.fused_norm`, sessionbert/models/fused_norm.py).
+"""The packed encoder's Triton kernels: dropout + add + LayerNorm with the dense bias (`pretrain.fused_norm`,
+sessionbert/models/fused_norm.py) and bias + GELU (`pretrain.fused_gelu`, sessionbert/models/fused_gelu.py).
 
 The Triton kernels themselves run here through Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU), in a
 subprocess because the interpreter is chosen when the kernels are defined. On a GPU the same kernels are checked
@@ -16,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sessionbert.models.fused_gelu import bias_gelu
 from sessionbert.models.fused_norm import available, dropout_add_layer_norm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,11 +48,40 @@ def test_bad_arguments_are_refused():
         dropout_add_layer_norm(torch.zeros(2, 8), torch.zeros(3, 8), norm, 0.1)
     with pytest.raises(ValueError, match="shapes"):
         dropout_add_layer_norm(torch.zeros(2, 6), torch.zeros(2, 6), norm, 0.1)
+    with pytest.raises(ValueError, match=r"bias \(7,\)"):
+        dropout_add_layer_norm(torch.zeros(2, 8), torch.zeros(2, 8), norm, 0.1, a_bias=torch.zeros(7))
+    with pytest.raises(ValueError, match="bias_gelu: bias of shape"):
+        bias_gelu(torch.zeros(2, 8), torch.zeros(6))
 
 
-def test_packed_encoder_with_fused_norm_equals_the_unfused_path():
-    """packed_hidden(fused_norm=True) gives the same loss and gradients as the unfused path (dropout off), in fp32
-    and under bf16 autocast (the bf16 residual stream)."""
+def test_without_triton_the_bias_gelu_is_eager_gelu():
+    """On a CPU (no interpreter) bias_gelu is gelu(y + bias) in eager PyTorch, gradients included."""
+    torch.manual_seed(0)
+    y, b = torch.randn(6, 40, requires_grad=True), torch.randn(40, requires_grad=True)
+    out = bias_gelu(y, b)
+    torch.testing.assert_close(out, F.gelu(y + b))
+    out.sum().backward()
+    assert y.grad is not None and b.grad is not None
+
+
+def test_fused_gelu_needs_exact_gelu():
+    """packed_hidden(fused_gelu=True) refuses a model whose hidden_act is not BERT's exact GELU."""
+    from sessionbert.models.packed import packed_hidden
+
+    from .test_packed import _module
+
+    m = _module()
+    m.model.bert.config.hidden_act = "gelu_new"
+    with pytest.raises(ValueError, match="fused_gelu computes exact GELU"):
+        packed_hidden(m.model.bert, torch.zeros(4, dtype=torch.long), torch.arange(4), torch.tensor([0, 4]), 4,
+                      fused_gelu=True)
+
+
+@pytest.mark.parametrize("fused_gelu", [False, True])
+def test_packed_encoder_with_fused_norm_equals_the_unfused_path(fused_gelu):
+    """packed_hidden(fused_norm=True), with and without fused_gelu, gives the same loss and gradients as the unfused
+    path (dropout off), in fp32 and under bf16 autocast (the bf16 residual stream), here with the eager maths the
+    fused functions fall back to on a CPU."""
     from sessionbert.data.datasets import MLMCollator, PackedMLMCollator
 
     from .test_packed import MASK, PAD, SPECIAL, VOCAB, _items, _module
@@ -58,7 +89,7 @@ def test_packed_encoder_with_fused_norm_equals_the_unfused_path():
     mlm = MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3)
     batch = PackedMLMCollator(mlm, max_len=32, multiple=64, label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
     for amp in (False, True):
-        a, b = _module(), _module(fused_norm=True)
+        a, b = _module(), _module(fused_norm=True, fused_gelu=fused_gelu)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
             la, lb = a.packed_loss(batch), b.packed_loss(batch)
         la.backward()
@@ -77,6 +108,8 @@ def test_fused_norm_knob_is_validated(tmp_path):
 
     with pytest.raises(ConfigError, match="pretrain.fused_norm: true or false"):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_norm=yes"]))
+    with pytest.raises(ConfigError, match="pretrain.fused_gelu: true or false"):
+        validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_gelu=1"]))
     validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.packed=true", "pretrain.max_tokens=512",
                                  "pretrain.fused_norm=true"]))
 
@@ -143,6 +176,100 @@ ref = F.layer_norm((a.detach() + x.detach()).float(), (32,), norm.weight.detach(
 out["bf16_dtypes"] = [str(t.dtype) for t in (y, a.grad, x.grad, norm.weight.grad)]
 out["bf16_max_err"] = float((y.float() - ref).abs().max())
 
+# the dense layer's bias folded in: its gradient is the column sum of the dropped-out input gradient
+for p in (0.0, 0.3):
+    n, h = 70, 48
+    norm = torch.nn.LayerNorm(h)
+    torch.nn.init.normal_(norm.weight)
+    a, x = torch.randn(n, h, requires_grad=True), torch.randn(n, h, requires_grad=True)
+    ab = torch.randn(h, requires_grad=True)
+    torch.manual_seed(5)
+    y = fn.dropout_add_layer_norm(a, x, norm, p, a_bias=ab)
+    g = torch.randn(n, h)
+    y.backward(g)
+    keep = (a.grad != 0).float() if p else None
+    a2, x2, ab2 = (t.detach().clone().requires_grad_() for t in (a, x, ab))
+    w2, b2 = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
+    u = a2 + ab2 if keep is None else (a2 + ab2) * keep / (1 - p)
+    y2 = F.layer_norm(u + x2, (h,), w2, b2, norm.eps)
+    y2.backward(g)
+    for name, u_, v in (("y", y, y2), ("da", a.grad, a2.grad), ("dx", x.grad, x2.grad), ("dbias_dense", ab.grad, ab2.grad),
+                        ("dweight", norm.weight.grad, w2.grad), ("dbias", norm.bias.grad, b2.grad)):
+        torch.testing.assert_close(u_, v, rtol=1e-4, atol=1e-4, msg=f"{name} with the dense bias, p={p}")
+    out[f"dense_bias_p{p}"] = "equal"
+
+# every tile shape the autotuner may pick (it tries only the first under the interpreter): the kernels launched
+# directly, each against the eager gradients, 70 rows (a short last program for every ROWS), dropout on
+n, h, p, seed = 70, 48, 0.2, 1234
+norm = torch.nn.LayerNorm(h)
+torch.nn.init.normal_(norm.weight)
+torch.nn.init.normal_(norm.bias)
+a, x, ab, dy = torch.randn(n, h), torch.randn(n, h), torch.randn(h), torch.randn(n, h)
+tiles = []
+for rb in (1, 2, 4, 8):
+    z, y, mean, rstd = torch.empty(n, h), torch.empty(n, h), torch.empty(n), torch.empty(n)
+    fn._fwd_kernel.fn[(-(-n // rb),)](a, ab, x, norm.weight, norm.bias, z, y, mean, rstd, n, h, norm.eps, p, seed,
+                                      BLOCK=fn._block(h), RB=rb, DROPOUT=True, HAS_AB=True)
+    keep = ((z - x).abs() > 1e-6).float()  # z = dropout(a + ab) + x
+    torch.testing.assert_close(z, (a + ab) * keep / (1 - p) + x, rtol=1e-5, atol=1e-5, msg=f"fwd z RB={rb}")
+    torch.testing.assert_close(y, F.layer_norm(z, (h,), norm.weight, norm.bias, norm.eps), rtol=1e-4, atol=1e-4,
+                               msg=f"fwd y RB={rb}")
+    zr = z.clone().requires_grad_()
+    wr, br = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
+    F.layer_norm(zr, (h,), wr, br, norm.eps).backward(dy)
+    for rows in (16, 32):
+        progs = -(-n // rows)
+        dx, da, parts = torch.empty(n, h), torch.empty(n, h), torch.empty(3, progs, h)
+        fn._bwd_kernel.fn[(progs,)](dy, z, norm.weight, mean, rstd, dx, da, parts[0], parts[1], parts[2], n, h, p, seed,
+                                    BLOCK=fn._block(h), RB=rb, ROWS=rows, DROPOUT=True, HAS_AB=True)
+        sums = parts.sum(1)
+        for name, u_, v in (("dx", dx, zr.grad), ("da", da, zr.grad * keep / (1 - p)), ("dweight", sums[0], wr.grad),
+                            ("dbias", sums[1], br.grad), ("dbias_dense", sums[2], (zr.grad * keep / (1 - p)).sum(0))):
+            torch.testing.assert_close(u_, v, rtol=1e-4, atol=1e-4, msg=f"{name} RB={rb} ROWS={rows}")
+        tiles.append([rb, rows])
+out["ln_tiles"] = tiles
+
+# bias + GELU (fused_gelu): values and gradients against eager; 1500 columns = two column blocks, the second short
+from sessionbert.models import fused_gelu as fg
+for n, c in ((70, 48), (9, 1500)):
+    y, b = torch.randn(n, c, requires_grad=True), torch.randn(c, requires_grad=True)
+    y2, b2 = y.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    g = torch.randn(n, c)
+    o = fg.bias_gelu(y, b)
+    o.backward(g)
+    F.gelu(y2 + b2).backward(g)
+    for name, u_, v in (("out", o, F.gelu(y2 + b2)), ("dy", y.grad, y2.grad), ("dbias", b.grad, b2.grad)):
+        torch.testing.assert_close(u_, v, rtol=1e-4, atol=1e-4, msg=f"gelu {name} at {n}x{c}")
+    out[f"gelu_{n}x{c}"] = "equal"
+n, c = 70, 1500
+y, b, do = torch.randn(n, c), torch.randn(c), torch.randn(n, c)
+yr, br = y.clone().requires_grad_(), b.clone().requires_grad_()
+ref = F.gelu(yr + br)
+ref.backward(do)
+tiles = []
+for rb in (2, 4, 8):
+    o = torch.empty(n, c)
+    fg._fwd_kernel.fn[(-(-n // rb), 2)](y, b, o, n, c, RB=rb, BC=fg._bc(c))
+    torch.testing.assert_close(o, ref.detach(), rtol=1e-4, atol=1e-4, msg=f"gelu fwd RB={rb}")
+    for rows in (32, 64):
+        progs = -(-n // rows)
+        dy, parts = torch.empty(n, c), torch.empty(progs, c)
+        fg._bwd_kernel.fn[(progs, 2)](do, y, b, dy, parts, n, c, RB=rb, ROWS=rows, BC=fg._bc(c))
+        torch.testing.assert_close(dy, yr.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dy RB={rb} ROWS={rows}")
+        torch.testing.assert_close(parts.sum(0), br.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dbias RB={rb} ROWS={rows}")
+        tiles.append([rb, rows])
+out["gelu_tiles"] = tiles
+yb = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+bb = torch.randn(32, requires_grad=True)
+ob = fg.bias_gelu(yb, bb)
+ob.float().sum().backward()
+out["gelu_bf16_dtypes"] = [str(t.dtype) for t in (ob, yb.grad, bb.grad)]
+out["gelu_bf16_max_err"] = float((ob.float() - F.gelu(yb.detach().float() + bb.detach())).abs().max())
+ye = torch.zeros(0, 16, requires_grad=True)
+be = torch.zeros(16, requires_grad=True)
+fg.bias_gelu(ye, be).sum().backward()
+out["gelu_empty"] = [list(ye.grad.shape), float(be.grad.abs().sum())]
+
 # no rows
 e = torch.zeros(0, 16, requires_grad=True)
 ye = fn.dropout_add_layer_norm(e, torch.zeros(0, 16), torch.nn.LayerNorm(16), 0.1)
@@ -152,15 +279,17 @@ out["empty"] = list(ye.shape)
 sys.path.insert(0, "experiments")
 import bench_fused_norm
 rows = bench_fused_norm.main(["--device", "cpu", "--rows", "8", "--hidden", "16", "--repeats", "1"])
-out["bench_variants"] = sorted({(r["variant"], r["dropout"]) for r in rows})
+out["bench_variants"] = sorted({(r["group"], r["variant"], str(r["dropout"])) for r in rows})
 print("RESULT " + json.dumps(out))
 """
 
 
 def test_triton_kernels_under_the_interpreter():
-    """The kernels (forward, backward, weight / bias partial sums, the dropout mask drawn again in backward) against
-    eager PyTorch, through Triton's interpreter: 70 rows over three backward programs, widths that are not powers of
-    two, dropout, bf16 inputs, an empty batch; and bench_fused_norm.py's rows."""
+    """The kernels (forward, backward, weight / bias partial sums, the dropout mask drawn again in backward, the dense
+    bias folded in; bias + GELU with its bias-gradient partial sums) against eager PyTorch, through Triton's
+    interpreter: 70 rows over several backward programs, widths that are not powers of two, two column blocks with a
+    short one, every tile shape of the autotuned configs, dropout, bf16 inputs, empty batches; and
+    bench_fused_norm.py's rows."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", _KERNEL_CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -173,12 +302,23 @@ def test_triton_kernels_under_the_interpreter():
     assert out["bf16_dtypes"] == ["torch.bfloat16", "torch.bfloat16", "torch.bfloat16", "torch.float32"]
     assert out["bf16_max_err"] < 0.05
     assert out["empty"] == [0, 16]
-    assert out["bench_variants"] == [["eager", 0.0], ["eager", 0.1], ["fused", 0.0], ["fused", 0.1]]
+    assert out["dense_bias_p0.0"] == out["dense_bias_p0.3"] == "equal"
+    assert out["ln_tiles"] == [[rb, rows] for rb in (1, 2, 4, 8) for rows in (16, 32)]
+    assert out["gelu_70x48"] == out["gelu_9x1500"] == "equal"
+    assert out["gelu_tiles"] == [[rb, rows] for rb in (2, 4, 8) for rows in (32, 64)]
+    assert out["gelu_bf16_dtypes"] == ["torch.bfloat16", "torch.bfloat16", "torch.float32"]
+    assert out["gelu_bf16_max_err"] < 0.05
+    assert out["gelu_empty"] == [[0, 16], 0.0]
+    assert out["bench_variants"] == [
+        ["dense_gelu", "eager", "None"], ["dense_gelu", "fused", "None"], ["dense_norm", "eager", "0.1"],
+        ["dense_norm", "fused", "0.1"], ["norm", "eager", "0.0"], ["norm", "eager", "0.1"], ["norm", "fused", "0.0"],
+        ["norm", "fused", "0.1"]]
 
 
 def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
-    """experiments/bench_gpu.py on a CPU, tiny model: `--fused-norm also` adds the fused variant beside the plain one;
-    the goal keys name the fastest variant; keys from other benchmarks already in the output file are kept."""
+    """experiments/bench_gpu.py on a CPU, tiny model: `--fused-norm also` adds the fused variant beside the plain one,
+    `--fused-gelu only` puts fused GELU in every packed variant; the goal keys name the fastest variant; keys from
+    other benchmarks already in the output file are kept."""
     import importlib.util
 
     import numpy as np
@@ -190,15 +330,16 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     np.save(lengths, np.random.default_rng(0).integers(8, 64, 500))
     out = tmp_path / "bench_gpu.json"
     out.write_text(json.dumps({"ddp_scaling_2gpu": 2.07, "paper_scale_seconds": 1122.5, "mfu_seq64": 0.9}))
-    mod.main(["--model", "tiny", "--no-peer", "--only-packed", "--fused-norm", "also", "--seq-lens", "64",
+    mod.main(["--model", "tiny", "--no-peer", "--only-packed", "--fused-norm", "also", "--fused-gelu", "only",
+              "--seq-lens", "64",
               "--tokens-per-step", "2048", "--pack-multiple", "256", "--steps", "2", "--warmup", "1",
               "--lengths", str(lengths), "--out", str(out)])
     res = json.loads(out.read_text())
     labels = [r["label"] for r in res["runs"]]
-    assert labels == ["ours packed", "ours packed + fused norm"]
-    assert [r["fused_norm"] for r in res["runs"]] == [False, True]
+    assert labels == ["ours packed + fused GELU", "ours packed + fused norm + fused GELU"]
+    assert [(r["fused_norm"], r["fused_gelu"]) for r in res["runs"]] == [(False, True), (True, True)]
     best = max(res["runs"], key=lambda r: r["real_tokens_per_s"])
     assert res["real_tokens_per_s_seq64"] == best["real_tokens_per_s"] and res["headline_path_seq64"] == best["label"]
     assert res["mfu_seq64"] == best["mfu"] != 0.9  # a goal key is recomputed, not carried
     assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
-    assert "real_tokens_per_s_seq64_packed_fusednorm" in res
+    assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu" in res

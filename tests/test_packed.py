@@ -18,11 +18,11 @@ def _items(lens, seed=0):
     return [{"idx": i, "input_ids": [2] + g.integers(6, VOCAB, n - 2).tolist() + [3]} for i, n in enumerate(lens)]
 
 
-def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, fused_qkv=False, fused_norm=False):
+def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, fused_qkv=False, fused_norm=False, fused_gelu=False):
     torch.manual_seed(seed)
     cfg = bert_config(VOCAB, PAD, ARCHS["tiny"], max_position_embeddings=64, dropout=hidden_dropout)
     cfg.attention_probs_dropout_prob = attn_dropout
-    return MLMModule(cfg.to_dict(), fused_qkv=fused_qkv, fused_norm=fused_norm)
+    return MLMModule(cfg.to_dict(), fused_qkv=fused_qkv, fused_norm=fused_norm, fused_gelu=fused_gelu)
 
 
 def test_padded_index_roundtrip():
@@ -150,8 +150,9 @@ def test_packed_under_bf16_autocast_stays_close_to_padded():
 def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm):
     """`pretrain.packed=true` through the pipeline and Lightning (CPU: the padded-SDPA fallback of the varlen
     attention; bf16-mixed: the bf16 residual stream under Lightning's autocast, as on a GPU): it trains, and the
-    saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm=true` reaches
-    the packed encoder (two fused LayerNorm calls per layer; on a CPU their eager maths)."""
+    saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm=true` and
+    `pretrain.fused_gelu=true` reach the packed encoder (two fused LayerNorm calls and one bias + GELU per layer, the
+    LayerNorms given their dense layer's bias; on a CPU their eager maths)."""
     import json
 
     import sessionbert.models.packed as packed_mod
@@ -159,15 +160,21 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
 
     from .conftest import make_cfg
 
-    calls = []
-    fused = packed_mod.dropout_add_layer_norm
-    monkeypatch.setattr(packed_mod, "dropout_add_layer_norm", lambda *a, **k: calls.append(a[3]) or fused(*a, **k))
+    calls, gelus = [], []
+    fused, fused_gelu = packed_mod.dropout_add_layer_norm, packed_mod.dense_gelu
+    monkeypatch.setattr(packed_mod, "dropout_add_layer_norm",
+                        lambda *a, **k: calls.append((a[3], k["a_bias"].shape)) or fused(*a, **k))
+    monkeypatch.setattr(packed_mod, "dense_gelu", lambda *a: gelus.append(a[0].out_features) or fused_gelu(*a))
     cfg = make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.packed=true", "pretrain.max_tokens=4096",
-                              f"trainer.precision={precision}", f"pretrain.fused_norm={str(fused_norm).lower()}"])
+                              f"trainer.precision={precision}", f"pretrain.fused_norm={str(fused_norm).lower()}",
+                              f"pretrain.fused_gelu={str(fused_norm).lower()}"])
     metrics = run_pipeline(cfg)
-    layers = ARCHS[cfg.model.arch]["num_hidden_layers"]
-    assert (len(calls) > 0) == fused_norm and len(calls) % (2 * layers) == 0
-    assert fused_norm is False or 0.0 < max(calls) < 1  # hidden dropout while training, 0 in validation
+    arch = ARCHS[cfg.model.arch]
+    layers = arch["num_hidden_layers"]
+    assert (len(calls) > 0) == fused_norm and len(calls) % (2 * layers) == 0 and len(gelus) == len(calls) // 2
+    assert fused_norm is False or 0.0 < max(p for p, _ in calls) < 1  # hidden dropout while training, 0 in validation
+    assert {shape for _, shape in calls} <= {(arch["hidden_size"],)}
+    assert set(gelus) <= {arch["intermediate_size"]}
     pre = metrics["pretrain"]
     assert np.isfinite(pre["mlm_loss"]) and pre["mlm_loss"] < 20
     enc = next((tmp_path / "cache" / "pretrain").glob("*/encoder/config.json"))

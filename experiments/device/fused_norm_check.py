@@ -1,7 +1,9 @@
-"""On a GPU: `pretrain.fused_norm` (Triton dropout + add + LayerNorm) against the eager path in the packed encoder.
-BERT-base shape, bf16 autocast, dropout 0 (the two paths draw dropout from different generators): max relative
-difference of the loss, of the last hidden layer, and of every parameter gradient; then the dropout path's drop
-share. Prints one JSON line."""
+"""On a GPU: the packed encoder's Triton kernels (`pretrain.fused_norm`: dropout + add + LayerNorm with the dense
+bias; `pretrain.fused_gelu`: bias + GELU) against the eager path. BERT-base shape, dropout 0 (the two paths draw
+dropout from different generators). Every variant runs the same batch; each bf16-autocast variant (eager, fused norm,
+fused norm + fused GELU) is compared with the fp32 eager run: loss, last hidden layer (max relative difference) and
+every parameter gradient (relative norm of the difference), so a fused variant should sit as close to fp32 as eager
+bf16 does. Then the dropout path's drop share. Prints one JSON line."""
 import json
 
 import torch
@@ -23,24 +25,27 @@ pos = torch.cat([torch.arange(int(k)) for k in lens]).cuda()
 sel = torch.randperm(n, device="cuda")[: n // 7]
 out = {"tokens": n}
 res = {}
-for fused in (False, True):
+variants = {"fp32": (False, False, False), "eager_bf16": (True, False, False), "fused_norm": (True, True, False),
+            "fused_norm_gelu": (True, True, True)}
+for name, (amp, fused_norm, fused_gelu) in variants.items():
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, fused_norm=fused)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+        h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, fused_norm=fused_norm,
+                          fused_gelu=fused_gelu)
         loss = F.cross_entropy(model.cls(h[sel]).float(), ids[sel])
     loss.backward()
-    res[fused] = (loss.detach(), h.detach().float(), {k: p.grad.detach().float().clone()
-                                                      for k, p in model.named_parameters() if p.grad is not None})
-(l0, h0, g0), (l1, h1, g1) = res[False], res[True]
-out["loss_eager"], out["loss_fused"] = float(l0), float(l1)
-out["hidden_max_rel"] = float((h1 - h0).abs().max() / h0.abs().max())
-rel = {k: float((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)) for k in g0}
-# the attention key bias gets a gradient of ~0 in exact maths (softmax ignores a shift per query): skip its ratio
-rel = {k: v for k, v in rel.items() if not k.endswith("key.bias")}
-out["grad_rel_norm_max"] = max(rel.values())
-out["grad_rel_norm_median"] = sorted(rel.values())[len(rel) // 2]
-out["grad_rel_norm_worst"] = max(rel, key=rel.get)
-out["grads_missing"] = sorted(set(g0) - set(g1))
+    res[name] = (loss.detach(), h.detach().float(), {k: p.grad.detach().float().clone()
+                                                     for k, p in model.named_parameters() if p.grad is not None})
+l0, h0, g0 = res["fp32"]
+out["loss_fp32"] = float(l0)
+for name in list(variants)[1:]:
+    l1, h1, g1 = res[name]
+    rel = {k: float((g1[k] - g0[k]).norm() / g0[k].norm().clamp_min(1e-12)) for k in g0}
+    # the attention key bias gets a gradient of ~0 in exact maths (softmax ignores a shift per query): skip its ratio
+    rel = {k: v for k, v in rel.items() if not k.endswith("key.bias")}
+    out[name] = dict(loss=float(l1), hidden_max_rel=float((h1 - h0).abs().max() / h0.abs().max()),
+                     grad_rel_norm_max=max(rel.values()), grad_rel_norm_median=sorted(rel.values())[len(rel) // 2],
+                     grad_rel_norm_worst=max(rel, key=rel.get), grads_missing=sorted(set(g0) - set(g1)))
 ln = torch.nn.LayerNorm(768).cuda()
 a = torch.randn(n, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 x = torch.randn(n, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)

@@ -6,10 +6,12 @@ weight / bias gradient, the dropout mask product, the add's two outputs), each a
 activations; on an H200 they were ~26 ms of a ~186 ms packed step at seq 128 (`results/profile_*`). Here one Triton
 kernel does the forward pass and one the backward pass (+4.9% real tokens/s for the whole step, notes_speed.md #29):
 
-- forward: reads the dense output and the residual once, writes the LayerNorm input `z` (kept for backward, as eager
-  keeps it), the output, and the per-row mean / reciprocal std;
+- forward: reads the dense output and the residual once, adds the dense layer's bias (`a_bias`: the packed encoder
+  runs that GEMM without it), writes the LayerNorm input `z` (kept for backward, as eager keeps it), the output, and
+  the per-row mean / reciprocal std;
 - backward: reads the output gradient and `z` once, writes the gradients of the residual and of the dense output,
-  and per-program partial sums of the LayerNorm weight / bias gradients (summed by one small torch reduction);
+  and per-program partial sums of the LayerNorm weight / bias gradients and of the dense bias gradient (summed by
+  one small torch reduction: the dense bias gradient needs no pass of its own over the (N, 768) gradient);
 - dropout keeps no mask: it is drawn from a counter-based generator (Philox, four draws per call, `tl.rand4x`) seeded
   per call from torch's CPU generator (so `torch.manual_seed` makes runs repeatable), and drawn again in backward.
 
@@ -19,7 +21,7 @@ H200 where eager's takes ~0.6 ms, so the compiled step was slower than eager (no
 with every CUDA build of torch. Where there is no Triton or no GPU, `dropout_add_layer_norm` runs the same maths in eager
 PyTorch (the CPU tests also run the kernels themselves through Triton's interpreter, `tests/test_fused_norm.py`).
 
-Same maths as `LayerNorm(dropout(a) + x)` up to rounding, with statistics in fp32 and LayerNorm weights read in
+Same maths as `LayerNorm(dropout(a + a_bias) + x)` up to rounding, with statistics in fp32 and LayerNorm weights read in
 their own dtype (fp32 master weights: no bf16 copies). Dropout draws differ from torch's (another generator).
 """
 from __future__ import annotations
@@ -37,7 +39,6 @@ except ImportError:  # pragma: no cover - CPU-only torch builds ship without Tri
     triton = None
 
 _MAX_ELEMENTS = 2**31 - 1  # dropout counters are int32 offsets of the (N, H) block
-_ROWS = 32  # rows per backward program (4,096 programs for 131k rows), in autotuned tiles of RB rows
 
 
 def available(device: torch.device | str) -> bool:
@@ -49,15 +50,15 @@ def available(device: torch.device | str) -> bool:
 
 
 def _configs(**grid) -> list:
-    """Triton autotuning configs: the product of `grid`'s values (name -> options; `num_warps` is the launch's).
-    Under Triton's interpreter (CPU tests) only the first of each, as nothing is timed there."""
+    """Triton autotuning configs: the product of `grid`'s values (name -> options; `num_warps` and `num_stages` are
+    the launch's). Under Triton's interpreter (CPU tests) only the first of each, as nothing is timed there."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         grid = {k: v[:1] for k, v in grid.items()}
     out = []
     for values in itertools.product(*grid.values()):
         kw = dict(zip(grid, values))
-        warps = kw.pop("num_warps")
-        out.append(triton.Config(kw, num_warps=warps))
+        launch = {k: kw.pop(k) for k in ("num_warps", "num_stages") if k in kw}
+        out.append(triton.Config(kw, **launch))
     return out
 
 
@@ -75,16 +76,18 @@ if triton is not None:
     # Tile sizes picked by Triton's autotuner on the first call for each width (a few ms, once per process): the best
     # rows per tile and warps differ between GPUs. The seed and the row count are not specialised on (a new value
     # must not compile a new kernel).
-    @triton.autotune(configs=_configs(RB=[4, 1, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT"])
+    @triton.autotune(configs=_configs(RB=[4, 1, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
-    def _fwd_kernel(A, X, W, B, Z, Y, Mean, Rstd, n_rows, n_cols, eps, p, seed,
-                    BLOCK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr):
+    def _fwd_kernel(A, AB, X, W, B, Z, Y, Mean, Rstd, n_rows, n_cols, eps, p, seed,
+                    BLOCK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr, HAS_AB: tl.constexpr):
         rows = tl.program_id(0) * RB + tl.arange(0, RB)
         cols = tl.arange(0, BLOCK)
         mc = cols < n_cols
         m = (rows < n_rows)[:, None] & mc[None, :]
         off = rows[:, None] * n_cols + cols[None, :]  # int32: the wrapper checks N * H < 2**31
         a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
+        if HAS_AB:  # the dense layer's bias, added here instead of in its GEMM (its gradient is summed in backward)
+            a += tl.load(AB + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
         if DROPOUT:
             a = tl.where(_keep(seed, rows, p, RB, BLOCK), a / (1.0 - p), 0.0)
         zq = (a + tl.load(X + off, mask=m, other=0.0).to(tl.float32)).to(Z.dtype.element_ty)
@@ -99,22 +102,27 @@ if triton is not None:
         tl.store(Mean + rows, mean, mask=rows < n_rows)
         tl.store(Rstd + rows, rstd, mask=rows < n_rows)
 
-    # Each program takes ROWS rows in autotuned tiles of RB and writes one row of partial weight / bias gradients,
-    # added by one torch reduction. (One tile per program was a little slower on an H200: 179.3 against 177.6 ms per
-    # BERT-base step, its partial sums being ROWS / RB times more bytes; experiments/results/fused_norm_dev.)
-    @triton.autotune(configs=_configs(RB=[4, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT"])
+    # Each program takes ROWS rows in tiles of RB (both autotuned) and writes one row of partial weight / bias
+    # gradients, added by one torch reduction. The partial sums accumulate as (RB, BLOCK) tiles and are reduced over
+    # rows once at the end: a reduction over the tile's rows in every step of the loop (the first version) kept the
+    # backward at ~1.1 TB/s (notes_speed.md #31). With the dense layer's bias folded in (HAS_AB) its gradient, the
+    # column sum of DA, is a third partial sum here instead of a pass of its own. The configs: the fastest of a 72-config
+    # sweep on an H200 (RB 1, ROWS 32, 4 warps; experiments/results/fused_kernels_dev) and its neighbours.
+    @triton.autotune(configs=_configs(RB=[1, 2], ROWS=[32, 16], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
-    def _bwd_kernel(DY, Z, W, Mean, Rstd, DX, DA, DWp, DBp, n_rows, n_cols, p, seed,
-                    BLOCK: tl.constexpr, RB: tl.constexpr, ROWS: tl.constexpr, DROPOUT: tl.constexpr):
+    def _bwd_kernel(DY, Z, W, Mean, Rstd, DX, DA, DWp, DBp, DABp, n_rows, n_cols, p, seed,
+                    BLOCK: tl.constexpr, RB: tl.constexpr, ROWS: tl.constexpr, DROPOUT: tl.constexpr,
+                    HAS_AB: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mc = cols < n_cols
         w = tl.load(W + cols, mask=mc, other=0.0).to(tl.float32)
-        dw = tl.zeros([BLOCK], dtype=tl.float32)
-        db = tl.zeros([BLOCK], dtype=tl.float32)
+        dw = tl.zeros([RB, BLOCK], dtype=tl.float32)
+        db = tl.zeros([RB, BLOCK], dtype=tl.float32)
+        dab = tl.zeros([RB, BLOCK], dtype=tl.float32)
         for i in range(0, ROWS // RB):
             rows = pid * ROWS + i * RB + tl.arange(0, RB)
-            ok = rows < n_rows  # the last program's tail: nothing loaded, stored or summed
+            ok = rows < n_rows  # the last program's tail: nothing loaded or stored, zeros summed
             m = ok[:, None] & mc[None, :]
             off = rows[:, None] * n_cols + cols[None, :]
             dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
@@ -130,10 +138,14 @@ if triton is not None:
             if DROPOUT:
                 dz = tl.where(_keep(seed, rows, p, RB, BLOCK), dz / (1.0 - p), 0.0)
             tl.store(DA + off, dz.to(DA.dtype.element_ty), mask=m)
-            dw += tl.sum(dy * xh, axis=0)
-            db += tl.sum(dy, axis=0)
-        tl.store(DWp + pid * n_cols + cols, dw, mask=mc)
-        tl.store(DBp + pid * n_cols + cols, db, mask=mc)
+            dw += dy * xh
+            db += dy
+            if HAS_AB:
+                dab += dz
+        tl.store(DWp + pid * n_cols + cols, tl.sum(dw, axis=0), mask=mc)
+        tl.store(DBp + pid * n_cols + cols, tl.sum(db, axis=0), mask=mc)
+        if HAS_AB:
+            tl.store(DABp + pid * n_cols + cols, tl.sum(dab, axis=0), mask=mc)
 
 
 def _block(n_cols: int) -> int:
@@ -142,7 +154,7 @@ def _block(n_cols: int) -> int:
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, x, weight, bias, p: float, eps: float):
+    def forward(ctx, a, a_bias, x, weight, bias, p: float, eps: float):
         shape = a.shape
         a2, x2 = a.reshape(-1, shape[-1]).contiguous(), x.reshape(-1, shape[-1]).contiguous()
         n, h = a2.shape
@@ -152,10 +164,12 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0 else 0  # CPU generator: no GPU sync
         if n:
-            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["RB"]),)](a2, x2, weight, bias, z, y, mean, rstd, n, h, eps,
-                                                                    p, seed, BLOCK=_block(h), DROPOUT=p > 0)
+            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["RB"]),)](
+                a2, weight if a_bias is None else a_bias, x2, weight, bias, z, y, mean, rstd, n, h, eps, p, seed,
+                BLOCK=_block(h), DROPOUT=p > 0, HAS_AB=a_bias is not None)
         ctx.save_for_backward(z, weight, mean, rstd)
-        ctx.p, ctx.seed, ctx.shape, ctx.dtypes = p, seed, shape, (a.dtype, x.dtype, weight.dtype, bias.dtype)
+        ctx.p, ctx.seed, ctx.shape = p, seed, shape
+        ctx.dtypes = (a.dtype, None if a_bias is None else a_bias.dtype, x.dtype, weight.dtype, bias.dtype)
         return y.view(shape)
 
     @staticmethod
@@ -163,36 +177,48 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         z, weight, mean, rstd = ctx.saved_tensors
         n, h = z.shape
         dy2 = dy.reshape(n, h).contiguous()
-        a_dt, x_dt, w_dt, b_dt = ctx.dtypes
+        a_dt, ab_dt, x_dt, w_dt, b_dt = ctx.dtypes
         dx = torch.empty(n, h, dtype=x_dt, device=z.device)
         da = torch.empty(n, h, dtype=a_dt, device=z.device)
-        progs = max(1, -(-n // _ROWS))  # one row of partial weight / bias gradients per program
-        dwp = torch.empty(progs, h, dtype=torch.float32, device=z.device)
-        dbp = torch.empty_like(dwp)
-        if n:
-            _bwd_kernel[(progs,)](dy2, z, weight, mean, rstd, dx, da, dwp, dbp, n, h, ctx.p, ctx.seed,
-                                  BLOCK=_block(h), ROWS=_ROWS, DROPOUT=ctx.p > 0)
-        else:  # no rows: zero weight / bias gradients
-            dwp.zero_()
-            dbp.zero_()
-        return (da.view(ctx.shape), dx.view(ctx.shape), dwp.sum(0).to(w_dt), dbp.sum(0).to(b_dt), None, None)
+        # one row of partial weight / bias gradients per program, as many programs as the fewest rows per program
+        # among the autotuned configs gives; the chosen config's ROWS says how many were written
+        most = max(1, -(-n // min(c.kwargs["ROWS"] for c in _bwd_kernel.configs)))
+        parts = torch.empty(3 if ab_dt is not None else 2, most, h, dtype=torch.float32, device=z.device)
+        used = 1
+        if not n:  # no rows: zero weight / bias gradients
+            parts.zero_()
+        else:
+            _bwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]),)](
+                dy2, z, weight, mean, rstd, dx, da, parts[0], parts[1], parts[-1], n, h, ctx.p, ctx.seed,
+                BLOCK=_block(h), DROPOUT=ctx.p > 0, HAS_AB=ab_dt is not None)
+            used = -(-n // _bwd_kernel.best_config.kwargs["ROWS"])
+        sums = parts[:, :used].sum(1)
+        dab = None if ab_dt is None else sums[2].to(ab_dt)
+        return da.view(ctx.shape), dab, dx.view(ctx.shape), sums[0].to(w_dt), sums[1].to(b_dt), None, None
 
 
-def dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float) -> torch.Tensor:
-    """`norm(dropout(a, p) + x)` (the end of a BERT sub-block; `p` 0 when not training): one Triton kernel each way
-    where `available(a.device)`, otherwise eager PyTorch. a, x: (..., H), same shape; the result has their dtype."""
+def dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float,
+                           a_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`norm(dropout(a + a_bias, p) + x)` (the end of a BERT sub-block, `a` its dense layer's output without the bias,
+    `a_bias` that bias; `p` 0 when not training): one Triton kernel each way where `available(a.device)`, otherwise
+    eager PyTorch. a, x: (..., H), same shape; a_bias (H,) or None; the result has their dtype."""
     if not 0.0 <= p < 1.0:
         raise ValueError(f"dropout_add_layer_norm: dropout probability must be in [0, 1), got {p}")
-    if a.shape != x.shape or a.shape[-1] != norm.normalized_shape[-1]:
-        raise ValueError(f"dropout_add_layer_norm: shapes {tuple(a.shape)} / {tuple(x.shape)} for a LayerNorm of "
+    if a.shape != x.shape or a.shape[-1] != norm.normalized_shape[-1] or (
+            a_bias is not None and tuple(a_bias.shape) != (a.shape[-1],)):
+        raise ValueError(f"dropout_add_layer_norm: shapes {tuple(a.shape)} / {tuple(x.shape)}"
+                         f"{'' if a_bias is None else f' / bias {tuple(a_bias.shape)}'} for a LayerNorm of "
                          f"{tuple(norm.normalized_shape)}")
     if available(a.device) and a.numel() <= _MAX_ELEMENTS:
-        return _DropoutAddLayerNorm.apply(a, x, norm.weight, norm.bias, float(p), float(norm.eps))
-    return eager_dropout_add_layer_norm(a, x, norm, p)
+        return _DropoutAddLayerNorm.apply(a, a_bias, x, norm.weight, norm.bias, float(p), float(norm.eps))
+    return eager_dropout_add_layer_norm(a, x, norm, p, a_bias)
 
 
-def eager_dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float) -> torch.Tensor:
+def eager_dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float,
+                                 a_bias: torch.Tensor | None = None) -> torch.Tensor:
     """The same in eager PyTorch, as the unfused packed encoder computes it (torch's dropout, then `layer_norm_as`)."""
+    if a_bias is not None:
+        a = a + a_bias.to(a.dtype)
     z = F.dropout(a, p, training=p > 0) + x
     return layer_norm_as(z, norm, z.dtype)
 

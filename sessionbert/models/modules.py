@@ -69,7 +69,7 @@ class MLMModule(_Schedule, L.LightningModule):
 
     def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                  compile: bool = False, fused_qkv: bool = False, compile_layer_norm: bool = False,
-                 fused_norm: bool = False):
+                 fused_norm: bool = False, fused_gelu: bool = False):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
@@ -77,7 +77,8 @@ class MLMModule(_Schedule, L.LightningModule):
         self.model = BertForMaskedLM(cfg)
         fwd = functools.partial(packed_hidden, fused_qkv=fused_qkv,  # pretrain.fused_qkv
                                 layer_norm_in_graph=compile_layer_norm,  # benchmarks only (slower: notes_speed.md)
-                                fused_norm=fused_norm)  # pretrain.fused_norm
+                                fused_norm=fused_norm,  # pretrain.fused_norm
+                                fused_gelu=fused_gelu)  # pretrain.fused_gelu
         self._packed = torch.compile(fwd) if compile else fwd  # compile: pretrain.compile
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

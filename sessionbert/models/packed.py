@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .fused_gelu import dense_gelu
 from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
 try:  # torch >= 2.10
@@ -62,7 +63,7 @@ _layer_norm_eager = torch.compiler.disable(layer_norm_as)
 
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_len: int, fused_qkv: bool = False, layer_norm_in_graph: bool = False,
-                  fused_norm: bool = False) -> torch.Tensor:
+                  fused_norm: bool = False, fused_gelu: bool = False) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
     (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
 
@@ -75,8 +76,14 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
 
     `fused_norm`: each sub-block's `LayerNorm(dropout(dense_out) + residual)` as one Triton kernel forward and one
     backward (`models.fused_norm`, where Triton and a GPU are there; otherwise the same maths in eager PyTorch).
-    Dropout draws come from another generator than torch's, so losses match the unfused path only without dropout."""
+    The dense layer's bias is added in that kernel and its gradient summed there (no pass of its own in backward).
+    Dropout draws come from another generator than torch's, so losses match the unfused path only without dropout.
+
+    `fused_gelu`: the intermediate layer's bias + GELU as one Triton kernel forward and one backward that also sums
+    the bias gradient (`models.fused_gelu`; `hidden_act` must be "gelu", BERT's exact GELU)."""
     cfg = bert.config
+    if fused_gelu and cfg.hidden_act != "gelu":
+        raise ValueError(f"packed_hidden: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
     if bert.training and cfg.attention_probs_dropout_prob > 0:
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
                          "set model attention_probs_dropout_prob to 0 (pipeline: pretrain.packed sets it)")
@@ -98,7 +105,8 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     def close(out, y, x):
         """The end of a sub-block (`out`: BertSelfOutput / BertOutput): LayerNorm(dropout(dense(y)) + x)."""
         if fused_norm:
-            return dropout_add_layer_norm(out.dense(y), x, out.LayerNorm, out.dropout.p if out.dropout.training else 0.0)
+            return dropout_add_layer_norm(F.linear(y, out.dense.weight), x, out.LayerNorm,
+                                          out.dropout.p if out.dropout.training else 0.0, a_bias=out.dense.bias)
         z = out.dropout(out.dense(y)) + x
         return out.LayerNorm(z) if amp is None else ln(z, out.LayerNorm, amp)
 
@@ -112,5 +120,6 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
             q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
         x = close(layer.attention.output, a, x)
-        x = close(layer.output, layer.intermediate.intermediate_act_fn(layer.intermediate.dense(x)), x)
+        inter = layer.intermediate
+        x = close(layer.output, dense_gelu(inter.dense, x) if fused_gelu else inter.intermediate_act_fn(inter.dense(x)), x)
     return x

@@ -1,0 +1,126 @@
+"""Fused bias + GELU for the packed encoder's intermediate layer (issue 6 goal 1, `pretrain.fused_gelu`).
+
+BERT's feed-forward block is `gelu(x W1^T + b1)` (H -> 4H), the widest activations of the model. In eager PyTorch the
+bias rides in the GEMM's epilogue, GELU is one pass forward (read the (N, 4H) pre-activation, write the output) and
+its gradient one pass backward (read the output gradient and the pre-activation, write the pre-activation gradient),
+and the bias gradient is one more full read of that (N, 4H) gradient (`aten::sum` in `AddmmBackward`). Here the GEMM
+runs without its bias, one Triton kernel adds it and applies GELU, and one backward kernel writes the pre-activation
+gradient and, from the same registers, per-program partial column sums that one small torch reduction turns into the
+bias gradient: the separate pass over the (N, 4H) gradient is gone. Exact (erf) GELU, as BERT's `hidden_act="gelu"`;
+arithmetic in fp32, inputs and outputs in the activations' dtype; the bias read in its own dtype (fp32 master).
+
+Why our own kernel: cuBLASLt has bias-gradient and GELU epilogues, but torch exposes only the forward tanh-GELU one
+(`_addmm_activation`); torch.compile's fused kernels for the encoder's elementwise work were slower than eager here
+(notes_speed.md #7, #28). Triton ships with every CUDA build of torch. Without Triton or a GPU, `bias_gelu` is eager
+PyTorch (the CPU tests also run the kernels themselves through Triton's interpreter, tests/test_fused_norm.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .fused_norm import _MAX_ELEMENTS, _configs, available, triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _gelu_parts(v):
+        """(gelu(v), gelu'(v)) in fp32, exact: 0.5 v (1 + erf(v / sqrt 2)) and its derivative."""
+        cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        return v * cdf, cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
+
+    @triton.autotune(configs=_configs(RB=[4, 8], num_warps=[4, 8]), key=["n_cols"])
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _fwd_kernel(Y, B, O, n_rows, n_cols, RB: tl.constexpr, BC: tl.constexpr):
+        rows = tl.program_id(0) * RB + tl.arange(0, RB)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mc = cols < n_cols
+        m = (rows < n_rows)[:, None] & mc[None, :]
+        off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
+        v = tl.load(Y + off, mask=m, other=0.0).to(tl.float32) + tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
+        g, _ = _gelu_parts(v)
+        tl.store(O + off, g.to(O.dtype.element_ty), mask=m)
+
+    # Each program takes ROWS rows of one BC-wide column block in tiles of RB, and writes one row of partial bias
+    # gradients (accumulated as (RB, BC) tiles, reduced over rows once at the end).
+    @triton.autotune(configs=_configs(RB=[2, 4], ROWS=[32, 64], num_warps=[4, 8]), key=["n_cols"])
+    @triton.jit(do_not_specialize=["n_rows"])
+    def _bwd_kernel(DO, Y, B, DY, DBp, n_rows, n_cols, RB: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = tl.program_id(1) * BC + tl.arange(0, BC)
+        mc = cols < n_cols
+        b = tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)
+        acc = tl.zeros([RB, BC], dtype=tl.float32)
+        for i in range(0, ROWS // RB):
+            rows = pid * ROWS + i * RB + tl.arange(0, RB)
+            m = (rows < n_rows)[:, None] & mc[None, :]
+            off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
+            v = tl.load(Y + off, mask=m, other=0.0).to(tl.float32) + b[None, :]
+            _, d = _gelu_parts(v)
+            dy = tl.load(DO + off, mask=m, other=0.0).to(tl.float32) * d  # masked: 0 * d
+            tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)
+            acc += dy
+        tl.store(DBp + pid * n_cols + cols, tl.sum(acc, axis=0), mask=mc)
+
+
+_BC = 1024  # columns per program (BERT-base's 3072 = 3 blocks; the tail block of other widths is masked)
+
+
+def _bc(n_cols: int) -> int:
+    return min(_BC, max(triton.next_power_of_2(n_cols), 16))
+
+
+class _BiasGelu(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, bias):
+        shape = y.shape
+        y2 = y.reshape(-1, shape[-1]).contiguous()
+        n, h = y2.shape
+        out = torch.empty_like(y2)
+        bc = _bc(h)
+        if n:
+            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["RB"]), triton.cdiv(h, bc))](y2, bias, out, n, h, BC=bc)
+        ctx.save_for_backward(y2, bias)
+        ctx.shape = shape
+        return out.view(shape)
+
+    @staticmethod
+    def backward(ctx, do):
+        y2, bias = ctx.saved_tensors
+        n, h = y2.shape
+        do2 = do.reshape(n, h).contiguous()
+        dy = torch.empty_like(y2)
+        bc = _bc(h)
+        # one row of partial bias gradients per row program, as many as the fewest rows per program among the
+        # autotuned configs gives; the chosen config's ROWS says how many were written
+        most = max(1, -(-n // min(c.kwargs["ROWS"] for c in _bwd_kernel.configs)))
+        parts = torch.empty(most, h, dtype=torch.float32, device=y2.device)
+        used = 1
+        if not n:
+            parts.zero_()
+        else:
+            _bwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]), triton.cdiv(h, bc))](do2, y2, bias, dy, parts, n, h,
+                                                                                          BC=bc)
+            used = -(-n // _bwd_kernel.best_config.kwargs["ROWS"])
+        return dy.view(ctx.shape), parts[:used].sum(0).to(bias.dtype)
+
+
+def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Exact GELU of `y + bias` (y: (..., C), a Linear's output without its bias; bias: (C,)): one Triton kernel each
+    way where `available(y.device)`, otherwise eager PyTorch. The result has y's dtype."""
+    if tuple(bias.shape) != (y.shape[-1],):
+        raise ValueError(f"bias_gelu: bias of shape {tuple(bias.shape)} for activations {tuple(y.shape)}")
+    if available(y.device) and y.numel() <= _MAX_ELEMENTS:
+        return _BiasGelu.apply(y, bias)
+    return eager_bias_gelu(y, bias)
+
+
+def eager_bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The same in eager PyTorch."""
+    return F.gelu(y + bias.to(y.dtype))
+
+
+def dense_gelu(dense: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`gelu(dense(x))` with the bias added in `bias_gelu` (BERT's intermediate layer, `hidden_act="gelu"`)."""
+    return bias_gelu(F.linear(x, dense.weight), dense.bias)
