@@ -106,13 +106,16 @@ class _BiasGelu(torch.autograd.Function):
         return dy.view(ctx.shape), parts[:used].sum(0).to(bias.dtype)
 
 
+_apply = torch.compiler.disable(_BiasGelu.apply)  # out of torch.compile graphs, as fused_norm's kernels
+
+
 def bias_gelu(y: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """Exact GELU of `y + bias` (y: (..., C), a Linear's output without its bias; bias: (C,)): one Triton kernel each
     way where `available(y.device)`, otherwise eager PyTorch. The result has y's dtype."""
     if tuple(bias.shape) != (y.shape[-1],):
         raise ValueError(f"bias_gelu: bias of shape {tuple(bias.shape)} for activations {tuple(y.shape)}")
     if available(y.device) and y.numel() <= _MAX_ELEMENTS:
-        return _BiasGelu.apply(y, bias)
+        return _apply(y, bias)
     return eager_bias_gelu(y, bias)
 
 

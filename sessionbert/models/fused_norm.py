@@ -197,6 +197,12 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         return da.view(ctx.shape), dab, dx.view(ctx.shape), sums[0].to(w_dt), sums[1].to(b_dt), None, None
 
 
+# Kept out of torch.compile graphs (`pretrain.compile` with these kernels): dynamo would trace into the autotuner's
+# Python dispatch and the backward's read of the picked config; here they run as they do in eager mode, between
+# compiled regions.
+_apply = torch.compiler.disable(_DropoutAddLayerNorm.apply)
+
+
 def dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.LayerNorm, p: float,
                            a_bias: torch.Tensor | None = None) -> torch.Tensor:
     """`norm(dropout(a + a_bias, p) + x)` (the end of a BERT sub-block, `a` its dense layer's output without the bias,
@@ -210,7 +216,7 @@ def dropout_add_layer_norm(a: torch.Tensor, x: torch.Tensor, norm: torch.nn.Laye
                          f"{'' if a_bias is None else f' / bias {tuple(a_bias.shape)}'} for a LayerNorm of "
                          f"{tuple(norm.normalized_shape)}")
     if available(a.device) and a.numel() <= _MAX_ELEMENTS:
-        return _DropoutAddLayerNorm.apply(a, a_bias, x, norm.weight, norm.bias, float(p), float(norm.eps))
+        return _apply(a, a_bias, x, norm.weight, norm.bias, float(p), float(norm.eps))
     return eager_dropout_add_layer_norm(a, x, norm, p, a_bias)
 
 
