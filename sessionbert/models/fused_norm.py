@@ -106,7 +106,7 @@ if triton is not None:
     # gradients, added by one torch reduction. The partial sums accumulate as (RB, BLOCK) tiles and are reduced over
     # rows once at the end: a reduction over the tile's rows in every step of the loop (the first version) kept the
     # backward at ~1.1 TB/s (notes_speed.md #31). With the dense layer's bias folded in (HAS_AB) its gradient, the
-    # column sum of DA, is a third partial sum here instead of a pass of its own. The configs: the fastest of a 72-config
+    # column sum of DA, is a third partial sum here instead of a pass of its own. The configs: the fastest of a 48-config
     # sweep on an H200 (RB 1, ROWS 32, 4 warps; experiments/results/fused_kernels_dev) and its neighbours.
     @triton.autotune(configs=_configs(RB=[1, 2], ROWS=[32, 16], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
