@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_norm import _MAX_ELEMENTS, _configs, available, triton
+from .fused_norm import _MAX_ELEMENTS, _configs, available, row_partial_sums, triton
 
 if triton is not None:
     import triton.language as tl
@@ -92,18 +92,13 @@ class _BiasGelu(torch.autograd.Function):
         do2 = do.reshape(n, h).contiguous()
         dy = torch.empty_like(y2)
         bc = _bc(h)
-        # one row of partial bias gradients per row program, as many as the fewest rows per program among the
-        # autotuned configs gives; the chosen config's ROWS says how many were written
-        most = max(1, -(-n // min(c.kwargs["ROWS"] for c in _bwd_kernel.configs)))
-        parts = torch.empty(most, h, dtype=torch.float32, device=y2.device)
-        used = 1
-        if not n:
-            parts.zero_()
-        else:
-            _bwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]), triton.cdiv(h, bc))](do2, y2, bias, dy, parts, n, h,
-                                                                                          BC=bc)
-            used = -(-n // _bwd_kernel.best_config.kwargs["ROWS"])
-        return dy.view(ctx.shape), parts[:used].sum(0).to(bias.dtype)
+
+        def launch(parts):  # the bias gradient: per-program partial column sums
+            _bwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]), triton.cdiv(h, bc))](do2, y2, bias, dy, parts[0],
+                                                                                          n, h, BC=bc)
+
+        db = row_partial_sums(_bwd_kernel, n, h, 1, y2.device, launch)
+        return dy.view(ctx.shape), db[0].to(bias.dtype)
 
 
 _apply = torch.compiler.disable(_BiasGelu.apply)  # out of torch.compile graphs, as fused_norm's kernels

@@ -152,6 +152,19 @@ def _block(n_cols: int) -> int:
     return max(triton.next_power_of_2(n_cols), 16)
 
 
+def row_partial_sums(kernel, n: int, h: int, count: int, device, launch) -> torch.Tensor:
+    """(count, h) fp32 column sums written by an autotuned backward `kernel` whose programs each take ROWS rows (a
+    tuned parameter) and write one row of partial sums into each of `count` (programs, h) buffers: `launch(parts)`
+    runs it on `parts` (count, programs, h). The buffers are sized for the fewest rows per program among the configs;
+    the picked config's ROWS says how many rows were written. No rows: zeros (nothing is launched)."""
+    most = max(1, -(-n // min(c.kwargs["ROWS"] for c in kernel.configs)))
+    parts = torch.empty(count, most, h, dtype=torch.float32, device=device)
+    if not n:
+        return parts[:, 0].zero_()
+    launch(parts)
+    return parts[:, :-(-n // kernel.best_config.kwargs["ROWS"])].sum(1)
+
+
 class _DropoutAddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, a_bias, x, weight, bias, p: float, eps: float):
@@ -180,19 +193,13 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         a_dt, ab_dt, x_dt, w_dt, b_dt = ctx.dtypes
         dx = torch.empty(n, h, dtype=x_dt, device=z.device)
         da = torch.empty(n, h, dtype=a_dt, device=z.device)
-        # one row of partial weight / bias gradients per program, as many programs as the fewest rows per program
-        # among the autotuned configs gives; the chosen config's ROWS says how many were written
-        most = max(1, -(-n // min(c.kwargs["ROWS"] for c in _bwd_kernel.configs)))
-        parts = torch.empty(3 if ab_dt is not None else 2, most, h, dtype=torch.float32, device=z.device)
-        used = 1
-        if not n:  # no rows: zero weight / bias gradients
-            parts.zero_()
-        else:
+
+        def launch(parts):  # weight, bias (and dense bias) gradients: per-program partial sums
             _bwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]),)](
                 dy2, z, weight, mean, rstd, dx, da, parts[0], parts[1], parts[-1], n, h, ctx.p, ctx.seed,
                 BLOCK=_block(h), DROPOUT=ctx.p > 0, HAS_AB=ab_dt is not None)
-            used = -(-n // _bwd_kernel.best_config.kwargs["ROWS"])
-        sums = parts[:, :used].sum(1)
+
+        sums = row_partial_sums(_bwd_kernel, n, h, 3 if ab_dt is not None else 2, z.device, launch)
         dab = None if ab_dt is None else sums[2].to(ab_dt)
         return da.view(ctx.shape), dab, dx.view(ctx.shape), sums[0].to(w_dt), sums[1].to(b_dt), None, None
 
