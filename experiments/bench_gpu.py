@@ -154,6 +154,13 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
     return out, 1000 * t_coll / n
 
 
+def variant_tag(packed: bool, fused_qkv: bool, compile_: bool, ln_graph: bool, fused_norm: bool,
+                fused_gelu: bool) -> str:
+    """The suffix naming one of our variants in bench_gpu.json's keys and in profile file names."""
+    return (("_packed" if packed else "") + ("_fusedqkv" if fused_qkv else "") + ("_compile" if compile_ else "")
+            + ("_lngraph" if ln_graph else "") + ("_fusednorm" if fused_norm else "") + ("_fusedgelu" if fused_gelu else ""))
+
+
 def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False,
              fused_qkv: bool = False, ln_graph: bool = False, fused_norm: bool = False,
              fused_gelu: bool = False) -> dict:
@@ -229,9 +236,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
                 torch.cuda.synchronize()
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
-        name = (f"profile_{a.model}_seq{seq}{'_packed' if packed else ''}{'_compile' if compile_ else ''}"
-                f"{'_lngraph' if ln_graph else ''}{'_fusednorm' if fused_norm else ''}"
-                f"{'_fusedgelu' if fused_gelu else ''}_{int(lengths.mean())}.txt")
+        tag = variant_tag(packed, fused_qkv and packed, compile_, ln_graph, fused_norm, fused_gelu)
+        name = f"profile_{a.model}_seq{seq}{tag}_{int(lengths.mean())}.txt"
         (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     del module, opt, batches
     if device == "cuda":
@@ -403,8 +409,7 @@ def main(argv: list[str] | None = None) -> None:
                  + (" (LayerNorm in graph)" if ln else "") + (" + fused norm" if fn else "")
                  + (" + fused GELU" if fg else ""),
                  lengths=name, fused_qkv=fq)
-        tag = (f"seq{seq}{suffix}" + ("_packed" if pk else "") + ("_fusedqkv" if fq else "") + ("_compile" if comp else "")
-               + ("_lngraph" if ln else "") + ("_fusednorm" if fn else "") + ("_fusedgelu" if fg else ""))
+        tag = f"seq{seq}{suffix}" + variant_tag(pk, fq, comp, ln, fn, fg)
         peer = peers.get((name, seq))
         if peer:
             r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)
