@@ -38,6 +38,8 @@ def _load(path: str):
     """The module at `path` (another version of fused_norm.py), imported under its own name."""
     import importlib.util
 
+    if not Path(path).is_file() or Path(path).suffix != ".py":
+        raise SystemExit(f"bench_fused_norm: --compare-module {path}: not a .py file")
     spec = importlib.util.spec_from_file_location(Path(path).stem, path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
