@@ -75,8 +75,7 @@ def child(a) -> None:
     cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
     if a.packed:  # as stage_pretrain: the varlen kernel has no attention-probability dropout
         cfg.attention_probs_dropout_prob = 0.0
-    module = MLMModule(cfg.to_dict(), lr=1e-4, fused_qkv=a.fused_qkv and a.packed, fused_norm=a.fused_norm and a.packed,
-                       fused_gelu=a.fused_gelu and a.packed)
+    module = MLMModule(cfg.to_dict(), lr=1e-4, **{k: getattr(a, k) and a.packed for k in FUSED})
     sampler = TokenBudgetBatchSampler(lengths, a.tokens_per_step, shuffle=True, seed=0)
     coll = MLMCollator(0, 4, a.vocab, [0, 1, 2, 3, 4, 5], 0.15, seed=0)
     if a.packed:
@@ -105,8 +104,7 @@ def child(a) -> None:
             if trainer.is_global_zero:
                 secs = self.t1 - self.t0
                 res = {"devices": trainer.world_size, "seq": a.seq, "model": a.model, "steps": a.steps,
-                       "packed": bool(a.packed), "fused_qkv": bool(a.fused_qkv and a.packed),
-                       "fused_norm": bool(a.fused_norm and a.packed), "fused_gelu": bool(a.fused_gelu and a.packed),
+                       "packed": bool(a.packed), **{k: bool(getattr(a, k) and a.packed) for k in FUSED},
                        "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
                        "real_tokens_per_s": t.item() / secs,
                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
@@ -117,6 +115,10 @@ def child(a) -> None:
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[Clock()])
     trainer.fit(module, dl)
+
+
+# packed-path switches, each a --flag here and an MLMModule / pretrain.* knob of the same name
+FUSED = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce")
 
 
 def main() -> None:
@@ -134,6 +136,9 @@ def main() -> None:
     ap.add_argument("--fused-qkv", action="store_true", help="packed: one Q/K/V GEMM (pretrain.fused_qkv)")
     ap.add_argument("--fused-norm", action="store_true", help="packed: Triton dropout-add-LayerNorm (pretrain.fused_norm)")
     ap.add_argument("--fused-gelu", action="store_true", help="packed: Triton bias + GELU (pretrain.fused_gelu)")
+    ap.add_argument("--fused-residual", action="store_true",
+                    help="packed: residual gradient summed in the branch GEMMs (pretrain.fused_residual)")
+    ap.add_argument("--fused-ce", action="store_true", help="packed: Triton MLM cross-entropy (pretrain.fused_ce)")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -149,8 +154,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--child", str(res_file), "--devices", str(d), "--lengths", a.lengths,
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers)]
-        cmd += (["--packed"] if a.packed else []) + (["--fused-qkv"] if a.fused_qkv else []) + (
-            ["--fused-norm"] if a.fused_norm else []) + (["--fused-gelu"] if a.fused_gelu else [])
+        cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
         runs.append(json.loads(res_file.read_text()))

@@ -154,16 +154,29 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
     return out, 1000 * t_coll / n
 
 
-def variant_tag(packed: bool, fused_qkv: bool, compile_: bool, ln_graph: bool, fused_norm: bool,
-                fused_gelu: bool) -> str:
+# A variant of ours is a dict of these switches (all False when absent), in the order its label and its key suffix
+# name them: (switch, label part, key part). The packed-path ones after "ln_graph" each have a --flag also|only.
+PARTS = (("packed", " packed", "_packed"), ("fused_qkv", " + fused QKV", "_fusedqkv"), ("compile", " + compile", "_compile"),
+         ("ln_graph", " (LayerNorm in graph)", "_lngraph"), ("fused_norm", " + fused norm", "_fusednorm"),
+         ("fused_gelu", " + fused GELU", "_fusedgelu"), ("fused_residual", " + fused residual", "_fusedres"),
+         ("fused_ce", " + fused CE", "_fusedce"))
+# the MLMModule / pretrain.* knob each packed-path switch sets
+KNOBS = {"fused_qkv": "fused_qkv", "ln_graph": "compile_layer_norm", "fused_norm": "fused_norm",
+         "fused_gelu": "fused_gelu", "fused_residual": "fused_residual", "fused_ce": "fused_ce"}
+
+
+def variant_tag(v: dict) -> str:
     """The suffix naming one of our variants in bench_gpu.json's keys and in profile file names."""
-    return (("_packed" if packed else "") + ("_fusedqkv" if fused_qkv else "") + ("_compile" if compile_ else "")
-            + ("_lngraph" if ln_graph else "") + ("_fusednorm" if fused_norm else "") + ("_fusedgelu" if fused_gelu else ""))
+    return "".join(tag for k, _, tag in PARTS if v.get(k))
 
 
-def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, packed: bool = False,
-             fused_qkv: bool = False, ln_graph: bool = False, fused_norm: bool = False,
-             fused_gelu: bool = False) -> dict:
+def variant_label(v: dict) -> str:
+    return "ours" + "".join(lab for k, lab, _ in PARTS if v.get(k))
+
+
+def run_ours(lengths: np.ndarray, seq: int, a, device: str, v: dict) -> dict:
+    """One variant `v` of ours (see PARTS); the packed-path switches only apply with v["packed"]."""
+    compile_, packed = bool(v.get("compile")), bool(v.get("packed"))
     torch.manual_seed(0)
     if compile_:  # a fresh dynamo cache: earlier runs' graphs and resume frames must not serve this one
         torch._dynamo.reset()
@@ -171,9 +184,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
                       dropout=a.dropout)
     if packed:  # the varlen kernel has no attention-probability dropout (hidden dropout 0.1 is kept)
         cfg.attention_probs_dropout_prob = 0.0
-    module = MLMModule(cfg.to_dict(), compile=compile_ and packed, fused_qkv=fused_qkv and packed,
-                       compile_layer_norm=ln_graph, fused_norm=fused_norm and packed,
-                       fused_gelu=fused_gelu and packed).to(device)
+    module = MLMModule(cfg.to_dict(), compile=compile_ and packed,
+                       **{knob: bool(v.get(k)) and packed for k, knob in KNOBS.items()}).to(device)
     module.train()
     if compile_ and not packed:
         module.model.bert.compile(dynamic=True)
@@ -213,8 +225,9 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
     masked = sum(b["masked"] for b in timed)
     flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
     res = dict(path="sessionbert_mlm_packed" if packed else "sessionbert_mlm", model=a.model, seq_len=seq,
-               compile=compile_, compile_layer_norm=ln_graph, fused_norm=fused_norm and packed,
-               fused_gelu=fused_gelu and packed, packed=packed, pack_multiple=a.pack_multiple if packed else None,
+               compile=compile_, compile_layer_norm=bool(v.get("ln_graph")),
+               **{k: bool(v.get(k)) and packed for k in KNOBS if k != "ln_graph"},
+               packed=packed, pack_multiple=a.pack_multiple if packed else None,
                steps=len(timed),
                real_tokens_per_s=round(real / dts), slot_tokens_per_s=round(slots / dts),
                padding_share=round(1 - real / slots, 4), masked_share=round(masked / real, 4),
@@ -236,8 +249,7 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, compile_: bool, pack
                 torch.cuda.synchronize()
         key = "cuda_time_total" if device == "cuda" else "cpu_time_total"
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
-        tag = variant_tag(packed, fused_qkv and packed, compile_, ln_graph, fused_norm, fused_gelu)
-        name = f"profile_{a.model}_seq{seq}{tag}_{int(lengths.mean())}.txt"
+        name = f"profile_{a.model}_seq{seq}{variant_tag(v)}_{int(lengths.mean())}.txt"
         (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
     del module, opt, batches
     if device == "cuda":
@@ -272,11 +284,11 @@ def headline(res: dict) -> None:
             res[f"ratio_vs_hf_seq{seq}"] = best["ratio_vs_hf"]
 
 
-def _with_switch(variants: list[tuple], mode: str | None) -> list[tuple]:
-    """Variants (tuples starting (compile, packed)) extended by one packed-path switch: off everywhere (mode None), off
-    and then on for the packed ones ("also"), or on for the packed ones in their place ("only")."""
-    return ([v + (False,) for v in variants if not (v[1] and mode == "only")]
-            + [v + (True,) for v in variants if v[1] and mode])
+def _with_switch(variants: list[dict], key: str, mode: str | None) -> list[dict]:
+    """Variants extended by one packed-path switch `key`: off everywhere (mode None), off and then on for the packed
+    ones ("also"), or on for the packed ones in their place ("only")."""
+    return ([v for v in variants if not (v["packed"] and mode == "only")]
+            + [{**v, key: True} for v in variants if v["packed"] and mode])
 
 
 # keys of bench_gpu.json written by other benchmarks (bench_ddp.py, the paper-scale run): a new run keeps them
@@ -316,6 +328,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fused-gelu", nargs="?", const="also", choices=["also", "only"], default=None,
                    help="also (or only) measure every packed variant with the Triton bias + GELU kernels "
                         "(pretrain.fused_gelu)")
+    p.add_argument("--fused-residual", nargs="?", const="also", choices=["also", "only"], default=None,
+                   help="also (or only) measure every packed variant with the residual's gradient summed in the "
+                        "branch GEMMs (pretrain.fused_residual)")
+    p.add_argument("--fused-ce", nargs="?", const="also", choices=["also", "only"], default=None,
+                   help="also (or only) measure every packed variant with the Triton MLM cross-entropy "
+                        "(pretrain.fused_ce)")
     p.add_argument("--dropout", type=float, default=0.1, help="ours: hidden dropout (the reference: 0.1)")
     p.add_argument("--pack-multiple", type=int, default=1024, help="packed stream length rounded up to this")
     p.add_argument("--cycle", type=int, default=0, metavar="N",
@@ -368,17 +386,19 @@ def main(argv: list[str] | None = None) -> None:
                                     median=float(np.median(lengths)))
     peers: dict = {}
     # eager runs (and the reference) first, compiled ones last: a run cut short by a time limit loses the least
-    variants = [] if a.only_packed else [(False, False)] + ([(True, False)] if a.compile else [])
-    variants += [(False, True)] + ([(True, True)] if a.compile else []) if (a.packed or a.only_packed) else []
+    variants = [] if a.only_packed else [dict(compile=False, packed=False)] + (
+        [dict(compile=True, packed=False)] if a.compile else [])
+    if a.packed or a.only_packed:
+        variants += [dict(compile=False, packed=True)] + ([dict(compile=True, packed=True)] if a.compile else [])
     # --fused-qkv: every packed variant again with pretrain.fused_qkv (an A/B in the same call)
-    variants = _with_switch(variants, a.fused_qkv)
+    variants = _with_switch(variants, "fused_qkv", a.fused_qkv)
     # --compile-ln: compiled packed variants with the LayerNorms eager, in the graph, or both
     lns = {"eager": [False], "graph": [True], "both": [False, True]}[a.compile_ln]
-    variants = [v + (ln,) for v in variants for ln in (lns if v[0] and v[1] else [False])]
-    variants = _with_switch(variants, a.fused_norm)  # --fused-norm: likewise with pretrain.fused_norm
-    variants = _with_switch(variants, a.fused_gelu)  # --fused-gelu: likewise with pretrain.fused_gelu
-    plan = [(name, path, seq, *v) for v in variants for name, path in dists for seq in a.seq_lens]
-    for name, path, seq, comp, pk, fq, ln, fn, fg in plan:
+    variants = [{**v, "ln_graph": ln} for v in variants for ln in (lns if v["compile"] and v["packed"] else [False])]
+    for key in ("fused_norm", "fused_gelu", "fused_residual", "fused_ce"):  # --fused-norm etc.: likewise
+        variants = _with_switch(variants, key, getattr(a, key))
+    plan = [(name, path, seq, v) for v in variants for name, path in dists for seq in a.seq_lens]
+    for name, path, seq, v in plan:
         lengths = loaded[name]
         suffix = "" if name == "sim" else f"_{name}"
         if (name, seq) not in peers and not a.no_peer:
@@ -397,19 +417,16 @@ def main(argv: list[str] | None = None) -> None:
                 res.setdefault("errors", []).append(f"reference {name} seq{seq}: {str(e)[-1500:]}")
             save()
         try:
-            r = run_ours(lengths, seq, a, device, comp, pk, fq, ln, fn, fg)
+            r = run_ours(lengths, seq, a, device, v)
         except Exception as e:  # noqa: BLE001
             import traceback
 
             traceback.print_exc()
-            res.setdefault("errors", []).append(f"ours {name} seq{seq} compile={comp} packed={pk}: {str(e)[-1500:]}")
+            res.setdefault("errors", []).append(f"{variant_label(v)} {name} seq{seq}: {str(e)[-1500:]}")
             save()
             continue
-        r.update(label="ours" + (" packed" if pk else "") + (" + fused QKV" if fq else "") + (" + compile" if comp else "")
-                 + (" (LayerNorm in graph)" if ln else "") + (" + fused norm" if fn else "")
-                 + (" + fused GELU" if fg else ""),
-                 lengths=name, fused_qkv=fq)
-        tag = f"seq{seq}{suffix}" + variant_tag(pk, fq, comp, ln, fn, fg)
+        r.update(label=variant_label(v), lengths=name)
+        tag = f"seq{seq}{suffix}" + variant_tag(v)
         peer = peers.get((name, seq))
         if peer:
             r["ratio_vs_hf"] = round(r["real_tokens_per_s"] / peer["real_tokens_per_s"], 3)

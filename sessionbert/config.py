@@ -62,7 +62,8 @@ def validate(cfg: DictConfig) -> None:
     for key in ("finetune.max_tokens", "finetune.pad_to_multiple_of", "finetune.max_sentences", "pretrain.max_tokens",
                 "pretrain.max_sentences", "pretrain.pad_to_multiple_of"):
         _int(cfg, key, lo=1, allow_none=True)
-    for key in ("pretrain.packed", "pretrain.compile", "pretrain.fused_qkv", "pretrain.fused_norm", "pretrain.fused_gelu"):
+    for key in ("pretrain.packed", "pretrain.compile", "pretrain.fused_qkv", "pretrain.fused_norm", "pretrain.fused_gelu",
+                "pretrain.fused_residual", "pretrain.fused_ce"):
         v = OmegaConf.select(cfg, key, default=False)
         if not isinstance(v, bool):
             raise ConfigError(f"{key}: true or false, got {v!r}")

@@ -442,7 +442,9 @@ def stage_pretrain(run: Run) -> Path:
                            warmup_ratio=cfg.pretrain.warmup_ratio, compile=bool(pa.get("compile", False)) and packed,
                            fused_qkv=bool(pa.get("fused_qkv", False)) and packed,
                            fused_norm=bool(pa.get("fused_norm", False)) and packed,
-                           fused_gelu=bool(pa.get("fused_gelu", False)) and packed)
+                           fused_gelu=bool(pa.get("fused_gelu", False)) and packed,
+                           fused_residual=bool(pa.get("fused_residual", False)) and packed,
+                           fused_ce=bool(pa.get("fused_ce", False)))
         special = tok.all_special_ids
         if _shards_mode(cfg):  # every session's ids from the streaming prep (equal to the corpus path's, tested)
             from .data.datasets import IdsDataset
@@ -507,7 +509,8 @@ def stage_pretrain(run: Run) -> Path:
 
     pre = _plain(cfg.pretrain)
     # knobs added later, at their defaults, are left out of the key: runs from before them stay valid
-    for knob, default in (("source", "corpus"), ("fused_qkv", False), ("fused_norm", False), ("fused_gelu", False)):
+    for knob, default in (("source", "corpus"), ("fused_qkv", False), ("fused_norm", False), ("fused_gelu", False),
+                          ("fused_residual", False), ("fused_ce", False)):
         if knob in pre and pre[knob] == default:
             del pre[knob]
     key = {"tokenizer": run.keys["tokenizer"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,

@@ -1,15 +1,18 @@
 """On a GPU: the packed encoder's Triton kernels (`pretrain.fused_norm`: dropout + add + LayerNorm with the dense
-bias; `pretrain.fused_gelu`: bias + GELU) against the eager path. BERT-base shape, dropout 0 (the two paths draw
+bias; `pretrain.fused_gelu`: bias + GELU), the residual gradient summed in the branch GEMMs
+(`pretrain.fused_residual`) and the Triton MLM cross-entropy (`pretrain.fused_ce`) against the eager path. BERT-base shape, dropout 0 (the two paths draw
 dropout from different generators). Every variant runs the same batch; each bf16-autocast variant (eager, fused norm,
 fused norm + fused GELU) is compared with the fp32 eager run: loss, last hidden layer (max relative difference) and
 every parameter gradient (relative norm of the difference), so a fused variant should sit as close to fp32 as eager
-bf16 does. Then the dropout path's drop share. Prints one JSON line."""
+bf16 does. Then the dropout path's drop share, and the cross-entropy kernels alone on bf16 logits of the MLM's shape
+(with ignored rows) against `F.cross_entropy(logits.float())`. Prints one JSON line."""
 import json
 
 import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
+from sessionbert.models.fused_ce import cross_entropy
 from sessionbert.models.fused_norm import dropout_add_layer_norm
 from sessionbert.models.packed import packed_hidden
 
@@ -25,14 +28,18 @@ pos = torch.cat([torch.arange(int(k)) for k in lens]).cuda()
 sel = torch.randperm(n, device="cuda")[: n // 7]
 out = {"tokens": n}
 res = {}
-variants = {"fp32": (False, False, False), "eager_bf16": (True, False, False), "fused_norm": (True, True, False),
-            "fused_norm_gelu": (True, True, True)}
-for name, (amp, fused_norm, fused_gelu) in variants.items():
+# (autocast, fused_norm, fused_gelu, fused_residual, fused_ce)
+variants = {"fp32": (False, False, False, False, False), "eager_bf16": (True, False, False, False, False),
+            "fused_norm": (True, True, False, False, False), "fused_norm_gelu": (True, True, True, False, False),
+            "fused_residual": (True, False, False, True, False), "fused_ce": (True, False, False, False, True),
+            "all_fused": (True, True, True, True, True)}
+for name, (amp, fused_norm, fused_gelu, fused_residual, fused_ce) in variants.items():
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, fused_norm=fused_norm,
-                          fused_gelu=fused_gelu)
-        loss = F.cross_entropy(model.cls(h[sel]).float(), ids[sel])
+                          fused_gelu=fused_gelu, fused_residual=fused_residual)
+        logits = model.cls(h[sel])
+        loss = cross_entropy(logits, ids[sel]) if fused_ce else F.cross_entropy(logits.float(), ids[sel])
     loss.backward()
     res[name] = (loss.detach(), h.detach().float(), {k: p.grad.detach().float().clone()
                                                      for k, p in model.named_parameters() if p.grad is not None})
@@ -52,4 +59,17 @@ x = torch.randn(n, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 y = dropout_add_layer_norm(a, x, ln, 0.1)
 y.backward(torch.randn_like(y))
 out["dropout_share_da"] = float((a.grad == 0).float().mean())
+# the cross-entropy kernels alone: bf16 logits of the MLM's shape, every 10th row ignored, against eager on .float()
+m = 19000
+logits = (torch.randn(m, 30000, device="cuda") * 4).to(torch.bfloat16).requires_grad_()
+labels = torch.randint(0, 30000, (m,), device="cuda")
+labels[::10] = -100
+ref = logits.detach().clone().requires_grad_()
+lf = cross_entropy(logits, labels)
+lf.backward()
+le = F.cross_entropy(ref.float(), labels, ignore_index=-100)
+le.backward()
+out["ce_kernels"] = dict(loss_fused=float(lf), loss_eager=float(le), grad_max_abs_diff=float((logits.grad.float() - ref.grad.float()).abs().max()),
+                         grad_max_abs=float(ref.grad.float().abs().max()),
+                         ignored_rows_grad_zero=bool((logits.grad[::10] == 0).all()))
 print(json.dumps(out))

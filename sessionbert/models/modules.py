@@ -18,7 +18,13 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
 from transformers import BertConfig, BertForMaskedLM, BertModel, get_linear_schedule_with_warmup
 
 from .encoder import mean_pool
+from .fused_ce import cross_entropy as fused_cross_entropy
 from .packed import packed_hidden
+
+
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The MLM loss in eager PyTorch (fp32 logits); `pretrain.fused_ce` swaps in `models.fused_ce.cross_entropy`."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index)
 
 
 def _adamw(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
@@ -69,7 +75,8 @@ class MLMModule(_Schedule, L.LightningModule):
 
     def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                  compile: bool = False, fused_qkv: bool = False, compile_layer_norm: bool = False,
-                 fused_norm: bool = False, fused_gelu: bool = False):
+                 fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False,
+                 fused_ce: bool = False):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
@@ -78,14 +85,16 @@ class MLMModule(_Schedule, L.LightningModule):
         fwd = functools.partial(packed_hidden, fused_qkv=fused_qkv,  # pretrain.fused_qkv
                                 layer_norm_in_graph=compile_layer_norm,  # benchmarks only (slower: notes_speed.md)
                                 fused_norm=fused_norm,  # pretrain.fused_norm
-                                fused_gelu=fused_gelu)  # pretrain.fused_gelu
+                                fused_gelu=fused_gelu,  # pretrain.fused_gelu
+                                fused_residual=fused_residual)  # pretrain.fused_residual
         self._packed = torch.compile(fwd) if compile else fwd  # compile: pretrain.compile
+        self._ce = fused_cross_entropy if fused_ce else _cross_entropy  # pretrain.fused_ce
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
         sel = labels != -100  # (B, T)
         logits = self.model.cls(hidden[sel])  # (M, V): only the masked positions reach the vocabulary projection
-        return F.cross_entropy(logits.float(), labels[sel])
+        return self._ce(logits, labels[sel])
 
     def packed_loss(self, batch: dict) -> torch.Tensor:
         """MLM loss of a `PackedMLMCollator` batch: padding-free encoder, decoder on the fixed masked-position
@@ -93,7 +102,7 @@ class MLMModule(_Schedule, L.LightningModule):
         hidden = self._packed(self.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
                               batch["max_len"])  # (N, H)
         logits = self.model.cls(hidden[batch["mlm_positions"]])  # (M, V)
-        return F.cross_entropy(logits.float(), batch["mlm_labels"], ignore_index=-100)
+        return self._ce(logits, batch["mlm_labels"], ignore_index=-100)
 
     def _step(self, batch: dict, name: str) -> torch.Tensor:
         if "cu_seqlens" in batch:

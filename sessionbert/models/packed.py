@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_gelu import dense_gelu
+from .branch_linear import branch_in
+from .fused_gelu import bias_gelu, dense_gelu
 from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
 try:  # torch >= 2.10
@@ -63,7 +64,7 @@ _layer_norm_eager = torch.compiler.disable(layer_norm_as)
 
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_len: int, fused_qkv: bool = False, layer_norm_in_graph: bool = False,
-                  fused_norm: bool = False, fused_gelu: bool = False) -> torch.Tensor:
+                  fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
     (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
 
@@ -80,7 +81,11 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     Dropout draws come from another generator than torch's, so losses match the unfused path only without dropout.
 
     `fused_gelu`: the intermediate layer's bias + GELU as one Triton kernel forward and one backward that also sums
-    the bias gradient (`models.fused_gelu`; `hidden_act` must be "gelu", BERT's exact GELU)."""
+    the bias gradient (`models.fused_gelu`; `hidden_act` must be "gelu", BERT's exact GELU).
+
+    `fused_residual`: the Linears that open each sub-block (Q/K/V, the intermediate layer) through
+    `models.branch_linear.branch_in`, whose backward adds the residual's gradient in their input-gradient GEMMs (no
+    separate add, no stack of dq / dk / dv); with `fused_qkv` Q/K/V stay one GEMM forward."""
     cfg = bert.config
     if fused_gelu and cfg.hidden_act != "gelu":
         raise ValueError(f"packed_hidden: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
@@ -112,14 +117,23 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
 
     for layer in bert.encoder.layer:
         sa = layer.attention.self
-        if fused_qkv:
+        res = x  # the sub-block's residual
+        if fused_residual:
+            *qkv, res = branch_in(x, [sa.query, sa.key, sa.value], fuse=fused_qkv)  # (N, H) column slices with fuse
+            q, k, v = (t.view(n, heads, h // heads) for t in qkv)
+        elif fused_qkv:
             w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])  # (3H, H)
             b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
             q, k, v = F.linear(x, w, b).view(n, 3, heads, h // heads).unbind(1)  # views: last dim contiguous
         else:
             q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
-        x = close(layer.attention.output, a, x)
-        inter = layer.intermediate
-        x = close(layer.output, dense_gelu(inter.dense, x) if fused_gelu else inter.intermediate_act_fn(inter.dense(x)), x)
+        x = close(layer.attention.output, a, res)
+        inter, res = layer.intermediate, x
+        if fused_residual:  # with fused_gelu the bias is added (and its gradient summed) in bias_gelu
+            y, res = branch_in(x, [inter.dense], bias=not fused_gelu)
+            y = bias_gelu(y, inter.dense.bias) if fused_gelu else inter.intermediate_act_fn(y)
+        else:
+            y = dense_gelu(inter.dense, x) if fused_gelu else inter.intermediate_act_fn(inter.dense(x))
+        x = close(layer.output, y, res)
     return x
