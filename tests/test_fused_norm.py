@@ -1,5 +1,6 @@
 """The packed encoder's Triton kernels: dropout + add + LayerNorm with the dense bias (`pretrain.fused_norm`,
-sessionbert/models/fused_norm.py) and bias + GELU (`pretrain.fused_gelu`, sessionbert/models/fused_gelu.py).
+sessionbert/models/fused_norm.py), bias + GELU (`pretrain.fused_gelu`, sessionbert/models/fused_gelu.py) and the MLM
+cross-entropy (`pretrain.fused_ce`, sessionbert/models/fused_ce.py).
 
 The Triton kernels themselves run here through Triton's interpreter (TRITON_INTERPRET=1, numpy on the CPU), in a
 subprocess because the interpreter is chosen when the kernels are defined. On a GPU the same kernels are checked
@@ -110,6 +111,10 @@ def test_fused_norm_knob_is_validated(tmp_path):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_norm=yes"]))
     with pytest.raises(ConfigError, match="pretrain.fused_gelu: true or false"):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_gelu=1"]))
+    with pytest.raises(ConfigError, match="pretrain.fused_residual: true or false"):
+        validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_residual=on"]))
+    with pytest.raises(ConfigError, match="pretrain.fused_ce: true or false"):
+        validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_ce=0"]))
     validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.packed=true", "pretrain.max_tokens=512",
                                  "pretrain.fused_norm=true"]))
 
@@ -270,6 +275,47 @@ be = torch.zeros(16, requires_grad=True)
 fg.bias_gelu(ye, be).sum().backward()
 out["gelu_empty"] = [list(ye.grad.shape), float(be.grad.abs().sum())]
 
+# the MLM cross-entropy (fused_ce): loss and logit gradients against eager on fp32 logits; 5000 columns = 2 or 3
+# blocks with a short last one, ignored rows, an upstream gradient other than 1
+from sessionbert.models import fused_ce as fc
+for m, v in ((37, 5000), (5, 100)):
+    x = (torch.randn(m, v) * 3).requires_grad_()
+    y = torch.randint(0, v, (m,))
+    y[1] = -100
+    x2 = x.detach().clone().requires_grad_()
+    loss = fc.cross_entropy(x, y)
+    loss.backward(torch.tensor(2.0))
+    ref = F.cross_entropy(x2, y, ignore_index=-100)
+    ref.backward(torch.tensor(2.0))
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5, msg=f"ce loss at {m}x{v}")
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-7, msg=f"ce grad at {m}x{v}")
+    out[f"ce_{m}x{v}"] = "equal"
+m, v = 9, 5000
+x, y = torch.randn(m, v) * 3, torch.randint(0, v, (m,))
+y[0] = -100
+xr = x.clone().requires_grad_()
+F.cross_entropy(xr, y, ignore_index=-100, reduction="sum").backward()
+ref = F.cross_entropy(x, y, ignore_index=-100, reduction="none")
+tiles = []
+for blk in (4096, 2048):  # every block width of the autotuned configs, launched directly
+    loss, lse = torch.empty(m), torch.empty(m)
+    fc._fwd_kernel.fn[(m,)](x, y, loss, lse, v, v, -100, BLOCK=blk)
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5, msg=f"ce fwd BLOCK={blk}")
+    torch.testing.assert_close(lse, torch.logsumexp(x, 1), rtol=1e-5, atol=1e-5, msg=f"ce lse BLOCK={blk}")
+    dl = torch.empty(m, v)
+    fc._bwd_kernel.fn[(m, -(-v // blk))](x, y, lse, (y != -100).float(), dl, v, v, BLOCK=blk)
+    torch.testing.assert_close(dl, xr.grad, rtol=1e-4, atol=1e-7, msg=f"ce bwd BLOCK={blk}")
+    tiles.append(blk)
+out["ce_tiles"] = tiles
+xb = torch.randn(6, 300, dtype=torch.bfloat16, requires_grad=True)
+lb = fc.cross_entropy(xb, torch.randint(0, 300, (6,)))
+lb.backward()
+out["ce_bf16_dtypes"] = [str(lb.dtype), str(xb.grad.dtype)]
+xe = torch.zeros(0, 10, requires_grad=True)
+le = fc.cross_entropy(xe, torch.zeros(0, dtype=torch.long))
+le.backward()
+out["ce_empty"] = [str(float(le)), list(xe.grad.shape)]
+
 # under torch.compile (pretrain.compile with the kernels): they stay out of the graph and run as in eager mode; the
 # compiled packed encoder gives the eager one's loss and gradients (aot_eager: no C++ compiler needed)
 import functools
@@ -279,8 +325,8 @@ from sessionbert.models.packed import packed_hidden
 from tests.test_packed import MASK, PAD, SPECIAL, VOCAB, _items, _module
 batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
                           label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
-fwd = functools.partial(packed_hidden, fused_qkv=True, fused_norm=True, fused_gelu=True)
-m_eager, m_comp = _module(), _module()
+fwd = functools.partial(packed_hidden, fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True)
+m_eager, m_comp = _module(fused_ce=True), _module(fused_ce=True)
 m_eager._packed, m_comp._packed = fwd, torch.compile(fwd, backend="aot_eager")
 calls = []
 
@@ -290,8 +336,9 @@ def counted(mod):  # each module's kernel entry, counting its calls
     mod._apply = lambda *a: calls.append(mod.__name__) or orig(*a)
 
 
-counted(fn)
-counted(fg)
+from sessionbert.models import branch_linear as bl
+for mod in (fn, fg, fc, bl):
+    counted(mod)
 le, lc = m_eager.packed_loss(batch), m_comp.packed_loss(batch)
 le.backward()
 lc.backward()
@@ -316,10 +363,10 @@ print("RESULT " + json.dumps(out))
 
 def test_triton_kernels_under_the_interpreter():
     """The kernels (forward, backward, weight / bias partial sums, the dropout mask drawn again in backward, the dense
-    bias folded in; bias + GELU with its bias-gradient partial sums) against eager PyTorch, through Triton's
-    interpreter: 70 rows over several backward programs, widths that are not powers of two, two column blocks with a
-    short one, every tile shape of the autotuned configs, dropout, bf16 inputs, empty batches; and
-    bench_fused_norm.py's rows."""
+    bias folded in; bias + GELU with its bias-gradient partial sums; the MLM cross-entropy) against eager PyTorch,
+    through Triton's interpreter: 70 rows over several backward programs, widths that are not powers of two, column
+    blocks with a short one, every tile shape of the autotuned configs, dropout, ignored rows, bf16 inputs, empty
+    batches; the compiled packed encoder with every fused knob; and bench_fused_norm.py's rows."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", _KERNEL_CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -335,8 +382,13 @@ def test_triton_kernels_under_the_interpreter():
     assert out["dense_bias_p0.0"] == out["dense_bias_p0.3"] == "equal"
     loss_eager, loss_compiled, grad_diff = out["compiled"]
     assert loss_compiled == loss_eager and grad_diff < 1e-5
-    # tiny model, 2 layers: 4 LayerNorm + 2 GELU calls per forward pass, both modules
-    assert out["compiled_kernel_calls"] == [["sessionbert.models.fused_gelu", "sessionbert.models.fused_norm"], 12]
+    # tiny model, 2 layers, per forward pass: 4 LayerNorm, 2 GELU, 4 branch_in (Q/K/V, intermediate), 1 loss; two models
+    assert out["compiled_kernel_calls"] == [["sessionbert.models.branch_linear", "sessionbert.models.fused_ce",
+                                             "sessionbert.models.fused_gelu", "sessionbert.models.fused_norm"], 22]
+    assert out["ce_37x5000"] == out["ce_5x100"] == "equal"
+    assert out["ce_tiles"] == [4096, 2048]
+    assert out["ce_bf16_dtypes"] == ["torch.float32", "torch.bfloat16"]
+    assert out["ce_empty"] == ["nan", [0, 10]]  # no counted row: NaN, as F.cross_entropy
     assert out["ln_tiles"] == [[rb, rows] for rb in (1, 2, 4, 8) for rows in (16, 32)]
     assert out["gelu_70x48"] == out["gelu_9x1500"] == "equal"
     assert out["gelu_tiles"] == [[rb, rows] for rb in (2, 4, 8) for rows in (32, 64)]
@@ -351,7 +403,7 @@ def test_triton_kernels_under_the_interpreter():
 
 def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     """experiments/bench_gpu.py on a CPU, tiny model: `--fused-norm also` adds the fused variant beside the plain one,
-    `--fused-gelu only` puts fused GELU in every packed variant; the goal keys name the fastest variant; keys from
+    `--fused-gelu only` (and `--fused-residual only`, `--fused-ce only`) put that switch in every packed variant; the goal keys name the fastest variant; keys from
     other benchmarks already in the output file are kept."""
     import importlib.util
 
@@ -365,15 +417,17 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     out = tmp_path / "bench_gpu.json"
     out.write_text(json.dumps({"ddp_scaling_2gpu": 2.07, "paper_scale_seconds": 1122.5, "mfu_seq64": 0.9}))
     mod.main(["--model", "tiny", "--no-peer", "--only-packed", "--fused-norm", "also", "--fused-gelu", "only",
-              "--seq-lens", "64",
+              "--fused-residual", "only", "--fused-ce", "only", "--seq-lens", "64",
               "--tokens-per-step", "2048", "--pack-multiple", "256", "--steps", "2", "--warmup", "1",
               "--lengths", str(lengths), "--out", str(out)])
     res = json.loads(out.read_text())
     labels = [r["label"] for r in res["runs"]]
-    assert labels == ["ours packed + fused GELU", "ours packed + fused norm + fused GELU"]
-    assert [(r["fused_norm"], r["fused_gelu"]) for r in res["runs"]] == [(False, True), (True, True)]
+    assert labels == ["ours packed + fused GELU + fused residual + fused CE",
+                      "ours packed + fused norm + fused GELU + fused residual + fused CE"]
+    assert [(r["fused_norm"], r["fused_gelu"], r["fused_residual"], r["fused_ce"], r["fused_qkv"])
+            for r in res["runs"]] == [(False, True, True, True, False), (True, True, True, True, False)]
     best = max(res["runs"], key=lambda r: r["real_tokens_per_s"])
     assert res["real_tokens_per_s_seq64"] == best["real_tokens_per_s"] and res["headline_path_seq64"] == best["label"]
     assert res["mfu_seq64"] == best["mfu"] != 0.9  # a goal key is recomputed, not carried
     assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
-    assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu" in res
+    assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce" in res

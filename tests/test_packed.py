@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sessionbert.data.datasets import MLMCollator, PackedMLMCollator
 from sessionbert.models.encoder import ARCHS, bert_config
@@ -18,11 +19,12 @@ def _items(lens, seed=0):
     return [{"idx": i, "input_ids": [2] + g.integers(6, VOCAB, n - 2).tolist() + [3]} for i, n in enumerate(lens)]
 
 
-def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, fused_qkv=False, fused_norm=False, fused_gelu=False):
+def _module(seed=0, attn_dropout=0.0, hidden_dropout=0.0, **fused):
+    """Tiny MLMModule; `fused`: its fused_* knobs (fused_qkv, fused_norm, fused_gelu, fused_residual, fused_ce)."""
     torch.manual_seed(seed)
     cfg = bert_config(VOCAB, PAD, ARCHS["tiny"], max_position_embeddings=64, dropout=hidden_dropout)
     cfg.attention_probs_dropout_prob = attn_dropout
-    return MLMModule(cfg.to_dict(), fused_qkv=fused_qkv, fused_norm=fused_norm, fused_gelu=fused_gelu)
+    return MLMModule(cfg.to_dict(), **fused)
 
 
 def test_padded_index_roundtrip():
@@ -85,6 +87,114 @@ def test_packed_loss_and_grads_equal_padded(fused_qkv):
             assert gb[name].grad is None or not gb[name].grad.any(), name
             continue
         torch.testing.assert_close(gb[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _grads(m) -> dict:
+    return {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("fused_qkv", [False, True])
+def test_fused_residual_equals_the_plain_packed_path(fused_qkv):
+    """pretrain.fused_residual (models/branch_linear.py): the residual's gradient summed in the branch GEMMs gives the
+    plain packed path's loss and every gradient, with hidden dropout on (the same torch dropout draws in the same
+    order), in fp32 and under bf16 autocast (the bf16 residual stream: the gradient is accumulated in place), with
+    Q/K/V as one GEMM or three, and with fused GELU's bias left out of the intermediate GEMM."""
+    lens = [9, 30, 4, 17, 25]
+    mlm = MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3)
+    batch = PackedMLMCollator(mlm, max_len=32, multiple=64, label_multiple=16)(_items(lens, 1))
+    for amp, fused_gelu in ((False, False), (True, False), (False, True)):
+        a = _module(hidden_dropout=0.1, fused_qkv=fused_qkv, fused_gelu=fused_gelu)
+        b = _module(hidden_dropout=0.1, fused_qkv=fused_qkv, fused_gelu=fused_gelu, fused_residual=True)
+        losses = []
+        for m in (a, b):
+            torch.manual_seed(11)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                losses.append(m.packed_loss(batch))
+            losses[-1].backward()
+        torch.testing.assert_close(losses[1], losses[0])
+        ga, gb = _grads(a), _grads(b)
+        assert set(ga) == set(gb)
+        for name in ga:  # bf16: the two paths round the summed input gradients at different points
+            torch.testing.assert_close(gb[name], ga[name], rtol=2e-2 if amp else 1e-5, atol=2e-3 if amp else 1e-6,
+                                       msg=name)
+
+
+def test_fused_residual_backward_has_no_residual_add_and_no_stack():
+    """The point of pretrain.fused_residual: in backward, no (N, H) add of the two gradients of a sub-block's input
+    and no stack of dq / dk / dv; their sums happen in the GEMMs (addmm_ in place). Counted with a dispatch mode
+    over the backward of the plain (fused QKV) and the fused-residual packed encoders."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            self.ops.append((str(func.overloadpacket.__name__), shape))
+            return out
+
+    batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
+                              label_multiple=16)(_items([9, 30, 4, 17], 1))
+    n, h = len(batch["input_ids"]), ARCHS["tiny"]["hidden_size"]
+    layers = ARCHS["tiny"]["num_hidden_layers"]
+    seen = {}
+    for fused in (False, True):
+        m = _module(fused_qkv=True, fused_residual=fused)
+        loss = m.packed_loss(batch)
+        with Ops() as ops:
+            loss.backward()
+        seen[fused] = ops.ops
+    count = {f: {op: sum(1 for o, s in ops if o == op and s in ((n, h), (n, 3, 2, h // 2)) or o == op == "stack")
+                 for op in ("add", "stack", "addmm_")} for f, ops in seen.items()}
+    # plain: per layer one stack of dq / dk / dv and two residual adds (+ the embeddings' own sums); fused: none
+    assert count[False]["stack"] == layers and count[False]["add"] >= 2 * layers
+    assert count[True]["stack"] == 0 and count[True]["add"] == count[False]["add"] - 2 * layers
+    assert count[True]["addmm_"] == 4 * layers  # Q, K, V and the intermediate layer, accumulated in place
+
+
+def test_branch_in_refuses_mixed_biases_and_sums_gradients_it_cannot_take_in_place():
+    """models.branch_linear.branch_in: `fuse` with some Linears biased and some not is refused; a residual gradient
+    in another dtype than the GEMMs' (fp32 input under bf16 autocast) is added out of place, and the gradients
+    match the plain Linears'."""
+    from sessionbert.models.branch_linear import branch_in
+
+    torch.manual_seed(0)
+    lins = [torch.nn.Linear(8, 8), torch.nn.Linear(8, 8, bias=False)]
+    with pytest.raises(ValueError, match="every Linear with a bias or none"):
+        branch_in(torch.randn(3, 8), lins, fuse=True)
+    lins = [torch.nn.Linear(8, 6), torch.nn.Linear(8, 4)]
+    x = torch.randn(5, 8, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y1, y2, res = branch_in(x, lins, fuse=True)
+        assert y1.dtype == torch.bfloat16 and y1.shape == (5, 6) and res.dtype == torch.float32
+        loss = (y1.float() ** 2).sum() + y2.float().sum() + (res * 3).sum()
+        r1, r2 = lins[0](x2), lins[1](x2)
+        loss2 = (r1.float() ** 2).sum() + r2.float().sum() + (x2 * 3).sum()
+    grads = torch.autograd.grad(loss, [x, *[p for lin in lins for p in lin.parameters()]])
+    grads2 = torch.autograd.grad(loss2, [x2, *[p for lin in lins for p in lin.parameters()]])
+    for g, g2 in zip(grads, grads2):
+        assert g.dtype == g2.dtype
+        torch.testing.assert_close(g, g2, rtol=2e-2, atol=2e-2)
+
+
+def test_fused_ce_without_triton_is_eager_cross_entropy():
+    """pretrain.fused_ce on a CPU (no interpreter): models.fused_ce.cross_entropy is F.cross_entropy on fp32 logits,
+    ignored rows left out; wrong shapes are refused. The kernels themselves: tests/test_fused_norm.py."""
+    from sessionbert.models.fused_ce import cross_entropy
+
+    torch.manual_seed(0)
+    logits = torch.randn(7, 50, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.tensor([3, -100, 49, 0, 7, -100, 12])
+    loss = cross_entropy(logits, labels)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.detach().float(), labels, ignore_index=-100))
+    loss.backward()
+    assert logits.grad.dtype == torch.bfloat16 and not logits.grad[1].any()
+    with pytest.raises(ValueError, match=r"logits \(7, 50\) and labels \(6,\)"):
+        cross_entropy(logits, labels[:6])
 
 
 def test_packed_training_follows_the_padded_loss_curve():
@@ -150,9 +260,10 @@ def test_packed_under_bf16_autocast_stays_close_to_padded():
 def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm):
     """`pretrain.packed=true` through the pipeline and Lightning (CPU: the padded-SDPA fallback of the varlen
     attention; bf16-mixed: the bf16 residual stream under Lightning's autocast, as on a GPU): it trains, and the
-    saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm=true` and
-    `pretrain.fused_gelu=true` reach the packed encoder (two fused LayerNorm calls and one bias + GELU per layer, the
-    LayerNorms given their dense layer's bias; on a CPU their eager maths)."""
+    saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm`, `fused_gelu`,
+    `fused_residual` and `fused_ce` reach the packed encoder and the loss (per layer two fused LayerNorm calls given
+    their dense layer's bias, one bias + GELU, two branch_in calls; one fused loss per step; on a CPU their eager
+    maths)."""
     import json
 
     import sessionbert.models.packed as packed_mod
@@ -160,14 +271,21 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
 
     from .conftest import make_cfg
 
-    calls, gelus = [], []
-    fused, fused_gelu = packed_mod.dropout_add_layer_norm, packed_mod.dense_gelu
+    import sessionbert.models.modules as modules_mod
+
+    calls, gelus, branches, losses = [], [], [], []
+    fused, dense_gelu, bias_gelu = packed_mod.dropout_add_layer_norm, packed_mod.dense_gelu, packed_mod.bias_gelu
+    branch_in, fused_ce = packed_mod.branch_in, modules_mod.fused_cross_entropy
     monkeypatch.setattr(packed_mod, "dropout_add_layer_norm",
                         lambda *a, **k: calls.append((a[3], k["a_bias"].shape)) or fused(*a, **k))
-    monkeypatch.setattr(packed_mod, "dense_gelu", lambda *a: gelus.append(a[0].out_features) or fused_gelu(*a))
+    monkeypatch.setattr(packed_mod, "dense_gelu", lambda *a: gelus.append(a[0].out_features) or dense_gelu(*a))
+    monkeypatch.setattr(packed_mod, "bias_gelu", lambda *a: gelus.append(a[1].shape[0]) or bias_gelu(*a))
+    monkeypatch.setattr(packed_mod, "branch_in", lambda *a, **k: branches.append(len(a[1])) or branch_in(*a, **k))
+    monkeypatch.setattr(modules_mod, "fused_cross_entropy", lambda *a, **k: losses.append(1) or fused_ce(*a, **k))
+    on = str(fused_norm).lower()
     cfg = make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.packed=true", "pretrain.max_tokens=4096",
-                              f"trainer.precision={precision}", f"pretrain.fused_norm={str(fused_norm).lower()}",
-                              f"pretrain.fused_gelu={str(fused_norm).lower()}"])
+                              f"trainer.precision={precision}", f"pretrain.fused_norm={on}", f"pretrain.fused_gelu={on}",
+                              f"pretrain.fused_residual={on}", f"pretrain.fused_ce={on}"])
     metrics = run_pipeline(cfg)
     arch = ARCHS[cfg.model.arch]
     layers = arch["num_hidden_layers"]
@@ -175,6 +293,9 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
     assert fused_norm is False or 0.0 < max(p for p, _ in calls) < 1  # hidden dropout while training, 0 in validation
     assert {shape for _, shape in calls} <= {(arch["hidden_size"],)}
     assert set(gelus) <= {arch["intermediate_size"]}
+    assert len(branches) == len(calls) and sorted(set(branches)) == ([1, 3] if fused_norm else [])  # Q/K/V; intermediate
+    # one fused loss per packed step (4 LayerNorm calls), and on the padded validation batches too
+    assert (len(losses) > 0) == fused_norm and len(losses) >= len(calls) // (2 * layers)
     pre = metrics["pretrain"]
     assert np.isfinite(pre["mlm_loss"]) and pre["mlm_loss"] < 20
     enc = next((tmp_path / "cache" / "pretrain").glob("*/encoder/config.json"))
