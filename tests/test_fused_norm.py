@@ -315,6 +315,11 @@ xe = torch.zeros(0, 10, requires_grad=True)
 le = fc.cross_entropy(xe, torch.zeros(0, dtype=torch.long))
 le.backward()
 out["ce_empty"] = [str(float(le)), list(xe.grad.shape)]
+try:
+    fc.cross_entropy(torch.randn(3, 10), torch.tensor([1, 10, -100]))
+    out["ce_bad_label"] = "accepted"
+except RuntimeError as e:
+    out["ce_bad_label"] = str(e)
 
 # under torch.compile (pretrain.compile with the kernels): they stay out of the graph and run as in eager mode; the
 # compiled packed encoder gives the eager one's loss and gradients (aot_eager: no C++ compiler needed)
@@ -389,6 +394,7 @@ def test_triton_kernels_under_the_interpreter():
     assert out["ce_tiles"] == [4096, 2048]
     assert out["ce_bf16_dtypes"] == ["torch.float32", "torch.bfloat16"]
     assert out["ce_empty"] == ["nan", [0, 10]]  # no counted row: NaN, as F.cross_entropy
+    assert "a label outside [0, 10) that is not ignore_index -100" in out["ce_bad_label"]
     assert out["ln_tiles"] == [[rb, rows] for rb in (1, 2, 4, 8) for rows in (16, 32)]
     assert out["gelu_70x48"] == out["gelu_9x1500"] == "equal"
     assert out["gelu_tiles"] == [[rb, rows] for rb in (2, 4, 8) for rows in (32, 64)]

@@ -11,8 +11,9 @@ one fp32 tensor), the cast of the gradient back to bf16: ~20 GB of memory traffi
   `(softmax - onehot(label)) * dloss / count`: 1.1 GB read and 1.1 GB written, nothing in fp32.
 
 `ignore_index` rows (the packed collator's filler rows) contribute nothing and are not counted, as in
-`F.cross_entropy(..., reduction="mean")`; with no counted row the loss is NaN, as there. Labels must lie in
-[0, V) or be `ignore_index` (the collator's come from the tokenizer, whose ids are < V).
+`F.cross_entropy(..., reduction="mean")`; with no counted row the loss is NaN, as there. A label outside [0, V) that
+is not `ignore_index` fails a device-side assert (`torch._assert_async`: no host sync), as F.cross_entropy's CUDA kernel
+does; the kernel never reads outside the row.
 
 Why our own kernel: the fused cross-entropies in the field (Apex's xentropy, flash-attn's and Liger's Triton
 kernels) are not in our dependency set; torch.compile fuses the chain but recompiles for each masked-position count.
@@ -46,7 +47,7 @@ if triton is not None:
         lse = m + tl.log(s)
         y = tl.load(Y + row)
         ok = y != ignore
-        xt = tl.load(base + y, mask=ok, other=0.0).to(tl.float32)
+        xt = tl.load(base + y, mask=ok & (y >= 0) & (y < n_cols), other=0.0).to(tl.float32)
         tl.store(Loss + row, tl.where(ok, lse - xt, 0.0))
         tl.store(Lse + row, lse)
 
@@ -73,6 +74,8 @@ class _CrossEntropy(torch.autograd.Function):
         if m:
             _fwd_kernel[(m,)](logits, labels, loss, lse, v, logits.stride(0), ignore_index)
         valid = labels != ignore_index
+        torch._assert_async(((labels >= 0) & (labels < v) | ~valid).all(),
+                            f"cross_entropy: a label outside [0, {v}) that is not ignore_index {ignore_index}")
         count = valid.sum()
         ctx.save_for_backward(logits, labels, lse, valid, count)
         return loss.sum() / count
