@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -197,7 +196,7 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, v: dict) -> dict:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    def step(b):
+    def step(b, module=module, opt=opt):  # bound here: the names are deleted below to free the GPU
         with torch.autocast(device, dtype=torch.bfloat16):
             loss = module.packed_loss(b) if packed else module(b["input_ids"], b["attention_mask"], b["labels"])
         loss.backward()
@@ -251,7 +250,7 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, v: dict) -> dict:
         Path(a.profile_dir).mkdir(parents=True, exist_ok=True)
         name = f"profile_{a.model}_seq{seq}{variant_tag(v)}_{int(lengths.mean())}.txt"
         (Path(a.profile_dir) / name).write_text(prof.key_averages().table(sort_by=key, row_limit=40))
-    del module, opt, batches
+    del step, module, opt, batches
     if device == "cuda":
         torch.cuda.empty_cache()
     return res
