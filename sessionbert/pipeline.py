@@ -508,6 +508,9 @@ def stage_pretrain(run: Run) -> Path:
                 "train_tokens": n_tokens, "vocab_size": len(tok)}
 
     pre = _plain(cfg.pretrain)
+    if not pre.get("packed", False):  # switches of the packed path only: they change nothing here (trainer=gpu sets them)
+        for knob in ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual"):
+            pre.pop(knob, None)
     # knobs added later, at their defaults, are left out of the key: runs from before them stay valid
     for knob, default in (("source", "corpus"), ("fused_qkv", False), ("fused_norm", False), ("fused_gelu", False),
                           ("fused_residual", False), ("fused_ce", False)):

@@ -437,3 +437,20 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     assert res["mfu_seq64"] == best["mfu"] != 0.9  # a goal key is recomputed, not carried
     assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
     assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce" in res
+
+
+def test_gpu_trainers_turn_the_fused_switches_on(tmp_path):
+    """trainer=gpu / trainer=ddp turn every pretrain.fused_* switch on (trainer.pretrain_fused); the CPU default leaves
+    them off; each can still be set alone."""
+    from sessionbert.config import validate
+
+    from .conftest import make_cfg
+
+    knobs = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce")
+    assert [make_cfg(tmp_path).pretrain[k] for k in knobs] == [False] * 5
+    for trainer in ("gpu", "ddp"):
+        cfg = make_cfg(tmp_path, [f"trainer={trainer}"])
+        validate(cfg)
+        assert [cfg.pretrain[k] for k in knobs] == [True] * 5
+    cfg = make_cfg(tmp_path, ["trainer=gpu", "pretrain.fused_norm=false", "trainer.pretrain_fused=true"])
+    assert [cfg.pretrain[k] for k in knobs] == [True, False, True, True, True]
