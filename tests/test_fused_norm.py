@@ -66,7 +66,8 @@ def test_without_triton_the_bias_gelu_is_eager_gelu():
 
 
 def test_fused_gelu_needs_exact_gelu():
-    """packed_hidden(fused_gelu=True) refuses a model whose hidden_act is not BERT's exact GELU."""
+    """packed_hidden(fused_gelu=True) refuses a model whose hidden_act is not BERT's exact GELU, and MLMModule does
+    so when it is built, before any compute."""
     from sessionbert.models.packed import packed_hidden
 
     from .test_packed import _module
@@ -76,6 +77,10 @@ def test_fused_gelu_needs_exact_gelu():
     with pytest.raises(ValueError, match="fused_gelu computes exact GELU"):
         packed_hidden(m.model.bert, torch.zeros(4, dtype=torch.long), torch.arange(4), torch.tensor([0, 4]), 4,
                       fused_gelu=True)
+    from sessionbert.models.modules import MLMModule
+
+    with pytest.raises(ValueError, match="MLMModule: fused_gelu computes exact GELU.*'gelu_new'"):  # at construction
+        MLMModule(m.model.bert.config.to_dict(), fused_gelu=True)
 
 
 @pytest.mark.parametrize("fused_gelu", [False, True])

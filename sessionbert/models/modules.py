@@ -80,6 +80,8 @@ class MLMModule(_Schedule, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
+        if fused_gelu and cfg.hidden_act != "gelu":  # before any compute (packed_hidden checks again, for direct use)
+            raise ValueError(f"MLMModule: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
         cfg._attn_implementation = "sdpa"
         self.model = BertForMaskedLM(cfg)
         fwd = functools.partial(packed_hidden, fused_qkv=fused_qkv,  # pretrain.fused_qkv
