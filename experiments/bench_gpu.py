@@ -159,6 +159,11 @@ PARTS = (("packed", " packed", "_packed"), ("fused_qkv", " + fused QKV", "_fused
          ("ln_graph", " (LayerNorm in graph)", "_lngraph"), ("fused_norm", " + fused norm", "_fusednorm"),
          ("fused_gelu", " + fused GELU", "_fusedgelu"), ("fused_residual", " + fused residual", "_fusedres"),
          ("fused_ce", " + fused CE", "_fusedce"))
+# the packed-path switches with a --flag also|only (--fused-qkv, ...): what each measures, for the flag's help
+SWITCH_HELP = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "the Triton dropout + add + LayerNorm kernels",
+               "fused_gelu": "the Triton bias + GELU kernels",
+               "fused_residual": "the residual's gradient summed in the branch GEMMs",
+               "fused_ce": "the Triton MLM cross-entropy"}
 # the MLMModule / pretrain.* knob each packed-path switch sets
 KNOBS = {"fused_qkv": "fused_qkv", "ln_graph": "compile_layer_norm", "fused_norm": "fused_norm",
          "fused_gelu": "fused_gelu", "fused_residual": "fused_residual", "fused_ce": "fused_ce"}
@@ -317,22 +322,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="also measure ours packed (PackedMLMCollator + varlen attention, pretrain.packed), eager and "
                         "(with --compile) compiled")
     p.add_argument("--only-packed", action="store_true", help="of ours, measure only the packed variants")
-    p.add_argument("--fused-qkv", nargs="?", const="also", choices=["also", "only"], default=None,
-                   help="also (or only) measure every packed variant with one Q/K/V GEMM (pretrain.fused_qkv)")
     p.add_argument("--compile-ln", choices=["eager", "graph", "both"], default="eager",
                    help="packed + compile: LayerNorm kept eager (default), inside the compiled graph, or both variants")
-    p.add_argument("--fused-norm", nargs="?", const="also", choices=["also", "only"], default=None,
-                   help="also (or only) measure every packed variant with the Triton dropout + add + LayerNorm "
-                        "kernels (pretrain.fused_norm)")
-    p.add_argument("--fused-gelu", nargs="?", const="also", choices=["also", "only"], default=None,
-                   help="also (or only) measure every packed variant with the Triton bias + GELU kernels "
-                        "(pretrain.fused_gelu)")
-    p.add_argument("--fused-residual", nargs="?", const="also", choices=["also", "only"], default=None,
-                   help="also (or only) measure every packed variant with the residual's gradient summed in the "
-                        "branch GEMMs (pretrain.fused_residual)")
-    p.add_argument("--fused-ce", nargs="?", const="also", choices=["also", "only"], default=None,
-                   help="also (or only) measure every packed variant with the Triton MLM cross-entropy "
-                        "(pretrain.fused_ce)")
+    for key, what in SWITCH_HELP.items():
+        p.add_argument("--" + key.replace("_", "-"), nargs="?", const="also", choices=["also", "only"], default=None,
+                       help=f"also (or only) measure every packed variant with {what} (pretrain.{key})")
     p.add_argument("--dropout", type=float, default=0.1, help="ours: hidden dropout (the reference: 0.1)")
     p.add_argument("--pack-multiple", type=int, default=1024, help="packed stream length rounded up to this")
     p.add_argument("--cycle", type=int, default=0, metavar="N",
@@ -394,7 +388,7 @@ def main(argv: list[str] | None = None) -> None:
     # --compile-ln: compiled packed variants with the LayerNorms eager, in the graph, or both
     lns = {"eager": [False], "graph": [True], "both": [False, True]}[a.compile_ln]
     variants = [{**v, "ln_graph": ln} for v in variants for ln in (lns if v["compile"] and v["packed"] else [False])]
-    for key in ("fused_norm", "fused_gelu", "fused_residual", "fused_ce"):  # --fused-norm etc.: likewise
+    for key in (k for k in SWITCH_HELP if k != "fused_qkv"):  # --fused-norm etc.: likewise (QKV's is above)
         variants = _with_switch(variants, key, getattr(a, key))
     plan = [(name, path, seq, v) for v in variants for name, path in dists for seq in a.seq_lens]
     for name, path, seq, v in plan:

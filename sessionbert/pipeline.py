@@ -416,6 +416,10 @@ def _general_dir(cfg: DictConfig) -> Path:
     return Path(cfg.model.pretrained_dir) if cfg.model.pretrained_dir else default_general_bert_dir()
 
 
+# pretrain.* switches that act on the packed path only (MLMModule knobs of the same names)
+_PACKED_SWITCHES = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual")
+
+
 def stage_pretrain(run: Run) -> Path:
     cfg = run.cfg
     if cfg.model.kind == "pretrained":
@@ -440,11 +444,8 @@ def stage_pretrain(run: Run) -> Path:
             bcfg.attention_probs_dropout_prob = 0.0
         module = MLMModule(bcfg.to_dict(), lr=cfg.pretrain.lr, weight_decay=cfg.pretrain.weight_decay,
                            warmup_ratio=cfg.pretrain.warmup_ratio, compile=bool(pa.get("compile", False)) and packed,
-                           fused_qkv=bool(pa.get("fused_qkv", False)) and packed,
-                           fused_norm=bool(pa.get("fused_norm", False)) and packed,
-                           fused_gelu=bool(pa.get("fused_gelu", False)) and packed,
-                           fused_residual=bool(pa.get("fused_residual", False)) and packed,
-                           fused_ce=bool(pa.get("fused_ce", False)))
+                           fused_ce=bool(pa.get("fused_ce", False)),
+                           **{k: bool(pa.get(k, False)) and packed for k in _PACKED_SWITCHES})
         special = tok.all_special_ids
         if _shards_mode(cfg):  # every session's ids from the streaming prep (equal to the corpus path's, tested)
             from .data.datasets import IdsDataset
@@ -509,11 +510,10 @@ def stage_pretrain(run: Run) -> Path:
 
     pre = _plain(cfg.pretrain)
     if not pre.get("packed", False):  # switches of the packed path only: they change nothing here (trainer=gpu sets them)
-        for knob in ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual"):
+        for knob in _PACKED_SWITCHES:
             pre.pop(knob, None)
     # knobs added later, at their defaults, are left out of the key: runs from before them stay valid
-    for knob, default in (("source", "corpus"), ("fused_qkv", False), ("fused_norm", False), ("fused_gelu", False),
-                          ("fused_residual", False), ("fused_ce", False)):
+    for knob, default in (("source", "corpus"), ("fused_ce", False), *((k, False) for k in _PACKED_SWITCHES)):
         if knob in pre and pre[knob] == default:
             del pre[knob]
     key = {"tokenizer": run.keys["tokenizer"], "model": _plain(cfg.model), "seq_len": cfg.seq_len, "seed": cfg.seed,
