@@ -14,6 +14,7 @@ bf16 on CUDA) goes through each variant, forward and forward + backward, per lay
                 through scaled_dot_product_attention pinned to one kernel (efficient, cudnn, math)
   njt-<kernel>   the packed rows as nested jagged tensors through SDPA pinned to one kernel (flash, efficient,
                 cudnn): torch's own ragged dispatch
+  triton        our Triton kernels for short sessions (`models.fused_attention`, pretrain.fused_attention)
   flex          torch.nn.attention.flex_attention over the whole (1, N) stream with a document mask (block-sparse:
                 only blocks that hold one session's rows are computed), under torch.compile
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sessionbert.models.fused_attention import attention as fused_attention  # noqa: E402
 from sessionbert.models.packed import varlen_attention  # noqa: E402
 
 
@@ -185,6 +187,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 fn = sdpa_buckets(lens, cu, a.buckets, kernels[name[5:]])
             elif name.startswith("njt-"):
                 fn = njt(cu, kernels[name[4:]])
+            elif name == "triton":
+                def fn(q, k, v):
+                    return fused_attention(q, k, v, cu, max_len)
             elif name == "flex":
                 fn = flex_document(cu, n, device)
             else:

@@ -117,7 +117,7 @@ def child(a) -> None:
 
 
 # packed-path switches, each a --flag here and an MLMModule / pretrain.* knob of the same name
-FUSED = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce")
+FUSED = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce", "fused_attention")
 
 
 def main() -> None:
@@ -138,6 +138,8 @@ def main() -> None:
     ap.add_argument("--fused-residual", action="store_true",
                     help="packed: residual gradient summed in the branch GEMMs (pretrain.fused_residual)")
     ap.add_argument("--fused-ce", action="store_true", help="packed: Triton MLM cross-entropy (pretrain.fused_ce)")
+    ap.add_argument("--fused-attention", action="store_true",
+                    help="packed: Triton attention for short sessions (pretrain.fused_attention)")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()

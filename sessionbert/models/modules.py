@@ -76,7 +76,7 @@ class MLMModule(_Schedule, L.LightningModule):
     def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                  compile: bool = False, fused_qkv: bool = False, compile_layer_norm: bool = False,
                  fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False,
-                 fused_ce: bool = False):
+                 fused_ce: bool = False, fused_attention: bool = False):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
@@ -88,7 +88,8 @@ class MLMModule(_Schedule, L.LightningModule):
                                 layer_norm_in_graph=compile_layer_norm,  # benchmarks only (slower: notes_speed.md)
                                 fused_norm=fused_norm,  # pretrain.fused_norm
                                 fused_gelu=fused_gelu,  # pretrain.fused_gelu
-                                fused_residual=fused_residual)  # pretrain.fused_residual
+                                fused_residual=fused_residual,  # pretrain.fused_residual
+                                fused_attention=fused_attention)  # pretrain.fused_attention
         self._packed = torch.compile(fwd) if compile else fwd  # compile: pretrain.compile
         self._ce = fused_cross_entropy if fused_ce else _cross_entropy  # pretrain.fused_ce
 

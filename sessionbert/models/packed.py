@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .branch_linear import branch_in
+from .fused_attention import attention as fused_attention_fn
+from .fused_attention import available as fused_attention_available
 from .fused_gelu import bias_gelu, dense_gelu
 from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
@@ -45,8 +47,11 @@ def padded_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, 
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     scale: float | None = None) -> torch.Tensor:
-    """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session."""
+                     scale: float | None = None, fused: bool = False) -> torch.Tensor:
+    """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session.
+    `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run."""
+    if fused and fused_attention_available(q.device):
+        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale)
     if has_varlen_kernel(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(torch.int32)
         return _varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
@@ -64,7 +69,8 @@ _layer_norm_eager = torch.compiler.disable(layer_norm_as)
 
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_len: int, fused_qkv: bool = False, layer_norm_in_graph: bool = False,
-                  fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False) -> torch.Tensor:
+                  fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False,
+                  fused_attention: bool = False) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
     (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
 
@@ -85,7 +91,11 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
 
     `fused_residual`: the Linears that open each sub-block (Q/K/V, the intermediate layer) through
     `models.branch_linear.branch_in`, whose backward adds the residual's gradient in their input-gradient GEMMs (no
-    separate add, no stack of dq / dk / dv); with `fused_qkv` Q/K/V stay one GEMM forward."""
+    separate add, no stack of dq / dk / dv); with `fused_qkv` Q/K/V stay one GEMM forward.
+
+    `fused_attention`: attention within each session through our Triton kernels for short sessions
+    (`models.fused_attention`: one backward kernel, no atomics, for sessions up to 128 tokens) instead of torch's
+    varlen FlashAttention; the varlen path where Triton or a GPU is missing."""
     cfg = bert.config
     if fused_gelu and cfg.hidden_act != "gelu":
         raise ValueError(f"packed_hidden: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
@@ -127,7 +137,8 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
             q, k, v = F.linear(x, w, b).view(n, 3, heads, h // heads).unbind(1)  # views: last dim contiguous
         else:
             q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
-        a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5).reshape(n, h)
+        a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5,
+                             fused=fused_attention).reshape(n, h)
         x = close(layer.attention.output, a, res)
         inter, res = layer.intermediate, x
         if fused_residual:  # with fused_gelu the bias is added (and its gradient summed) in bias_gelu

@@ -1,0 +1,218 @@
+"""Attention within each session of a packed stream, for short sessions (issue 6 goal 1, `pretrain.fused_attention`).
+
+The packed encoder attends within each session of a (N,) token stream (`models.packed.varlen_attention`). PyTorch's
+variable-length FlashAttention-2 kernel took ~25 ms of a ~165 ms BERT-base step at seq 128 on an H200 (20 ms of it
+backward): ~2.1 ms per layer where the layer's attention moves ~2.3 GB (q, k, v, o, do read, dq, dk, dv written: ~0.7 ms
+at the H200's bandwidth) and does ~0.16 TFLOP. FA2's backward is written for long sequences: it splits each
+sequence's keys into blocks, accumulates dq with fp32 atomics into a scratch buffer and converts it in a second
+kernel, after a third that computes rowsum(do * o). A session of at most 128 tokens is one key block, so here:
+
+- forward: one program per (session, 128-row query block, head), online softmax over 64/128-key blocks; writes the
+  output and the per-row log-sum-exp (base 2);
+- backward: one program per (session, key block, head) holds that block's k, v and their gradients in registers and
+  loops over the session's query blocks (rowsum(do * o) computed as it loads them); when the session is one key
+  block, the dq it computes is complete and it writes it: one kernel, no atomics, no scratch. Sessions longer than
+  one key block (seq 512) get their dq from a second kernel per (session, query block, head) that loops over the key
+  blocks (as FlashAttention's Triton tutorial does), so any length works.
+
+Why our own kernel: the faster attention kernels (FlashAttention 3 / 4, cuDNN's) are not in the torch build our GPUs
+have, and the ones that are were measured slower at these lengths (notes_speed.md #27: NJT, SDPA buckets, cuDNN,
+flex_attention with a document mask). Without Triton or a GPU, `attention` is `models.packed.varlen_attention`'s path;
+the CPU tests run these kernels through Triton's interpreter (tests/test_fused_norm.py).
+
+No attention-probability dropout (as the varlen kernel; the packed encoder refuses it while training).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .fused_norm import _configs, available, triton
+
+BLOCK_N_BWD = 128  # keys per backward program: a session up to this long gets dq from the same kernel
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.autotune(configs=_configs(BLOCK_M=[128, 64], BLOCK_N=[128, 64], num_warps=[4, 8]),
+                     key=["HEAD_DIM", "len_bucket"])
+    @triton.jit(do_not_specialize=["n_tokens"])
+    def _fwd_kernel(Q, K, V, O, LSE, CU, sq, sk, sv, so, qk_scale, n_tokens, len_bucket,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        doc, mb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(CU + doc)
+        length = tl.load(CU + doc + 1) - start
+        if mb * BLOCK_M < length:
+            offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, HEAD_DIM)
+            rows = (start + offs_m).to(tl.int64)
+            mask_m = offs_m < length
+            q = tl.load(Q + rows[:, None] * sq + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            for n0 in range(0, length, BLOCK_N):  # every block holds a key of the session: row maxima stay finite
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < length
+                cols = (start + offs_n).to(tl.int64)
+                k = tl.load(K + cols[:, None] * sk + h * HEAD_DIM + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+                v = tl.load(V + cols[:, None] * sv + h * HEAD_DIM + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+                s = tl.dot(q, tl.trans(k)) * qk_scale  # log2 units
+                s = tl.where(mask_n[None, :], s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                p = tl.math.exp2(s - m_new[:, None])
+                alpha = tl.math.exp2(m_i - m_new)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+            acc = acc / l_i[:, None]
+            tl.store(O + rows[:, None] * so + h * HEAD_DIM + offs_d[None, :], acc.to(O.dtype.element_ty),
+                     mask=mask_m[:, None])
+            tl.store(LSE + h * n_tokens + rows, m_i + tl.math.log2(l_i), mask=mask_m)
+
+    @triton.jit
+    def _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM: tl.constexpr):
+        """rowsum(do * o) in fp32 for rows `rows` of head h, and do."""
+        do = tl.load(DO + rows[:, None] * sdo + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        o = tl.load(O + rows[:, None] * so + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), do
+
+    @triton.autotune(configs=_configs(BLOCK_M=[64, 32], num_warps=[8, 4]), key=["HEAD_DIM", "len_bucket"])
+    @triton.jit(do_not_specialize=["n_tokens"])
+    def _bwd_kv_kernel(Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sq, sk, sv, so, sdo, sdq, sdk, sdv, qk_scale, sm_scale,
+                       n_tokens, len_bucket, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dk, dv of one key block; dq too when the session is one key block."""
+        doc, nb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(CU + doc)
+        length = tl.load(CU + doc + 1) - start
+        if nb * BLOCK_N < length:
+            one_block = length <= BLOCK_N
+            offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_d = tl.arange(0, HEAD_DIM)
+            mask_n = offs_n < length
+            cols = (start + offs_n).to(tl.int64)
+            k = tl.load(K + cols[:, None] * sk + h * HEAD_DIM + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            v = tl.load(V + cols[:, None] * sv + h * HEAD_DIM + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+            dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            for m0 in range(0, length, BLOCK_M):
+                offs_m = m0 + tl.arange(0, BLOCK_M)
+                mask_m = offs_m < length
+                rows = (start + offs_m).to(tl.int64)
+                q = tl.load(Q + rows[:, None] * sq + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+                lse = tl.load(LSE + h * n_tokens + rows, mask=mask_m, other=0.0)
+                di, do = _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM)
+                # rows past the session have q = do = 0: p finite, and they add nothing to dv, dk (dp = di = 0)
+                p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+                p = tl.where(mask_n[None, :], p, 0.0)
+                dv += tl.dot(tl.trans(p.to(do.dtype)), do)
+                ds = p * (tl.dot(do, tl.trans(v)) - di[:, None])
+                dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
+                if one_block:
+                    dq = tl.dot(ds.to(k.dtype), k) * sm_scale
+                    tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+                             mask=mask_m[:, None])
+            tl.store(DK + cols[:, None] * sdk + h * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                     mask=mask_n[:, None])
+            tl.store(DV + cols[:, None] * sdv + h * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty),
+                     mask=mask_n[:, None])
+
+    @triton.autotune(configs=_configs(BLOCK_M=[64, 128], num_warps=[4, 8]), key=["HEAD_DIM", "len_bucket"])
+    @triton.jit(do_not_specialize=["n_tokens"])
+    def _bwd_q_kernel(Q, K, V, O, DO, DQ, LSE, CU, sq, sk, sv, so, sdo, sdq, qk_scale, sm_scale, n_tokens, len_bucket,
+                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """dq of one query block of a session longer than one key block (shorter ones: _bwd_kv_kernel)."""
+        doc, mb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        start = tl.load(CU + doc)
+        length = tl.load(CU + doc + 1) - start
+        if (length > BLOCK_N) & (mb * BLOCK_M < length):
+            offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs_d = tl.arange(0, HEAD_DIM)
+            mask_m = offs_m < length
+            rows = (start + offs_m).to(tl.int64)
+            q = tl.load(Q + rows[:, None] * sq + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+            lse = tl.load(LSE + h * n_tokens + rows, mask=mask_m, other=0.0)
+            di, do = _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM)
+            dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+            for n0 in range(0, length, BLOCK_N):
+                offs_n = n0 + tl.arange(0, BLOCK_N)
+                mask_n = offs_n < length
+                cols = (start + offs_n).to(tl.int64)
+                k = tl.load(K + cols[:, None] * sk + h * HEAD_DIM + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+                v = tl.load(V + cols[:, None] * sv + h * HEAD_DIM + offs_d[None, :], mask=mask_n[:, None], other=0.0)
+                p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse[:, None])
+                p = tl.where(mask_n[None, :], p, 0.0)
+                ds = p * (tl.dot(do, tl.trans(v)) - di[:, None])
+                dq += tl.dot(ds.to(k.dtype), k)
+            tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                     mask=mask_m[:, None])
+
+
+def _len_bucket(max_len: int) -> int:
+    """Autotuning key: the longest session rounded up to a power of two (one tuning per seq_len, not per batch)."""
+    return 1 << max(0, int(max_len) - 1).bit_length()
+
+
+def _check(q, k, v, cu_seqlens):
+    if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: want three equal "
+                         f"(N, heads, head_dim)")
+    if any(t.stride(2) != 1 or t.stride(1) != q.shape[2] for t in (q, k, v)):
+        raise ValueError("attention: q, k, v need contiguous heads (strides (any, head_dim, 1)), as views of a "
+                         "(N, heads * head_dim) projection have")
+    d = q.shape[2]
+    if d < 16 or d & (d - 1):
+        raise ValueError(f"attention: head_dim {d} must be a power of two >= 16 for the Triton kernels")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"attention: cu_seqlens {tuple(cu_seqlens.shape)} must be (sessions + 1,)")
+
+
+class _Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scale: float):
+        n, heads, d = q.shape
+        cu = cu_seqlens.to(torch.int32)
+        o = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(heads, n, dtype=torch.float32, device=q.device)
+        b, bucket = cu.numel() - 1, _len_bucket(max_len)
+        if n and b:
+            _fwd_kernel[lambda meta: (b, triton.cdiv(max_len, meta["BLOCK_M"]), heads)](
+                q, k, v, o, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), scale * math.log2(math.e),
+                n, bucket, HEAD_DIM=d)
+        ctx.save_for_backward(q, k, v, o, lse, cu)
+        ctx.max_len, ctx.scale = max_len, scale
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, o, lse, cu = ctx.saved_tensors
+        n, heads, d = q.shape
+        max_len, scale = ctx.max_len, ctx.scale
+        do = do if do.stride(2) == 1 and do.stride(1) == d else do.contiguous()
+        dq, dk, dv = (torch.empty(n, heads, d, dtype=q.dtype, device=q.device) for _ in range(3))
+        b, bucket = cu.numel() - 1, _len_bucket(max_len)
+        if n and b:
+            args = (scale * math.log2(math.e), scale, n, bucket)
+            _bwd_kv_kernel[(b, triton.cdiv(max_len, BLOCK_N_BWD), heads)](
+                q, k, v, o, do, dq, dk, dv, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
+                dq.stride(0), dk.stride(0), dv.stride(0), *args, HEAD_DIM=d, BLOCK_N=BLOCK_N_BWD)
+            if max_len > BLOCK_N_BWD:
+                _bwd_q_kernel[lambda meta: (b, triton.cdiv(max_len, meta["BLOCK_M"]), heads)](
+                    q, k, v, o, do, dq, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
+                    dq.stride(0), *args, HEAD_DIM=d, BLOCK_N=BLOCK_N_BWD)
+        return dq, dk, dv, None, None, None
+
+
+_apply = torch.compiler.disable(_Attention.apply)  # out of torch.compile graphs, as fused_norm's kernels
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
+              scale: float | None = None) -> torch.Tensor:
+    """(N, heads, d) packed q / k / v -> (N, heads, d): softmax(q k^T * scale) v within each session of the stream
+    (sessions are cu_seqlens[i]:cu_seqlens[i+1], every position in one; max_len >= the longest). Triton kernels where
+    `available(q.device)` (`models.packed.varlen_attention` checks it and otherwise runs its own path)."""
+    _check(q, k, v, cu_seqlens)
+    if not available(q.device):
+        raise RuntimeError(f"attention: the Triton kernels need a CUDA device or TRITON_INTERPRET=1, got {q.device}")
+    return _apply(q, k, v, cu_seqlens, int(max_len), float(q.shape[2] ** -0.5 if scale is None else scale))
