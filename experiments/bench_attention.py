@@ -15,7 +15,6 @@ bf16 on CUDA) goes through each variant, forward and forward + backward, per lay
   njt-<kernel>   the packed rows as nested jagged tensors through SDPA pinned to one kernel (flash, efficient,
                 cudnn): torch's own ragged dispatch
   triton        our Triton kernels for short sessions (`models.fused_attention`, pretrain.fused_attention)
-  triton-bias   the same with the Q / K / V biases folded in (added on load, gradients summed in the kernels)
   flex          torch.nn.attention.flex_attention over the whole (1, N) stream with a document mask (block-sparse:
                 only blocks that hold one session's rows are computed), under torch.compile
 
@@ -189,12 +188,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 fn = sdpa_buckets(lens, cu, a.buckets, kernels[name[5:]])
             elif name.startswith("njt-"):
                 fn = njt(cu, kernels[name[4:]])
-            elif name in ("triton", "triton-bias"):
-                biases = ([torch.zeros(a.heads * a.head_dim, device=device, requires_grad=True) for _ in range(3)]
-                          if name == "triton-bias" else None)
-
+            elif name == "triton":
                 def fn(q, k, v):
-                    return fused_attention(q, k, v, cu, max_len, biases=biases)
+                    return fused_attention(q, k, v, cu, max_len)
             elif name == "flex":
                 fn = flex_document(cu, n, device)
             else:
@@ -205,9 +201,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if ref is None:
                 ref = out.float()
             row["max_abs_diff_vs_first"] = float((out.float() - ref).abs().max())
-            if name.startswith("triton"):  # the autotuner's picks (Triton's interpreter: none)
+            if name == "triton":  # the autotuner's picks (Triton's interpreter: none)
                 row["configs"] = {kn: str(getattr(getattr(fa, kn), "best_config", None))
-                                  for kn in ("_fwd_kernel", "_bwd_kv_kernel", "_bwd_q_kernel") if hasattr(fa, kn)}
+                                  for kn in ("_attn_fwd", "_attn_bwd_kv", "_attn_bwd_q") if hasattr(fa, kn)}
         except Exception as e:  # a kernel that refuses these shapes or masks: reported, the next variant runs
             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
         results.append(row)

@@ -1,14 +1,13 @@
 """On a GPU: `models.fused_attention` (pretrain.fused_attention) against torch's varlen FlashAttention, both in bf16,
 each compared with fp32 attention (the padded SDPA fallback of `models.packed.varlen_attention` on fp32 copies).
 Sessions up to 128 tokens (one backward kernel) and up to 512 (the dq kernel too), q / k / v as column views of one
-(N, 3 * 768) projection as in the packed encoder, without and with the Q / K / V biases folded in (for varlen they are
-added in torch, `varlen_attention(biases=...)`). Max relative error of the output and of dq, dk, dv and the bias
-gradients (max |diff| / max |fp32|) for each kernel; the Triton one should sit as close to fp32 as varlen does.
-Prints one JSON line."""
+(N, 3 * 768) projection as in the packed encoder. Max relative error of the output and of dq, dk, dv (max |diff| /
+max |fp32|) for each kernel; the Triton one should sit as close to fp32 as varlen does. Prints one JSON line."""
 import json
 
 import torch
 
+from sessionbert.models.fused_attention import attention
 from sessionbert.models.packed import varlen_attention
 
 torch.manual_seed(0)
@@ -20,30 +19,26 @@ for seq, lo in ((128, 1), (512, 1), (512, 200)):
     cu = cu.cuda()
     n, max_len = int(cu[-1]), int(lens.max())
     base = torch.randn(n, 3, 12, 64, device="cuda") * 2
-    bias = torch.randn(3, 768, device="cuda")
     g = torch.randn(n, 12, 64, device="cuda")
-    for with_bias in (False, True):
-        res = {}
-        for name in ("fp32", "varlen", "triton"):
-            dt = torch.float32 if name == "fp32" else torch.bfloat16
-            qkv = base.to(dt).detach().clone().requires_grad_()  # a leaf per kernel
-            bs = [b.detach().clone().requires_grad_() for b in bias] if with_bias else None  # fp32, as the params
-            q, k, v = qkv.unbind(1)
-            if name == "fp32":  # padded SDPA fallback in fp32 on the CPU
-                o = varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), max_len,
-                                     biases=[b.cpu() for b in bs] if with_bias else None).cuda()
-            else:
-                o = varlen_attention(q, k, v, cu, max_len, fused=name == "triton", biases=bs)
-            o.backward(g.to(dt))
-            res[name] = (o.detach().float(), qkv.grad.float(), [b.grad.float() for b in bs] if with_bias else [])
-        o0, g0, b0 = res["fp32"]
-        for name in ("varlen", "triton"):
-            o1, g1, b1 = res[name]
-            rel = {"o": float((o1 - o0).abs().max() / o0.abs().max())}
-            for i, part in enumerate("qkv"):
-                rel["d" + part] = float((g1[:, i] - g0[:, i]).abs().max() / g0[:, i].abs().max())
-            for part, u, w in zip("qkv", b1, b0):
-                rel["db" + part] = float((u - w).abs().max() / w.abs().max().clamp_min(1e-12))
-            out[f"seq{seq}_min{lo}_{'bias_' if with_bias else ''}{name}"] = rel
+    res = {}
+    for name in ("fp32", "varlen", "triton"):
+        dt = torch.float32 if name == "fp32" else torch.bfloat16
+        qkv = base.to(dt).detach().clone().requires_grad_()  # a leaf per kernel
+        q, k, v = qkv.unbind(1)
+        if name == "fp32":
+            o = varlen_attention(q.cpu(), k.cpu(), v.cpu(), cu.cpu(), max_len).cuda()  # padded SDPA fallback, fp32
+        elif name == "varlen":
+            o = varlen_attention(q, k, v, cu, max_len)
+        else:
+            o = attention(q, k, v, cu, max_len)
+        o.backward(g.to(dt))
+        res[name] = (o.detach().float(), qkv.grad.float())
+    o0, g0 = res["fp32"]
+    for name in ("varlen", "triton"):
+        o1, g1 = res[name]
+        rel = {"o": float((o1 - o0).abs().max() / o0.abs().max())}
+        for i, part in enumerate("qkv"):
+            rel["d" + part] = float((g1[:, i] - g0[:, i]).abs().max() / g0[:, i].abs().max())
+        out[f"seq{seq}_min{lo}_{name}"] = rel
     out[f"seq{seq}_min{lo}_tokens"] = n
 print(json.dumps(out))

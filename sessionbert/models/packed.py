@@ -47,14 +47,11 @@ def padded_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, 
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     scale: float | None = None, fused: bool = False, biases: tuple | None = None) -> torch.Tensor:
+                     scale: float | None = None, fused: bool = False) -> torch.Tensor:
     """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session.
-    `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run. `biases`: the Q / K / V
-    projections' (heads * d,) biases, when q / k / v come without them (added in the fused kernels, else here)."""
+    `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run."""
     if fused and fused_attention_available(q.device):
-        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale, biases=biases)
-    if biases is not None:
-        q, k, v = (t + b.to(t.dtype).view(t.shape[1:]) for t, b in zip((q, k, v), biases))
+        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale)
     if has_varlen_kernel(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(torch.int32)
         return _varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
@@ -131,21 +128,17 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     for layer in bert.encoder.layer:
         sa = layer.attention.self
         res = x  # the sub-block's residual
-        lins = (sa.query, sa.key, sa.value)
-        # fused_attention: the Q / K / V biases are added in the attention kernels, their gradients summed there
-        biases = tuple(lin.bias for lin in lins) if fused_attention else None
         if fused_residual:
-            *qkv, res = branch_in(x, list(lins), fuse=fused_qkv, bias=biases is None)  # column slices with fuse
+            *qkv, res = branch_in(x, [sa.query, sa.key, sa.value], fuse=fused_qkv)  # (N, H) column slices with fuse
             q, k, v = (t.view(n, heads, h // heads) for t in qkv)
         elif fused_qkv:
-            w = torch.cat([lin.weight for lin in lins])  # (3H, H)
-            b = None if biases else torch.cat([lin.bias for lin in lins])
+            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])  # (3H, H)
+            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
             q, k, v = F.linear(x, w, b).view(n, 3, heads, h // heads).unbind(1)  # views: last dim contiguous
         else:
-            q, k, v = (F.linear(x, lin.weight, None if biases else lin.bias).view(n, heads, h // heads)
-                       for lin in lins)
+            q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5,
-                             fused=fused_attention, biases=biases).reshape(n, h)
+                             fused=fused_attention).reshape(n, h)
         x = close(layer.attention.output, a, res)
         inter, res = layer.intermediate, x
         if fused_residual:  # with fused_gelu the bias is added (and its gradient summed) in bias_gelu
