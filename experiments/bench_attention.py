@@ -15,6 +15,8 @@ bf16 on CUDA) goes through each variant, forward and forward + backward, per lay
   njt-<kernel>   the packed rows as nested jagged tensors through SDPA pinned to one kernel (flash, efficient,
                 cudnn): torch's own ragged dispatch
   triton        our Triton kernels for short sessions (`models.fused_attention`, pretrain.fused_attention)
+  triton-db     the same, also summing three bias gradients (the column sums of dq, dk, dv) in the backward
+                kernels, as the packed encoder runs them (in the step without them: three torch sums per layer)
   flex          torch.nn.attention.flex_attention over the whole (1, N) stream with a document mask (block-sparse:
                 only blocks that hold one session's rows are computed), under torch.compile
 
@@ -188,9 +190,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 fn = sdpa_buckets(lens, cu, a.buckets, kernels[name[5:]])
             elif name.startswith("njt-"):
                 fn = njt(cu, kernels[name[4:]])
-            elif name == "triton":
+            elif name in ("triton", "triton-db"):
+                bias_grads = ([torch.zeros(a.heads * a.head_dim, device=device, requires_grad=True) for _ in range(3)]
+                              if name == "triton-db" else None)
+
                 def fn(q, k, v):
-                    return fused_attention(q, k, v, cu, max_len)
+                    return fused_attention(q, k, v, cu, max_len, bias_grads=bias_grads)
             elif name == "flex":
                 fn = flex_document(cu, n, device)
             else:
@@ -201,7 +206,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if ref is None:
                 ref = out.float()
             row["max_abs_diff_vs_first"] = float((out.float() - ref).abs().max())
-            if name == "triton":  # the autotuner's picks (Triton's interpreter: none)
+            if name.startswith("triton"):  # the autotuner's picks (Triton's interpreter: none)
                 row["configs"] = {kn: str(getattr(getattr(fa, kn), "best_config", None))
                                   for kn in ("_attn_fwd", "_attn_bwd_kv", "_attn_bwd_q") if hasattr(fa, kn)}
         except Exception as e:  # a kernel that refuses these shapes or masks: reported, the next variant runs

@@ -23,7 +23,7 @@ def test_pipeline_under_ddp_two_cpu_ranks_packed(tmp_path):
            "pretrain.packed=true", "pretrain.max_tokens=4096", "finetune.max_tokens=4096",
            # the fused paths' parameters (dense biases added outside their GEMMs) reach DDP's gradient all-reduce
            "pretrain.fused_qkv=true", "pretrain.fused_norm=true", "pretrain.fused_gelu=true",
-           "pretrain.fused_residual=true", "pretrain.fused_ce=true",
+           "pretrain.fused_residual=true", "pretrain.fused_ce=true", "pretrain.fused_attention=true",
            f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
                        timeout=600, start_new_session=True)

@@ -120,6 +120,8 @@ def test_fused_norm_knob_is_validated(tmp_path):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_residual=on"]))
     with pytest.raises(ConfigError, match="pretrain.fused_ce: true or false"):
         validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_ce=0"]))
+    with pytest.raises(ConfigError, match="pretrain.fused_attention: true or false"):
+        validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.fused_attention=flash"]))
     validate(make_cfg(tmp_path, ["experiment=smoke", "pretrain.packed=true", "pretrain.max_tokens=512",
                                  "pretrain.fused_norm=true"]))
 
@@ -326,16 +328,85 @@ try:
 except RuntimeError as e:
     out["ce_bad_label"] = str(e)
 
-# under torch.compile (pretrain.compile with the kernels): they stay out of the graph and run as in eager mode; the
-# compiled packed encoder gives the eager one's loss and gradients (aot_eager: no C++ compiler needed)
-import functools
+# the attention kernels (fused_attention) against the padded SDPA fallback: sessions of 1 to 300 tokens (one key
+# block, and several: the dq kernel), q / k / v as column views of one projection, the Q / K / V bias gradients summed
+# in the kernels (bias_grads); every tile shape the autotuners are offered on a GPU, launched one at a time
+import triton
+from sessionbert.models import fused_attention as fa
+from sessionbert.models.packed import varlen_attention
+
+
+# max error of the output and of the q / k / v and bias gradients, relative to the larger of 1 and the reference's
+# largest magnitude (the key bias's gradient is ~0 in exact maths: softmax ignores a shift per query)
+def attention_case(lens, h=2, d=16):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    n = int(cu[-1])
+    g = torch.Generator().manual_seed(len(lens))
+    base, go = torch.randn(n, 3, h, d, generator=g), torch.randn(n, h, d, generator=g)
+    bias = torch.randn(3, h * d, generator=g)
+    res = []
+    for fused in (True, False):
+        qkv = base.detach().clone().requires_grad_()  # a leaf of its own per path
+        bs = [b.clone().requires_grad_() for b in bias]
+        q, k, v = (t + (b.detach() if fused else b).view(h, d) for t, b in zip(qkv.unbind(1), bs))
+        o = varlen_attention(q, k, v, cu, max(lens), fused=fused, bias_grads=bs if fused else None)
+        o.backward(go)
+        res.append([o.detach(), qkv.grad, *(b.grad for b in bs)])
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(*res))
+
+
+tiles = {"_attn_fwd": [{"BLOCK_M": m, "BLOCK_N": n} for m in (16, 32, 64, 128) for n in (16, 64, 128)],
+         "_attn_bwd_kv": [{"BLOCK_M": m} for m in (16, 32, 64, 128)],
+         "_attn_bwd_q": [{"BLOCK_M": m} for m in (16, 32, 64, 128)]}
+errs = {}
+for name, cfgs in tiles.items():
+    tuner = getattr(fa, name)
+    offered = tuner.configs
+    for kw in cfgs:
+        tuner.configs = [triton.Config(kw, num_warps=4)]
+        tuner.cache.clear()
+        errs[f"{name}{kw}"] = attention_case([5, 128, 1, 77, 130, 3, 200])
+    tuner.configs = offered
+    tuner.cache.clear()
+out["attn_tiles_max_rel_err"] = max(errs.values())
+out["attn_tiles"] = len(errs)
+# (bf16: on the GPU, experiments/device/attention_check.py; the interpreter's bf16 dot products are not usable)
+try:
+    fa.attention(*torch.zeros(3, 4, 2, 12).unbind(0), torch.tensor([0, 4]), 4)
+    out["attn_bad_head_dim"] = "accepted"
+except ValueError as e:
+    out["attn_bad_head_dim"] = str(e)
+
+# the packed encoder with fused_attention (alone; with one Q/K/V GEMM; with every switch) against the plain packed
+# path: same loss, same gradients of every parameter (the Q / K / V biases' summed in the kernels)
 sys.path.insert(0, ".")
 from sessionbert.data.datasets import MLMCollator, PackedMLMCollator
-from sessionbert.models.packed import packed_hidden
 from tests.test_packed import MASK, PAD, SPECIAL, VOCAB, _items, _module
 batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
                           label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
-fwd = functools.partial(packed_hidden, fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True)
+plain = _module()
+lp = plain.packed_loss(batch)
+lp.backward()
+gp = dict(plain.named_parameters())
+enc = {}
+for name, knobs in (("alone", {}), ("qkv", {"fused_qkv": True}),
+                    ("all", dict(fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True, fused_ce=True))):
+    m = _module(fused_attention=True, **knobs)
+    lm = m.packed_loss(batch)
+    lm.backward()
+    enc[name] = [abs(float(lm) - float(lp)), max(float((p.grad - gp[k].grad).abs().max()) for k, p in m.named_parameters()
+                                                 if gp[k].grad is not None)]
+out["attn_encoder"] = enc
+
+# under torch.compile (pretrain.compile with the kernels): they stay out of the graph and run as in eager mode; the
+# compiled packed encoder gives the eager one's loss and gradients (aot_eager: no C++ compiler needed)
+import functools
+from sessionbert.models.packed import packed_hidden
+batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
+                          label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
+fwd = functools.partial(packed_hidden, fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True,
+                        fused_attention=True)
 m_eager, m_comp = _module(fused_ce=True), _module(fused_ce=True)
 m_eager._packed, m_comp._packed = fwd, torch.compile(fwd, backend="aot_eager")
 calls = []
@@ -347,7 +418,7 @@ def counted(mod):  # each module's kernel entry, counting its calls
 
 
 from sessionbert.models import branch_linear as bl
-for mod in (fn, fg, fc, bl):
+for mod in (fn, fg, fc, bl, fa):
     counted(mod)
 le, lc = m_eager.packed_loss(batch), m_comp.packed_loss(batch)
 le.backward()
@@ -373,7 +444,8 @@ print("RESULT " + json.dumps(out))
 
 def test_triton_kernels_under_the_interpreter():
     """The kernels (forward, backward, weight / bias partial sums, the dropout mask drawn again in backward, the dense
-    bias folded in; bias + GELU with its bias-gradient partial sums; the MLM cross-entropy) against eager PyTorch,
+    bias folded in; bias + GELU with its bias-gradient partial sums; the MLM cross-entropy; attention within each
+    session with the Q / K / V bias gradients, and the packed encoder with it) against eager PyTorch,
     through Triton's interpreter: 70 rows over several backward programs, widths that are not powers of two, column
     blocks with a short one, every tile shape of the autotuned configs, dropout, ignored rows, bf16 inputs, empty
     batches; the compiled packed encoder with every fused knob; and bench_fused_norm.py's rows."""
@@ -392,9 +464,16 @@ def test_triton_kernels_under_the_interpreter():
     assert out["dense_bias_p0.0"] == out["dense_bias_p0.3"] == "equal"
     loss_eager, loss_compiled, grad_diff = out["compiled"]
     assert loss_compiled == loss_eager and grad_diff < 1e-5
-    # tiny model, 2 layers, per forward pass: 4 LayerNorm, 2 GELU, 4 branch_in (Q/K/V, intermediate), 1 loss; two models
-    assert out["compiled_kernel_calls"] == [["sessionbert.models.branch_linear", "sessionbert.models.fused_ce",
-                                             "sessionbert.models.fused_gelu", "sessionbert.models.fused_norm"], 22]
+    # tiny model, 2 layers, per forward pass: 4 LayerNorm, 2 GELU, 4 branch_in (Q/K/V, intermediate), 2 attention,
+    # 1 loss; two models
+    assert out["compiled_kernel_calls"] == [["sessionbert.models.branch_linear", "sessionbert.models.fused_attention",
+                                             "sessionbert.models.fused_ce", "sessionbert.models.fused_gelu",
+                                             "sessionbert.models.fused_norm"], 26]
+    assert out["attn_tiles"] == 12 + 4 + 4 and out["attn_tiles_max_rel_err"] < 1e-4
+    assert "head_dim 12 must be a power of two >= 16" in out["attn_bad_head_dim"]
+    assert sorted(out["attn_encoder"]) == ["all", "alone", "qkv"]
+    for name, (dloss, dgrad) in out["attn_encoder"].items():
+        assert dloss < 1e-5 and dgrad < 1e-5, (name, dloss, dgrad)
     assert out["ce_37x5000"] == out["ce_5x100"] == "equal"
     assert out["ce_tiles"] == [4096, 2048]
     assert out["ce_bf16_dtypes"] == ["torch.float32", "torch.bfloat16"]
@@ -414,7 +493,8 @@ def test_triton_kernels_under_the_interpreter():
 
 def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     """experiments/bench_gpu.py on a CPU, tiny model: `--fused-norm also` adds the fused variant beside the plain one,
-    `--fused-gelu only` (and `--fused-residual only`, `--fused-ce only`) put that switch in every packed variant; the goal keys name the fastest variant; keys from
+    `--fused-gelu only` (and `--fused-residual only`, `--fused-ce only`, `--fused-attention only`) put that switch in
+    every packed variant; the goal keys name the fastest variant; keys from
     other benchmarks already in the output file are kept."""
     import importlib.util
 
@@ -428,20 +508,21 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     out = tmp_path / "bench_gpu.json"
     out.write_text(json.dumps({"ddp_scaling_2gpu": 2.07, "paper_scale_seconds": 1122.5, "mfu_seq64": 0.9}))
     mod.main(["--model", "tiny", "--no-peer", "--only-packed", "--fused-norm", "also", "--fused-gelu", "only",
-              "--fused-residual", "only", "--fused-ce", "only", "--seq-lens", "64",
+              "--fused-residual", "only", "--fused-ce", "only", "--fused-attention", "only", "--seq-lens", "64",
               "--tokens-per-step", "2048", "--pack-multiple", "256", "--steps", "2", "--warmup", "1",
               "--lengths", str(lengths), "--out", str(out)])
     res = json.loads(out.read_text())
     labels = [r["label"] for r in res["runs"]]
-    assert labels == ["ours packed + fused GELU + fused residual + fused CE",
-                      "ours packed + fused norm + fused GELU + fused residual + fused CE"]
-    assert [(r["fused_norm"], r["fused_gelu"], r["fused_residual"], r["fused_ce"], r["fused_qkv"])
-            for r in res["runs"]] == [(False, True, True, True, False), (True, True, True, True, False)]
+    assert labels == ["ours packed + fused GELU + fused residual + fused CE + fused attention",
+                      "ours packed + fused norm + fused GELU + fused residual + fused CE + fused attention"]
+    assert [(r["fused_norm"], r["fused_gelu"], r["fused_residual"], r["fused_ce"], r["fused_attention"],
+             r["fused_qkv"]) for r in res["runs"]] == [(False, True, True, True, True, False),
+                                                        (True, True, True, True, True, False)]
     best = max(res["runs"], key=lambda r: r["real_tokens_per_s"])
     assert res["real_tokens_per_s_seq64"] == best["real_tokens_per_s"] and res["headline_path_seq64"] == best["label"]
     assert res["mfu_seq64"] == best["mfu"] != 0.9  # a goal key is recomputed, not carried
     assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
-    assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce" in res
+    assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce_fusedattn" in res
 
 
 def test_gpu_trainers_turn_the_fused_switches_on(tmp_path):
@@ -451,11 +532,11 @@ def test_gpu_trainers_turn_the_fused_switches_on(tmp_path):
 
     from .conftest import make_cfg
 
-    knobs = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce")
-    assert [make_cfg(tmp_path).pretrain[k] for k in knobs] == [False] * 5
+    knobs = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce", "fused_attention")
+    assert [make_cfg(tmp_path).pretrain[k] for k in knobs] == [False] * 6
     for trainer in ("gpu", "ddp"):
         cfg = make_cfg(tmp_path, [f"trainer={trainer}"])
         validate(cfg)
-        assert [cfg.pretrain[k] for k in knobs] == [True] * 5
+        assert [cfg.pretrain[k] for k in knobs] == [True] * 6
     cfg = make_cfg(tmp_path, ["trainer=gpu", "pretrain.fused_norm=false", "trainer.pretrain_fused=true"])
-    assert [cfg.pretrain[k] for k in knobs] == [True, False, True, True, True]
+    assert [cfg.pretrain[k] for k in knobs] == [True, False, True, True, True, True]

@@ -261,7 +261,7 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
     """`pretrain.packed=true` through the pipeline and Lightning (CPU: the padded-SDPA fallback of the varlen
     attention; bf16-mixed: the bf16 residual stream under Lightning's autocast, as on a GPU): it trains, and the
     saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm`, `fused_gelu`,
-    `fused_residual` and `fused_ce` reach the packed encoder and the loss (per layer two fused LayerNorm calls given
+    `fused_residual`, `fused_ce` and `fused_attention` reach the packed encoder and the loss (per layer two fused LayerNorm calls given
     their dense layer's bias, one bias + GELU, two branch_in calls; one fused loss per step; on a CPU their eager
     maths)."""
     import json
@@ -273,19 +273,21 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
 
     import sessionbert.models.modules as modules_mod
 
-    calls, gelus, branches, losses = [], [], [], []
+    calls, gelus, branches, losses, attention = [], [], [], [], []
     fused, dense_gelu, bias_gelu = packed_mod.dropout_add_layer_norm, packed_mod.dense_gelu, packed_mod.bias_gelu
-    branch_in, fused_ce = packed_mod.branch_in, modules_mod.fused_cross_entropy
+    branch_in, fused_ce, varlen = packed_mod.branch_in, modules_mod.fused_cross_entropy, packed_mod.varlen_attention
     monkeypatch.setattr(packed_mod, "dropout_add_layer_norm",
                         lambda *a, **k: calls.append((a[3], k["a_bias"].shape)) or fused(*a, **k))
     monkeypatch.setattr(packed_mod, "dense_gelu", lambda *a: gelus.append(a[0].out_features) or dense_gelu(*a))
     monkeypatch.setattr(packed_mod, "bias_gelu", lambda *a: gelus.append(a[1].shape[0]) or bias_gelu(*a))
     monkeypatch.setattr(packed_mod, "branch_in", lambda *a, **k: branches.append(len(a[1])) or branch_in(*a, **k))
     monkeypatch.setattr(modules_mod, "fused_cross_entropy", lambda *a, **k: losses.append(1) or fused_ce(*a, **k))
+    monkeypatch.setattr(packed_mod, "varlen_attention", lambda *a, **k: attention.append(k["fused"]) or varlen(*a, **k))
     on = str(fused_norm).lower()
     cfg = make_cfg(tmp_path, ["experiment=smoke", "stage=pretrain", "pretrain.packed=true", "pretrain.max_tokens=4096",
                               f"trainer.precision={precision}", f"pretrain.fused_norm={on}", f"pretrain.fused_gelu={on}",
-                              f"pretrain.fused_residual={on}", f"pretrain.fused_ce={on}"])
+                              f"pretrain.fused_residual={on}", f"pretrain.fused_ce={on}",
+                              f"pretrain.fused_attention={on}"])
     metrics = run_pipeline(cfg)
     arch = ARCHS[cfg.model.arch]
     layers = arch["num_hidden_layers"]
@@ -296,6 +298,7 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
     assert len(branches) == len(calls) and sorted(set(branches)) == ([1, 3] if fused_norm else [])  # Q/K/V; intermediate
     # one fused loss per packed step (4 LayerNorm calls), and on the padded validation batches too
     assert (len(losses) > 0) == fused_norm and len(losses) >= len(calls) // (2 * layers)
+    assert len(attention) > 0 and set(attention) == {fused_norm}  # pretrain.fused_attention reaches every layer
     pre = metrics["pretrain"]
     assert np.isfinite(pre["mlm_loss"]) and pre["mlm_loss"] < 20
     enc = next((tmp_path / "cache" / "pretrain").glob("*/encoder/config.json"))

@@ -93,12 +93,13 @@ _apply = torch.compiler.disable(_BranchIn.apply)
 
 
 def branch_in(x: torch.Tensor, linears: list[torch.nn.Linear], fuse: bool = False,
-              bias: bool = True) -> tuple[torch.Tensor, ...]:
+              bias: bool = True, bias_grad: bool = True) -> tuple[torch.Tensor, ...]:
     """`(*[lin(x) for lin in linears], x)`: the outputs of the Linears that open a sub-block and `x` itself, to be used
     as the sub-block's residual (and nowhere else), so that backward sums both gradients of `x` in the GEMMs.
     `fuse`: one GEMM over the concatenated weights (the outputs are column slices of it); `bias=False`: the Linears'
-    biases are left out (added later, as `fused_gelu` does), and get no gradient here. Under autocast the GEMMs run in
-    its dtype, as `F.linear` would."""
+    biases are left out (added later, as `fused_gelu` does), and get no gradient here; `bias_grad=False`: the biases
+    are added but their gradients are left to the caller (the fused attention kernels sum them). Under autocast the
+    GEMMs run in its dtype, as `F.linear` would."""
     weights = [lin.weight for lin in linears]
-    biases = [lin.bias if bias else None for lin in linears]
+    biases = [(lin.bias if bias_grad else lin.bias.detach()) if bias else None for lin in linears]
     return _apply(x, len(linears), fuse, *weights, *biases)

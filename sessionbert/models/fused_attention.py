@@ -40,8 +40,8 @@ if triton is not None:
         """Head h of rows `rows` of X, zeros where ~mask."""
         return tl.load(X + rows[:, None] * stride + h * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0.0)
 
-    # session 10's second call picked the smallest tiles offered (64 x 64, 4 warps): smaller ones are offered too
-    @triton.autotune(configs=_configs(BLOCK_M=[64, 32], BLOCK_N=[64, 128], num_warps=[4, 2]),
+    # session 10's calls picked 64 x 64 tiles, 4 warps, among BLOCK_M / BLOCK_N 32 / 64 / 128 and 2 / 4 / 8 warps
+    @triton.autotune(configs=_configs(BLOCK_M=[64, 32], BLOCK_N=[64], num_warps=[4, 2]),
                      key=["HEAD_DIM", "len_bucket"])
     @triton.jit(do_not_specialize=["n_tokens"])
     def _attn_fwd(Q, K, V, O, LSE, CU, sq, sk, sv, so, qk_scale, n_tokens, len_bucket, HEAD_DIM: tl.constexpr,
@@ -84,13 +84,15 @@ if triton is not None:
         o = tl.load(O + rows[:, None] * so + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
         return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), do
 
-    # The autotuner picked the smallest tiles offered in session 10's second call (BLOCK_M 32, 4 warps): smaller ones
-    # are offered too.
-    @triton.autotune(configs=_configs(BLOCK_M=[32, 16, 64], num_warps=[4, 2, 8]), key=["HEAD_DIM", "len_bucket"])
+    # the autotuner picked the smallest BLOCK_M offered in session 10's calls (32, then 16 when offered; 4 warps)
+    @triton.autotune(configs=_configs(BLOCK_M=[16, 32], num_warps=[4, 2, 8]), key=["HEAD_DIM", "len_bucket", "HAS_DB"])
     @triton.jit(do_not_specialize=["n_tokens"])
-    def _attn_bwd_kv(Q, K, V, O, DO, DQ, DK, DV, LSE, CU, sq, sk, sv, so, sdo, sdq, sdk, sdv, qk_scale, sm_scale,
-                     n_tokens, len_bucket, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dk, dv of one key block; dq too when the session is one key block."""
+    def _attn_bwd_kv(Q, K, V, O, DO, DQ, DK, DV, DB, LSE, CU, sq, sk, sv, so, sdo, sdq, sdk, sdv, qk_scale, sm_scale,
+                     n_tokens, len_bucket, HAS_DB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+        """dk, dv of one key block; dq too when the session is one key block. HAS_DB: the program's column sums of
+        dq (one-block sessions), dk, dv (the Q / K / V biases' gradients) to row (doc, key block) of the
+        (B * blocks, 3, heads * HEAD_DIM) DB."""
         doc, nb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(CU + doc)
         length = tl.load(CU + doc + 1) - start
@@ -104,6 +106,7 @@ if triton is not None:
             v = _load(V, cols, mask_n, h, sv, offs_d, HEAD_DIM)
             dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
             dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
+            dq_sum = tl.zeros([HEAD_DIM], tl.float32)
             for m0 in range(0, length, BLOCK_M):
                 offs_m = m0 + tl.arange(0, BLOCK_M)
                 mask_m = offs_m < length
@@ -124,16 +127,29 @@ if triton is not None:
                     dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * sm_scale
                     tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                              mask=mask_m[:, None])
-            tl.store(DK + cols[:, None] * sdk + h * HEAD_DIM + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                    if HAS_DB:  # rows past the session hold zeros
+                        dq_sum += tl.sum(dq, 0)
+            dk = dk * sm_scale
+            tl.store(DK + cols[:, None] * sdk + h * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty),
                      mask=mask_n[:, None])
             tl.store(DV + cols[:, None] * sdv + h * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty),
                      mask=mask_n[:, None])
+            if HAS_DB:  # rows past the session hold zeros in dk, dv
+                width = tl.num_programs(2) * HEAD_DIM
+                db = DB + (doc * tl.num_programs(1) + nb).to(tl.int64) * 3 * width + h * HEAD_DIM + offs_d
+                tl.store(db, dq_sum)
+                tl.store(db + width, tl.sum(dk, 0))
+                tl.store(db + 2 * width, tl.sum(dv, 0))
 
-    @triton.autotune(configs=_configs(BLOCK_M=[64, 32, 128], num_warps=[4, 8]), key=["HEAD_DIM", "len_bucket"])
+    # reset_to_zero: the configs lay DBQ's rows out by their own BLOCK_M; the autotuning call keeps the last one's
+    @triton.autotune(configs=_configs(BLOCK_M=[64, 32, 128], num_warps=[4, 8]),
+                     key=["HEAD_DIM", "len_bucket", "HAS_DB"], reset_to_zero=["DBQ"])
     @triton.jit(do_not_specialize=["n_tokens"])
-    def _attn_bwd_q(Q, K, V, O, DO, DQ, LSE, CU, sq, sk, sv, so, sdo, sdq, qk_scale, sm_scale, n_tokens, len_bucket,
-                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """dq of one query block of a session longer than one key block (shorter ones: _attn_bwd_kv)."""
+    def _attn_bwd_q(Q, K, V, O, DO, DQ, DBQ, LSE, CU, sq, sk, sv, so, sdo, sdq, qk_scale, sm_scale, n_tokens,
+                    len_bucket, HAS_DB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr):
+        """dq of one query block of a session longer than one key block (shorter ones: _attn_bwd_kv); HAS_DB: its
+        column sums to row (doc, query block) of the (B * blocks, heads * HEAD_DIM) DBQ."""
         doc, mb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(CU + doc)
         length = tl.load(CU + doc + 1) - start
@@ -156,8 +172,13 @@ if triton is not None:
                 p = tl.where(mask_n[None, :], p, 0.0)
                 ds = p * (tl.dot(do, tl.trans(v)) - di[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
-            tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+            dq = dq * sm_scale
+            tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
                      mask=mask_m[:, None])
+            if HAS_DB:  # rows past the session hold zeros
+                width = tl.num_programs(2) * HEAD_DIM
+                tl.store(DBQ + (doc * tl.num_programs(1) + mb).to(tl.int64) * width + h * HEAD_DIM + offs_d,
+                         tl.sum(dq, 0))
 
 
 def _len_bucket(max_len: int) -> int:
@@ -181,7 +202,7 @@ def _check(q, k, v, cu_seqlens):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scale: float):
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scale: float, *bias_params):
         n, heads, d = q.shape
         cu = cu_seqlens.to(torch.int32)
         o = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
@@ -193,37 +214,58 @@ class _Attention(torch.autograd.Function):
                 n, bucket, HEAD_DIM=d)
         ctx.save_for_backward(q, k, v, o, lse, cu)
         ctx.max_len, ctx.scale = max_len, scale
+        ctx.bias_dtypes = [p.dtype for p in bias_params]  # only their gradients are made here (the column sums)
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse, cu = ctx.saved_tensors
         n, heads, d = q.shape
-        max_len, scale = ctx.max_len, ctx.scale
+        max_len, scale, has_db = ctx.max_len, ctx.scale, bool(ctx.bias_dtypes)
         do = do if do.stride(2) == 1 and do.stride(1) == d else do.contiguous()
         dq, dk, dv = (torch.empty(n, heads, d, dtype=q.dtype, device=q.device) for _ in range(3))
         b, bucket = cu.numel() - 1, _len_bucket(max_len)
+        blocks, long = -(-max_len // BLOCK_N_BWD), max_len > BLOCK_N_BWD
+        # per-program column sums of dq / dk / dv (the biases' gradients), added up below; idle programs leave zeros
+        db = torch.zeros(b * blocks if has_db else 1, 3, heads * d, dtype=torch.float32, device=q.device)
+        min_bm = min(c.kwargs["BLOCK_M"] for c in _attn_bwd_q.configs)  # rows for its smallest query block
+        dbq = torch.zeros(b * -(-max_len // min_bm) if has_db and long else 1, heads * d, dtype=torch.float32,
+                          device=q.device)
         if n and b:
             args = (scale * math.log2(math.e), scale, n, bucket)
-            _attn_bwd_kv[(b, -(-max_len // BLOCK_N_BWD), heads)](
-                q, k, v, o, do, dq, dk, dv, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
-                dq.stride(0), dk.stride(0), dv.stride(0), *args, HEAD_DIM=d, BLOCK_N=BLOCK_N_BWD)
-            if max_len > BLOCK_N_BWD:
+            _attn_bwd_kv[(b, blocks, heads)](
+                q, k, v, o, do, dq, dk, dv, db, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0),
+                do.stride(0), dq.stride(0), dk.stride(0), dv.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d,
+                BLOCK_N=BLOCK_N_BWD)
+            if long:
                 _attn_bwd_q[lambda meta: (b, triton.cdiv(max_len, meta["BLOCK_M"]), heads)](
-                    q, k, v, o, do, dq, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
-                    dq.stride(0), *args, HEAD_DIM=d, BLOCK_N=BLOCK_N_BWD)
-        return dq, dk, dv, None, None, None
+                    q, k, v, o, do, dq, dbq, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
+                    dq.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d, BLOCK_N=BLOCK_N_BWD)
+        dbias = ()
+        if has_db:
+            sums = db.sum(0)
+            sums[0] += dbq.sum(0)
+            dbias = tuple(sums[i].to(dt) for i, dt in enumerate(ctx.bias_dtypes))
+        return dq, dk, dv, None, None, None, *dbias
 
 
 _apply = torch.compiler.disable(_Attention.apply)  # out of torch.compile graphs, as fused_norm's kernels
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, bias_grads: tuple | None = None) -> torch.Tensor:
     """(N, heads, d) packed q / k / v -> (N, heads, d): softmax(q k^T * scale) v within each session of the stream
     (sessions are cu_seqlens[i]:cu_seqlens[i+1], every position in one; max_len >= the longest). Triton kernels where
-    `available(q.device)` (`models.packed.varlen_attention` checks it and otherwise runs its own path)."""
+    `available(q.device)` (`models.packed.varlen_attention` checks it and otherwise runs its own path).
+
+    `bias_grads`: the Q / K / V projections' (heads * d,) bias parameters, when the projections added them detached:
+    their gradients (the column sums of dq, dk, dv) are summed by the backward kernels from the tiles they hold, so no
+    pass of their own over the (N, heads * d) gradients. Not used in the forward."""
     _check(q, k, v, cu_seqlens)
+    if bias_grads is not None and (len(bias_grads) != 3 or
+                                   any(t.shape != (q.shape[1] * q.shape[2],) for t in bias_grads)):
+        raise ValueError(f"attention: bias_grads must be three ({q.shape[1] * q.shape[2]},) tensors")
     if not available(q.device):
         raise RuntimeError(f"attention: the Triton kernels need a CUDA device or TRITON_INTERPRET=1, got {q.device}")
-    return _apply(q, k, v, cu_seqlens, int(max_len), float(q.shape[2] ** -0.5 if scale is None else scale))
+    return _apply(q, k, v, cu_seqlens, int(max_len), float(q.shape[2] ** -0.5 if scale is None else scale),
+                  *(bias_grads or ()))

@@ -47,11 +47,14 @@ def padded_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, 
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     scale: float | None = None, fused: bool = False) -> torch.Tensor:
+                     scale: float | None = None, fused: bool = False, bias_grads: tuple | None = None) -> torch.Tensor:
     """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session.
-    `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run."""
+    `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run; `bias_grads` (with them
+    only): the Q / K / V bias parameters whose gradients those kernels sum."""
     if fused and fused_attention_available(q.device):
-        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale)
+        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale, bias_grads=bias_grads)
+    if bias_grads is not None:
+        raise ValueError("varlen_attention: bias_grads needs the fused kernels (fused=True, where they run)")
     if has_varlen_kernel(q.device) and q.dtype in (torch.float16, torch.bfloat16):
         cu = cu_seqlens.to(torch.int32)
         return _varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
@@ -95,7 +98,8 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
 
     `fused_attention`: attention within each session through our Triton kernels for short sessions
     (`models.fused_attention`: one backward kernel, no atomics, for sessions up to 128 tokens) instead of torch's
-    varlen FlashAttention; the varlen path where Triton or a GPU is missing."""
+    varlen FlashAttention; they also sum the Q / K / V biases' gradients. The varlen path where Triton or a GPU is
+    missing."""
     cfg = bert.config
     if fused_gelu and cfg.hidden_act != "gelu":
         raise ValueError(f"packed_hidden: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
@@ -103,6 +107,7 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
                          "set model attention_probs_dropout_prob to 0 (pipeline: pretrain.packed sets it)")
     heads = cfg.num_attention_heads
+    fold_bias_grads = fused_attention and fused_attention_available(input_ids.device)
     x = bert.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
                         token_type_ids=torch.zeros_like(input_ids)[None])[0]  # (N, H)
     n, h = x.shape
@@ -128,17 +133,22 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     for layer in bert.encoder.layer:
         sa = layer.attention.self
         res = x  # the sub-block's residual
+        lins = (sa.query, sa.key, sa.value)
+        # with the fused attention kernels, the projections add their biases detached and those kernels sum the
+        # biases' gradients (no (N, H) pass per bias)
+        bias_grads = tuple(lin.bias for lin in lins) if fold_bias_grads else None
         if fused_residual:
-            *qkv, res = branch_in(x, [sa.query, sa.key, sa.value], fuse=fused_qkv)  # (N, H) column slices with fuse
+            *qkv, res = branch_in(x, list(lins), fuse=fused_qkv, bias_grad=not fold_bias_grads)  # column slices
             q, k, v = (t.view(n, heads, h // heads) for t in qkv)
         elif fused_qkv:
-            w = torch.cat([sa.query.weight, sa.key.weight, sa.value.weight])  # (3H, H)
-            b = torch.cat([sa.query.bias, sa.key.bias, sa.value.bias])
-            q, k, v = F.linear(x, w, b).view(n, 3, heads, h // heads).unbind(1)  # views: last dim contiguous
-        else:
-            q, k, v = (lin(x).view(n, heads, h // heads) for lin in (sa.query, sa.key, sa.value))
+            w = torch.cat([lin.weight for lin in lins])  # (3H, H)
+            b = torch.cat([lin.bias for lin in lins])
+            q, k, v = F.linear(x, w, b.detach() if fold_bias_grads else b).view(n, 3, heads, h // heads).unbind(1)
+        else:  # views: last dim contiguous (above too)
+            q, k, v = (F.linear(x, lin.weight, lin.bias.detach() if fold_bias_grads else lin.bias)
+                       .view(n, heads, h // heads) for lin in lins)
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5,
-                             fused=fused_attention).reshape(n, h)
+                             fused=fused_attention, bias_grads=bias_grads).reshape(n, h)
         x = close(layer.attention.output, a, res)
         inter, res = layer.intermediate, x
         if fused_residual:  # with fused_gelu the bias is added (and its gradient summed) in bias_gelu
