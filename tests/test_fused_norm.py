@@ -390,13 +390,13 @@ lp = plain.packed_loss(batch)
 lp.backward()
 gp = dict(plain.named_parameters())
 enc = {}
-for name, knobs in (("alone", {}), ("qkv", {"fused_qkv": True}),
-                    ("all", dict(fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True, fused_ce=True))):
+every = dict(fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True, fused_ce=True)
+for name, knobs in (("alone", {}), ("qkv", {"fused_qkv": True}), ("all", every)):
     m = _module(fused_attention=True, **knobs)
     lm = m.packed_loss(batch)
     lm.backward()
-    enc[name] = [abs(float(lm) - float(lp)), max(float((p.grad - gp[k].grad).abs().max()) for k, p in m.named_parameters()
-                                                 if gp[k].grad is not None)]
+    enc[name] = [abs(float(lm) - float(lp)), max(float((p.grad - gp[k].grad).abs().max())
+                                                 for k, p in m.named_parameters() if gp[k].grad is not None)]
 out["attn_encoder"] = enc
 
 # under torch.compile (pretrain.compile with the kernels): they stay out of the graph and run as in eager mode; the

@@ -261,9 +261,9 @@ def test_pipeline_pretrains_packed(tmp_path, monkeypatch, precision, fused_norm)
     """`pretrain.packed=true` through the pipeline and Lightning (CPU: the padded-SDPA fallback of the varlen
     attention; bf16-mixed: the bf16 residual stream under Lightning's autocast, as on a GPU): it trains, and the
     saved encoder is an ordinary BertModel with attention-probability dropout 0. `pretrain.fused_norm`, `fused_gelu`,
-    `fused_residual`, `fused_ce` and `fused_attention` reach the packed encoder and the loss (per layer two fused LayerNorm calls given
-    their dense layer's bias, one bias + GELU, two branch_in calls; one fused loss per step; on a CPU their eager
-    maths)."""
+    `fused_residual`, `fused_ce` and `fused_attention` reach the packed encoder and the loss (per layer two fused
+    LayerNorm calls given their dense layer's bias, one bias + GELU, two branch_in calls, the attention with fused=True;
+    one fused loss per step; on a CPU their eager maths)."""
     import json
 
     import sessionbert.models.packed as packed_mod

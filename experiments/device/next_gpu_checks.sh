@@ -1,23 +1,26 @@
 #!/usr/bin/env bash
-# The next device calls (experiments/notes_speed.md, sessions 7-9). Earlier contents of this script ran on 2026-11-29:
+# The next device calls (experiments/notes_speed.md, sessions 7-10). Earlier contents of this script ran on 2026-11-29:
 # fused QKV A/B and packed vs padded scoring (results/bench_gpu_fusedqkv.md, bench_inference_packed_gpu.txt), the
 # attention kernels (results/bench_attention_seq*_{sdpa,njt_flex}.json), the fused LayerNorm kernels alone and in the
 # step (session 8: fused_kernels_*.sh, results/fused_kernels_dev/), and the paper scale with every fused switch
-# (session 9: results/paper_scale_gpu_s9.md).
+# (session 9: results/paper_scale_gpu_s9.md). Session 10's attention kernels: attention_bench.sh.
+# 0. experiment=paper_scale with pretrain.fused_attention (on since session 10, not yet run at paper scale; ~19 min
+#    in three chained calls): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again until done.
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
 #
-# 1. On the 2-GPU kind (nvidia-h200-x2, not lent in sessions 6-9), goal 3 on the packed path with today's kernels
+# 1. On the 2-GPU kind (nvidia-h200-x2, not lent in sessions 6-10), goal 3 on the packed path with today's kernels
 #    (~3 min):
 #      python3 experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv \
-#        --fused-norm --fused-gelu --fused-residual --fused-ce --out $OUT/bench_ddp_packed.json
+#        --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention --out $OUT/bench_ddp_packed.json
 #    and the pipeline end to end under DDP: python3 train.py experiment=smoke trainer=ddp trainer.devices=2 \
 #        pretrain.packed=true pretrain.max_tokens=65536 pretrain.fused_qkv=true pretrain.fused_norm=true \
-#        pretrain.fused_gelu=true pretrain.fused_residual=true pretrain.fused_ce=true \
+#        pretrain.fused_gelu=true pretrain.fused_residual=true pretrain.fused_ce=true pretrain.fused_attention=true \
 #        hydra.run.dir=$OUT/ddp_smoke paths.cache_dir=/tmp/ddp_cache
 # 2. On one H200, this script (~2 min): a torch.profiler table of the shipped step, seq 128, no reference (where the
 #    step's GPU time goes after the next kernel change; the step is GPU-bound, notes_speed.md session 8).
 export PYTHONPATH=$PWD:$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > $OUT/device.txt
 python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer --only-packed --fused-qkv only \
-  --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --seq-lens 128 --profile-dir $OUT \
+  --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only --seq-lens 128 \
+  --profile-dir $OUT \
   --out $OUT/bench_gpu_profile.json 2>&1 | grep -E '^\||Error' | cut -c1-300

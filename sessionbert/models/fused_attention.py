@@ -2,23 +2,32 @@
 
 The packed encoder attends within each session of a (N,) token stream (`models.packed.varlen_attention`). PyTorch's
 variable-length FlashAttention-2 kernel took ~25 ms of a ~165 ms BERT-base step at seq 128 on an H200 (20 ms of it
-backward): ~2.1 ms per layer where the layer's attention moves ~2.3 GB (q, k, v, o, do read, dq, dk, dv written: ~0.7 ms
-at the H200's bandwidth) and does ~0.16 TFLOP. FA2's backward is written for long sequences: it splits each
-sequence's keys into blocks, accumulates dq with fp32 atomics into a scratch buffer and converts it in a second
-kernel, after a third that computes rowsum(do * o). A session of at most 128 tokens is one key block, so here:
+backward): 2.5 ms per layer forward + backward, where the layer's attention moves ~1.6 GB (q, k, v, o, do read; dq, dk,
+dv written: ~0.5 ms at the H200's bandwidth). FA2's backward is written for long sequences: it splits each sequence's
+keys into blocks, accumulates dq with fp32 atomics into a scratch buffer and converts it in a second kernel, after a
+third that computes rowsum(do * o). A session of at most 128 tokens is one key block, so here:
 
-- forward: one program per (session, 128-row query block, head), online softmax over 64/128-key blocks; writes the
+- forward: one program per (session, query block, head), online softmax over the session's key blocks; writes the
   output and the per-row log-sum-exp (base 2);
-- backward: one program per (session, key block, head) holds that block's k, v and their gradients in registers and
-  loops over the session's query blocks (rowsum(do * o) computed as it loads them); when the session is one key
-  block, the dq it computes is complete and it writes it: one kernel, no atomics, no scratch. Sessions longer than
-  one key block (seq 512) get their dq from a second kernel per (session, query block, head) that loops over the key
-  blocks (as FlashAttention's Triton tutorial does), so any length works.
+- backward: one program per (session, 128-key block, head) holds that block's k, v and their gradients in registers
+  and loops over the session's query blocks (rowsum(do * o) computed as it loads them), with the scores transposed
+  (keys x queries) so that P^T and dS^T feed the dv and dk products without a transpose. When the session is one key
+  block, the dq it computes is complete and it writes it: one kernel, no atomics, no scratch. Sessions longer than one
+  key block (seq 512) get their dq from a second kernel per (session, query block, head) that loops over the key
+  blocks (as FlashAttention's Triton tutorial does), so any length works;
+- `bias_grads`: the packed encoder's Q / K / V projections add their biases detached, and the backward kernels write
+  per-program column sums of the dq / dk / dv tiles they hold (one small reduction adds them up): the three bias
+  gradients without three passes over (N, 768) gradients (~0.28 ms per layer; the sums cost ~0.12 ms in the kernels).
+
+Measured on one H200 (experiments/results/fused_kernels_dev/s10_call4_attention_dbias/): forward + backward per layer
+1.55 ms against varlen's 2.50 at seq 128 (sessions of 102 tokens on average), 2.69 against 3.80 at seq 512; in the
+BERT-base step +5.2% / +4.6% real tokens/s (results/bench_gpu_attention.md). Tile sizes come from Triton's autotuner.
 
 Why our own kernel: the faster attention kernels (FlashAttention 3 / 4, cuDNN's) are not in the torch build our GPUs
 have, and the ones that are were measured slower at these lengths (notes_speed.md #27: NJT, SDPA buckets, cuDNN,
-flex_attention with a document mask). Without Triton or a GPU, `attention` is `models.packed.varlen_attention`'s path;
-the CPU tests run these kernels through Triton's interpreter (tests/test_fused_norm.py).
+flex_attention with a document mask). Without Triton or a GPU, `models.packed.varlen_attention` runs torch's path; the
+CPU tests run these kernels through Triton's interpreter (tests/test_fused_norm.py), on the GPU
+experiments/device/attention_check.py compares them and varlen with fp32.
 
 No attention-probability dropout (as the varlen kernel; the packed encoder refuses it while training).
 """
