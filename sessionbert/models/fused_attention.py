@@ -84,7 +84,7 @@ if triton is not None:
             acc = acc / l_i[:, None]
             tl.store(O + rows[:, None] * so + h * HEAD_DIM + offs_d[None, :], acc.to(O.dtype.element_ty),
                      mask=mask_m[:, None])
-            tl.store(LSE + h * n_tokens + rows, m_i + tl.math.log2(l_i), mask=mask_m)
+            tl.store(LSE + h.to(tl.int64) * n_tokens + rows, m_i + tl.math.log2(l_i), mask=mask_m)
 
     @triton.jit
     def _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM: tl.constexpr):
@@ -121,7 +121,7 @@ if triton is not None:
                 mask_m = offs_m < length
                 rows = (start + offs_m).to(tl.int64)
                 q = _load(Q, rows, mask_m, h, sq, offs_d, HEAD_DIM)
-                lse = tl.load(LSE + h * n_tokens + rows, mask=mask_m, other=0.0)
+                lse = tl.load(LSE + h.to(tl.int64) * n_tokens + rows, mask=mask_m, other=0.0)
                 di, do = _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM)
                 # Transposed (keys x queries) scores, as FlashAttention's Triton backward: P^T and dS^T are the
                 # register operands of the dv and dk products without a transpose (measured: 1.63 against 1.87 ms
@@ -168,7 +168,7 @@ if triton is not None:
             mask_m = offs_m < length
             rows = (start + offs_m).to(tl.int64)
             q = _load(Q, rows, mask_m, h, sq, offs_d, HEAD_DIM)
-            lse = tl.load(LSE + h * n_tokens + rows, mask=mask_m, other=0.0)
+            lse = tl.load(LSE + h.to(tl.int64) * n_tokens + rows, mask=mask_m, other=0.0)
             di, do = _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM)
             dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
             for n0 in range(0, length, BLOCK_N):
