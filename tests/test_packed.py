@@ -181,6 +181,29 @@ def test_branch_in_refuses_mixed_biases_and_sums_gradients_it_cannot_take_in_pla
         torch.testing.assert_close(g, g2, rtol=2e-2, atol=2e-2)
 
 
+def test_fused_attention_runs_only_on_half_precision_cuda_tensors():
+    """pretrain.fused_attention: the Triton kernels take fp16 / bf16 CUDA tensors, as torch's varlen kernel does (fp32
+    would run their dot products in TF32); anything else, here a CPU without Triton's interpreter, gets the varlen /
+    padded SDPA path, which refuses the kernels' bias-gradient sums."""
+    import os
+    from types import SimpleNamespace
+
+    pytest.importorskip("triton")
+    from sessionbert.models.fused_attention import runs_on
+
+    cuda = torch.device("cuda")  # a device name only: no GPU needed
+    assert runs_on(SimpleNamespace(device=cuda, dtype=torch.bfloat16))
+    assert runs_on(SimpleNamespace(device=cuda, dtype=torch.float16))
+    assert not runs_on(SimpleNamespace(device=cuda, dtype=torch.float32))
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        assert not runs_on(torch.zeros(1))
+        q = torch.randn(6, 2, 16)
+        cu = torch.tensor([0, 2, 6])
+        torch.testing.assert_close(varlen_attention(q, q, q, cu, 4, fused=True), varlen_attention(q, q, q, cu, 4))
+        with pytest.raises(ValueError, match="bias_grads needs the fused kernels"):
+            varlen_attention(q, q, q, cu, 4, fused=True, bias_grads=tuple(torch.zeros(32) for _ in range(3)))
+
+
 def test_fused_ce_without_triton_is_eager_cross_entropy():
     """pretrain.fused_ce on a CPU (no interpreter): models.fused_ce.cross_entropy is F.cross_entropy on fp32 logits,
     ignored rows left out; wrong shapes are refused. The kernels themselves: tests/test_fused_norm.py."""

@@ -190,6 +190,14 @@ if triton is not None:
                          tl.sum(dq, 0))
 
 
+def runs_on(x: torch.Tensor) -> bool:
+    """Whether `attention` runs its kernels for tensors like `x`: fp16 / bf16 on a CUDA device (as torch's varlen
+    kernel: fp32 there would silently run the dot products in TF32), any dtype under Triton's interpreter."""
+    if not available(x.device):
+        return False
+    return x.device.type != "cuda" or x.dtype in (torch.float16, torch.bfloat16)
+
+
 def _len_bucket(max_len: int) -> int:
     """Autotuning key: the longest session rounded up to a power of two (one tuning per seq_len, not per batch)."""
     return 1 << max(0, int(max_len) - 1).bit_length()
@@ -265,7 +273,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
               scale: float | None = None, bias_grads: tuple | None = None) -> torch.Tensor:
     """(N, heads, d) packed q / k / v -> (N, heads, d): softmax(q k^T * scale) v within each session of the stream
     (sessions are cu_seqlens[i]:cu_seqlens[i+1], every position in one; max_len >= the longest). Triton kernels where
-    `available(q.device)` (`models.packed.varlen_attention` checks it and otherwise runs its own path).
+    `runs_on(q)` (`models.packed.varlen_attention` checks it and otherwise runs its own path).
 
     `bias_grads`: the Q / K / V projections' (heads * d,) bias parameters, when the projections added them detached:
     their gradients (the column sums of dq, dk, dv) are summed by the backward kernels from the tiles they hold, so no
@@ -274,7 +282,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
     if bias_grads is not None and (len(bias_grads) != 3 or
                                    any(t.shape != (q.shape[1] * q.shape[2],) for t in bias_grads)):
         raise ValueError(f"attention: bias_grads must be three ({q.shape[1] * q.shape[2]},) tensors")
-    if not available(q.device):
-        raise RuntimeError(f"attention: the Triton kernels need a CUDA device or TRITON_INTERPRET=1, got {q.device}")
+    if not runs_on(q):
+        raise RuntimeError(f"attention: the Triton kernels need fp16 / bf16 on a CUDA device (or TRITON_INTERPRET=1), "
+                           f"got {q.dtype} on {q.device}")
     return _apply(q, k, v, cu_seqlens, int(max_len), float(q.shape[2] ** -0.5 if scale is None else scale),
                   *(bias_grads or ()))

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .branch_linear import branch_in
 from .fused_attention import attention as fused_attention_fn
-from .fused_attention import available as fused_attention_available
+from .fused_attention import runs_on as fused_attention_runs_on
 from .fused_gelu import bias_gelu, dense_gelu
 from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
@@ -51,7 +51,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session.
     `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run; `bias_grads` (with them
     only): the Q / K / V bias parameters whose gradients those kernels sum."""
-    if fused and fused_attention_available(q.device):
+    if fused and fused_attention_runs_on(q):
         return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale, bias_grads=bias_grads)
     if bias_grads is not None:
         raise ValueError("varlen_attention: bias_grads needs the fused kernels (fused=True, where they run)")
@@ -107,7 +107,6 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
                          "set model attention_probs_dropout_prob to 0 (pipeline: pretrain.packed sets it)")
     heads = cfg.num_attention_heads
-    fold_bias_grads = fused_attention and fused_attention_available(input_ids.device)
     x = bert.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
                         token_type_ids=torch.zeros_like(input_ids)[None])[0]  # (N, H)
     n, h = x.shape
@@ -119,6 +118,9 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     if amp is not None:
         x = x.to(amp)
+    # with the fused attention kernels (q / k / v in x's dtype), the Q / K / V projections add their biases detached
+    # and those kernels sum the biases' gradients
+    fold_bias_grads = fused_attention and fused_attention_runs_on(x)
 
     ln = layer_norm_as if layer_norm_in_graph else _layer_norm_eager
 
@@ -134,8 +136,6 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         sa = layer.attention.self
         res = x  # the sub-block's residual
         lins = (sa.query, sa.key, sa.value)
-        # with the fused attention kernels, the projections add their biases detached and those kernels sum the
-        # biases' gradients (no (N, H) pass per bias)
         bias_grads = tuple(lin.bias for lin in lins) if fold_bias_grads else None
         if fused_residual:
             *qkv, res = branch_in(x, list(lins), fuse=fused_qkv, bias_grad=not fold_bias_grads)  # column slices
