@@ -49,6 +49,12 @@ if triton is not None:
         """Head h of rows `rows` of X, zeros where ~mask."""
         return tl.load(X + rows[:, None] * stride + h * HEAD_DIM + offs_d[None, :], mask=mask[:, None], other=0.0)
 
+    @triton.jit
+    def _store(X, x, rows, mask, h, stride, offs_d, HEAD_DIM: tl.constexpr):
+        """`x` as head h of rows `rows` of X (where mask), in X's dtype."""
+        tl.store(X + rows[:, None] * stride + h * HEAD_DIM + offs_d[None, :], x.to(X.dtype.element_ty),
+                 mask=mask[:, None])
+
     # session 10's calls picked 64 x 64 tiles, 4 warps, among BLOCK_M / BLOCK_N 32 / 64 / 128 and 2 / 4 / 8 warps
     @triton.autotune(configs=_configs(BLOCK_M=[64, 32], BLOCK_N=[64], num_warps=[4, 2]),
                      key=["HEAD_DIM", "len_bucket"])
@@ -82,15 +88,14 @@ if triton is not None:
                 acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
                 m_i = m_new
             acc = acc / l_i[:, None]
-            tl.store(O + rows[:, None] * so + h * HEAD_DIM + offs_d[None, :], acc.to(O.dtype.element_ty),
-                     mask=mask_m[:, None])
+            _store(O, acc, rows, mask_m, h, so, offs_d, HEAD_DIM)
             tl.store(LSE + h.to(tl.int64) * n_tokens + rows, m_i + tl.math.log2(l_i), mask=mask_m)
 
     @triton.jit
     def _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM: tl.constexpr):
         """rowsum(do * o) in fp32 for rows `rows` of head h, and do."""
-        do = tl.load(DO + rows[:, None] * sdo + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
-        o = tl.load(O + rows[:, None] * so + h * HEAD_DIM + offs_d[None, :], mask=mask_m[:, None], other=0.0)
+        do = _load(DO, rows, mask_m, h, sdo, offs_d, HEAD_DIM)
+        o = _load(O, rows, mask_m, h, so, offs_d, HEAD_DIM)
         return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), do
 
     # the autotuner picked the smallest BLOCK_M offered in session 10's calls (32, then 16 when offered; 4 warps)
@@ -134,15 +139,12 @@ if triton is not None:
                 dk += tl.dot(dst.to(q.dtype), q)
                 if one_block:
                     dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * sm_scale
-                    tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                             mask=mask_m[:, None])
+                    _store(DQ, dq, rows, mask_m, h, sdq, offs_d, HEAD_DIM)
                     if HAS_DB:  # rows past the session hold zeros
                         dq_sum += tl.sum(dq, 0)
             dk = dk * sm_scale
-            tl.store(DK + cols[:, None] * sdk + h * HEAD_DIM + offs_d[None, :], dk.to(DK.dtype.element_ty),
-                     mask=mask_n[:, None])
-            tl.store(DV + cols[:, None] * sdv + h * HEAD_DIM + offs_d[None, :], dv.to(DV.dtype.element_ty),
-                     mask=mask_n[:, None])
+            _store(DK, dk, cols, mask_n, h, sdk, offs_d, HEAD_DIM)
+            _store(DV, dv, cols, mask_n, h, sdv, offs_d, HEAD_DIM)
             if HAS_DB:  # rows past the session hold zeros in dk, dv
                 width = tl.num_programs(2) * HEAD_DIM
                 db = DB + (doc * tl.num_programs(1) + nb).to(tl.int64) * 3 * width + h * HEAD_DIM + offs_d
@@ -182,8 +184,7 @@ if triton is not None:
                 ds = p * (tl.dot(do, tl.trans(v)) - di[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
             dq = dq * sm_scale
-            tl.store(DQ + rows[:, None] * sdq + h * HEAD_DIM + offs_d[None, :], dq.to(DQ.dtype.element_ty),
-                     mask=mask_m[:, None])
+            _store(DQ, dq, rows, mask_m, h, sdq, offs_d, HEAD_DIM)
             if HAS_DB:  # rows past the session hold zeros
                 width = tl.num_programs(2) * HEAD_DIM
                 tl.store(DBQ + (doc * tl.num_programs(1) + mb).to(tl.int64) * width + h * HEAD_DIM + offs_d,
