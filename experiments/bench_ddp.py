@@ -116,8 +116,11 @@ def child(a) -> None:
     trainer.fit(module, dl)
 
 
-# packed-path switches, each a --flag here and an MLMModule / pretrain.* knob of the same name
-FUSED = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_ce", "fused_attention")
+# packed-path switches, each a --flag here (with what it runs, for its help) and an MLMModule / pretrain.* knob of the
+# same name
+FUSED = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "Triton dropout-add-LayerNorm", "fused_gelu": "Triton bias + GELU",
+         "fused_residual": "residual gradient summed in the branch GEMMs", "fused_ce": "Triton MLM cross-entropy",
+         "fused_attention": "Triton attention for short sessions"}
 
 
 def main() -> None:
@@ -132,14 +135,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--workers", type=int, default=6)
     ap.add_argument("--packed", action="store_true", help="the packed path (pretrain.packed=true)")
-    ap.add_argument("--fused-qkv", action="store_true", help="packed: one Q/K/V GEMM (pretrain.fused_qkv)")
-    ap.add_argument("--fused-norm", action="store_true", help="packed: Triton dropout-add-LayerNorm (pretrain.fused_norm)")
-    ap.add_argument("--fused-gelu", action="store_true", help="packed: Triton bias + GELU (pretrain.fused_gelu)")
-    ap.add_argument("--fused-residual", action="store_true",
-                    help="packed: residual gradient summed in the branch GEMMs (pretrain.fused_residual)")
-    ap.add_argument("--fused-ce", action="store_true", help="packed: Triton MLM cross-entropy (pretrain.fused_ce)")
-    ap.add_argument("--fused-attention", action="store_true",
-                    help="packed: Triton attention for short sessions (pretrain.fused_attention)")
+    for knob, what in FUSED.items():
+        ap.add_argument("--" + knob.replace("_", "-"), action="store_true", help=f"packed: {what} (pretrain.{knob})")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
