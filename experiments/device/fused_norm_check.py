@@ -1,7 +1,7 @@
 """On a GPU: the packed encoder's Triton kernels (`pretrain.fused_norm`: dropout + add + LayerNorm with the dense
 bias; `pretrain.fused_gelu`: bias + GELU), the residual gradient summed in the branch GEMMs
 (`pretrain.fused_residual`), the Triton MLM cross-entropy (`pretrain.fused_ce`) and the Triton attention
-(`pretrain.fused_attention`) against the eager path. BERT-base shape, dropout 0 (the two paths draw
+(`pretrain.fused_attention`) and the bias + GELU in Triton GEMM epilogues (`pretrain.fused_ffn`) against the eager path. BERT-base shape, dropout 0 (the two paths draw
 dropout from different generators). Every variant runs the same batch; each bf16-autocast variant (eager, fused norm,
 fused norm + fused GELU) is compared with the fp32 eager run: loss, last hidden layer (max relative difference) and
 every parameter gradient (relative norm of the difference), so a fused variant should sit as close to fp32 as eager
@@ -29,17 +29,20 @@ pos = torch.cat([torch.arange(int(k)) for k in lens]).cuda()
 sel = torch.randperm(n, device="cuda")[: n // 7]
 out = {"tokens": n}
 res = {}
-# (autocast, fused_norm, fused_gelu, fused_residual, fused_ce, fused_attention)
-variants = {"fp32": (False, False, False, False, False, False), "eager_bf16": (True, False, False, False, False, False),
-            "fused_norm": (True, True, False, False, False, False), "fused_norm_gelu": (True, True, True, False, False, False),
-            "fused_residual": (True, False, False, True, False, False), "fused_ce": (True, False, False, False, True, False),
-            "fused_attention": (True, False, False, False, False, True),
-            "all_fused_but_attention": (True, True, True, True, True, False), "all_fused": (True, True, True, True, True, True)}
-for name, (amp, fused_norm, fused_gelu, fused_residual, fused_ce, fused_attention) in variants.items():
+# name -> (autocast, packed_hidden / fused_ce switches)
+every = dict(fused_norm=True, fused_gelu=True, fused_residual=True, fused_ce=True)
+variants = {"fp32": (False, {}), "eager_bf16": (True, {}), "fused_norm": (True, dict(fused_norm=True)),
+            "fused_norm_gelu": (True, dict(fused_norm=True, fused_gelu=True)),
+            "fused_residual": (True, dict(fused_residual=True)), "fused_ce": (True, dict(fused_ce=True)),
+            "fused_attention": (True, dict(fused_attention=True)), "fused_ffn": (True, dict(fused_ffn=True)),
+            "all_fused_but_attention": (True, every), "all_fused_but_ffn": (True, dict(every, fused_attention=True)),
+            "all_fused": (True, dict(every, fused_attention=True, fused_ffn=True))}
+for name, (amp, knobs) in variants.items():
+    knobs = dict(knobs)
+    fused_ce = knobs.pop("fused_ce", False)
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, fused_norm=fused_norm,
-                          fused_gelu=fused_gelu, fused_residual=fused_residual, fused_attention=fused_attention)
+        h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, **knobs)
         logits = model.cls(h[sel])
         loss = cross_entropy(logits, ids[sel]) if fused_ce else F.cross_entropy(logits.float(), ids[sel])
     loss.backward()

@@ -152,17 +152,17 @@ def _block(n_cols: int) -> int:
     return max(triton.next_power_of_2(n_cols), 16)
 
 
-def row_partial_sums(kernel, n: int, h: int, count: int, device, launch) -> torch.Tensor:
-    """(count, h) fp32 column sums written by an autotuned backward `kernel` whose programs each take ROWS rows (a
-    tuned parameter) and write one row of partial sums into each of `count` (programs, h) buffers: `launch(parts)`
+def row_partial_sums(kernel, n: int, h: int, count: int, device, launch, rows_key: str = "ROWS") -> torch.Tensor:
+    """(count, h) fp32 column sums written by an autotuned backward `kernel` whose programs each take `rows_key` rows
+    (a tuned parameter) and write one row of partial sums into each of `count` (programs, h) buffers: `launch(parts)`
     runs it on `parts` (count, programs, h). The buffers are sized for the fewest rows per program among the configs;
-    the picked config's ROWS says how many rows were written. No rows: zeros (nothing is launched)."""
-    most = max(1, -(-n // min(c.kwargs["ROWS"] for c in kernel.configs)))
+    the picked config's `rows_key` says how many rows were written. No rows: zeros (nothing is launched)."""
+    most = max(1, -(-n // min(c.kwargs[rows_key] for c in kernel.configs)))
     parts = torch.empty(count, most, h, dtype=torch.float32, device=device)
     if not n:
         return parts[:, 0].zero_()
     launch(parts)
-    return parts[:, :-(-n // kernel.best_config.kwargs["ROWS"])].sum(1)
+    return parts[:, :-(-n // kernel.best_config.kwargs[rows_key])].sum(1)
 
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
