@@ -120,8 +120,7 @@ def child(a) -> None:
 # same name
 FUSED = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "Triton dropout-add-LayerNorm", "fused_gelu": "Triton bias + GELU",
          "fused_residual": "residual gradient summed in the branch GEMMs", "fused_ce": "Triton MLM cross-entropy",
-         "fused_attention": "Triton attention for short sessions",
-         "fused_ffn": "bias + GELU in Triton GEMM epilogues"}
+         "fused_attention": "Triton attention for short sessions"}
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ and forward + backward, as JSON lines with the ms per call:
   gradients);
 - `dense_norm`: the end of the feed-forward sub-block with its (4H -> H) GEMM, whose bias the fused kernel adds and
   whose bias gradient it sums (eager: bias in the GEMM, its gradient a reduction of its own);
+- `gelu`: bias + GELU alone on the (N, 4H) intermediate activations, fused (`bias_gelu`) or eager, with the effective
+  bandwidth;
 - `dense_gelu`: the (H -> 4H) GEMM + bias + GELU, fused (`bias_gelu`) or eager.
 Both GEMM groups run under bf16 autocast with fp32 weights, as training does. `--compare-module FILE` adds the
 `norm` / `dense_norm` rows of another version of `fused_norm.py` (an A/B of kernel versions in one process).
@@ -70,23 +72,30 @@ def main(argv=None):
     versions = [("fused", fused_norm)] + ([("compare", _load(a_.compare_module))] if a_.compare_module else [])
     rows = []
 
-    def measure(group, name, fn, inputs, p=None, bandwidth=False):
+    def measure(group, name, fn, inputs, p=None, traffic=None):
+        """One row; `traffic`: the (forward, backward) bytes that must move at the least, for the bandwidth."""
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             fwd, fb, _ = timed(fn, inputs, a_.repeats, 3, device)
         bwd = fb - fwd
         row = dict(group=group, variant=name, dropout=p, rows=n, hidden=h, dtype=str(dtype)[6:],
                    device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                    fwd_ms=round(fwd, 4), fwd_bwd_ms=round(fb, 4))
-        if bandwidth:
-            row.update(fwd_gb_s=round(4 * tensor_bytes / fwd / 1e6, 1),
-                       bwd_gb_s=round(4 * tensor_bytes / bwd / 1e6, 1) if bwd > 0 else None)
+        if traffic:
+            row.update(fwd_gb_s=round(traffic[0] / fwd / 1e6, 1),
+                       bwd_gb_s=round(traffic[1] / bwd / 1e6, 1) if bwd > 0 else None)
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    norm_bytes = (4 * tensor_bytes,) * 2  # forward reads a, x, writes z, y; backward reads dy, z, writes da, dx
     for p in (0.1, 0.0):
-        measure("norm", "eager", lambda a, x: fused_norm.eager_dropout_add_layer_norm(a, x, norm, p), (a, x), p, True)
+        measure("norm", "eager", lambda a, x: fused_norm.eager_dropout_add_layer_norm(a, x, norm, p), (a, x), p,
+                norm_bytes)
         for name, mod in versions:
-            measure("norm", name, lambda a, x: mod.dropout_add_layer_norm(a, x, norm, p), (a, x), p, True)
+            measure("norm", name, lambda a, x: mod.dropout_add_layer_norm(a, x, norm, p), (a, x), p, norm_bytes)
+    wide_bytes = wide.numel() * wide.element_size()  # bias + GELU: forward reads y, writes the output; backward
+    gelu_bytes = (2 * wide_bytes, 3 * wide_bytes)  # reads the output gradient and y, writes y's gradient
+    measure("gelu", "eager", lambda y: fused_gelu.eager_bias_gelu(y, up.bias), (wide,), traffic=gelu_bytes)
+    measure("gelu", "fused", lambda y: fused_gelu.bias_gelu(y, up.bias), (wide,), traffic=gelu_bytes)
     p = 0.1
     measure("dense_norm", "eager", lambda u, x: fused_norm.eager_dropout_add_layer_norm(down(u), x, norm, p),
             (wide, x), p)

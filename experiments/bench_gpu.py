@@ -158,19 +158,17 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
 PARTS = (("packed", " packed", "_packed"), ("fused_qkv", " + fused QKV", "_fusedqkv"), ("compile", " + compile", "_compile"),
          ("ln_graph", " (LayerNorm in graph)", "_lngraph"), ("fused_norm", " + fused norm", "_fusednorm"),
          ("fused_gelu", " + fused GELU", "_fusedgelu"), ("fused_residual", " + fused residual", "_fusedres"),
-         ("fused_ce", " + fused CE", "_fusedce"), ("fused_attention", " + fused attention", "_fusedattn"),
-         ("fused_ffn", " + fused FFN", "_fusedffn"))
+         ("fused_ce", " + fused CE", "_fusedce"), ("fused_attention", " + fused attention", "_fusedattn"))
 # the packed-path switches with a --flag also|only (--fused-qkv, ...): what each measures, for the flag's help
 SWITCH_HELP = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "the Triton dropout + add + LayerNorm kernels",
                "fused_gelu": "the Triton bias + GELU kernels",
                "fused_residual": "the residual's gradient summed in the branch GEMMs",
                "fused_ce": "the Triton MLM cross-entropy",
-               "fused_attention": "the Triton attention kernels for short sessions",
-               "fused_ffn": "the feed-forward block's bias + GELU in Triton GEMM epilogues"}
+               "fused_attention": "the Triton attention kernels for short sessions"}
 # the MLMModule / pretrain.* knob each packed-path switch sets
 KNOBS = {"fused_qkv": "fused_qkv", "ln_graph": "compile_layer_norm", "fused_norm": "fused_norm",
          "fused_gelu": "fused_gelu", "fused_residual": "fused_residual", "fused_ce": "fused_ce",
-         "fused_attention": "fused_attention", "fused_ffn": "fused_ffn"}
+         "fused_attention": "fused_attention"}
 
 
 def variant_tag(v: dict) -> str:

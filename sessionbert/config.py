@@ -63,7 +63,7 @@ def validate(cfg: DictConfig) -> None:
                 "pretrain.max_sentences", "pretrain.pad_to_multiple_of"):
         _int(cfg, key, lo=1, allow_none=True)
     for key in ("pretrain.packed", "pretrain.compile", "pretrain.fused_qkv", "pretrain.fused_norm", "pretrain.fused_gelu",
-                "pretrain.fused_residual", "pretrain.fused_ce", "pretrain.fused_attention", "pretrain.fused_ffn"):
+                "pretrain.fused_residual", "pretrain.fused_ce", "pretrain.fused_attention"):
         v = OmegaConf.select(cfg, key, default=False)
         if not isinstance(v, bool):
             raise ConfigError(f"{key}: true or false, got {v!r}")

@@ -417,7 +417,7 @@ def _general_dir(cfg: DictConfig) -> Path:
 
 
 # pretrain.* switches that act on the packed path only (MLMModule knobs of the same names)
-_PACKED_SWITCHES = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_attention", "fused_ffn")
+_PACKED_SWITCHES = ("fused_qkv", "fused_norm", "fused_gelu", "fused_residual", "fused_attention")
 
 
 def stage_pretrain(run: Run) -> Path:

@@ -127,7 +127,7 @@ def test_fused_norm_knob_is_validated(tmp_path):
 
 
 _KERNEL_CHECKS = r"""
-import json, sys
+import itertools, json, sys
 import torch
 import torch.nn.functional as F
 from sessionbert.models import fused_norm as fn
@@ -221,7 +221,13 @@ tiles = []
 for rb in (1, 2, 4, 8):
     z, y, mean, rstd = torch.empty(n, h), torch.empty(n, h), torch.empty(n), torch.empty(n)
     fn._fwd_kernel.fn[(-(-n // rb),)](a, ab, x, norm.weight, norm.bias, z, y, mean, rstd, n, h, norm.eps, p, seed,
-                                      BLOCK=fn._block(h), RB=rb, DROPOUT=True, HAS_AB=True)
+                                      BLOCK=fn._block(h), RB=rb, DROPOUT=True, HAS_AB=True, ROWS=rb, PREFETCH=False)
+    for rows, prefetch in ((16, True), (32, False), (32, True)):  # loops of several tiles: the same numbers
+        outs = [torch.empty_like(t) for t in (z, y, mean, rstd)]
+        fn._fwd_kernel.fn[(-(-n // rows),)](a, ab, x, norm.weight, norm.bias, *outs, n, h, norm.eps, p, seed,
+                                            BLOCK=fn._block(h), RB=rb, DROPOUT=True, HAS_AB=True, ROWS=rows,
+                                            PREFETCH=prefetch)
+        assert all(torch.equal(u_, v) for u_, v in zip(outs, (z, y, mean, rstd))), f"fwd RB={rb} ROWS={rows}"
     keep = ((z - x).abs() > 1e-6).float()  # z = dropout(a + ab) + x
     torch.testing.assert_close(z, (a + ab) * keep / (1 - p) + x, rtol=1e-5, atol=1e-5, msg=f"fwd z RB={rb}")
     torch.testing.assert_close(y, F.layer_norm(z, (h,), norm.weight, norm.bias, norm.eps), rtol=1e-4, atol=1e-4,
@@ -229,16 +235,16 @@ for rb in (1, 2, 4, 8):
     zr = z.clone().requires_grad_()
     wr, br = norm.weight.detach().clone().requires_grad_(), norm.bias.detach().clone().requires_grad_()
     F.layer_norm(zr, (h,), wr, br, norm.eps).backward(dy)
-    for rows in (16, 32):
+    for rows, prefetch in itertools.product((16, 32), (False, True)):
         progs = -(-n // rows)
         dx, da, parts = torch.empty(n, h), torch.empty(n, h), torch.empty(3, progs, h)
         fn._bwd_kernel.fn[(progs,)](dy, z, norm.weight, mean, rstd, dx, da, parts[0], parts[1], parts[2], n, h, p, seed,
-                                    BLOCK=fn._block(h), RB=rb, ROWS=rows, DROPOUT=True, HAS_AB=True)
+                                    BLOCK=fn._block(h), RB=rb, ROWS=rows, DROPOUT=True, HAS_AB=True, PREFETCH=prefetch)
         sums = parts.sum(1)
         for name, u_, v in (("dx", dx, zr.grad), ("da", da, zr.grad * keep / (1 - p)), ("dweight", sums[0], wr.grad),
                             ("dbias", sums[1], br.grad), ("dbias_dense", sums[2], (zr.grad * keep / (1 - p)).sum(0))):
-            torch.testing.assert_close(u_, v, rtol=1e-4, atol=1e-4, msg=f"{name} RB={rb} ROWS={rows}")
-        tiles.append([rb, rows])
+            torch.testing.assert_close(u_, v, rtol=1e-4, atol=1e-4, msg=f"{name} RB={rb} ROWS={rows} {prefetch}")
+        tiles.append([rb, rows, prefetch])
 out["ln_tiles"] = tiles
 
 # bias + GELU (fused_gelu): values and gradients against eager; 1500 columns = two column blocks, the second short
@@ -261,15 +267,20 @@ ref.backward(do)
 tiles = []
 for rb in (2, 4, 8):
     o = torch.empty(n, c)
-    fg._fwd_kernel.fn[(-(-n // rb), 2)](y, b, o, n, c, RB=rb, BC=fg._bc(c))
+    fg._fwd_kernel.fn[(-(-n // rb), 2)](y, b, o, n, c, RB=rb, BC=fg._bc(c), ROWS=rb, PREFETCH=False)
     torch.testing.assert_close(o, ref.detach(), rtol=1e-4, atol=1e-4, msg=f"gelu fwd RB={rb}")
-    for rows in (32, 64):
+    for rows, prefetch in ((16, True), (32, False), (32, True)):  # loops of several tiles: the same numbers
+        o2 = torch.empty(n, c)
+        fg._fwd_kernel.fn[(-(-n // rows), 2)](y, b, o2, n, c, RB=rb, BC=fg._bc(c), ROWS=rows, PREFETCH=prefetch)
+        assert torch.equal(o2, o), f"gelu fwd RB={rb} ROWS={rows} PREFETCH={prefetch}"
+    for rows, prefetch in itertools.product((32, 64), (False, True)):
         progs = -(-n // rows)
         dy, parts = torch.empty(n, c), torch.empty(progs, c)
-        fg._bwd_kernel.fn[(progs, 2)](do, y, b, dy, parts, n, c, RB=rb, ROWS=rows, BC=fg._bc(c))
-        torch.testing.assert_close(dy, yr.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dy RB={rb} ROWS={rows}")
-        torch.testing.assert_close(parts.sum(0), br.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dbias RB={rb} ROWS={rows}")
-        tiles.append([rb, rows])
+        fg._bwd_kernel.fn[(progs, 2)](do, y, b, dy, parts, n, c, RB=rb, ROWS=rows, BC=fg._bc(c), PREFETCH=prefetch)
+        msg = f"RB={rb} ROWS={rows} PREFETCH={prefetch}"
+        torch.testing.assert_close(dy, yr.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dy {msg}")
+        torch.testing.assert_close(parts.sum(0), br.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dbias {msg}")
+        tiles.append([rb, rows, prefetch])
 out["gelu_tiles"] = tiles
 yb = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
 bb = torch.randn(32, requires_grad=True)
@@ -479,9 +490,9 @@ def test_triton_kernels_under_the_interpreter():
     assert out["ce_bf16_dtypes"] == ["torch.float32", "torch.bfloat16"]
     assert out["ce_empty"] == ["nan", [0, 10]]  # no counted row: NaN, as F.cross_entropy
     assert "a label outside [0, 10) that is not ignore_index -100" in out["ce_bad_label"]
-    assert out["ln_tiles"] == [[rb, rows] for rb in (1, 2, 4, 8) for rows in (16, 32)]
+    assert out["ln_tiles"] == [[rb, rows, pf] for rb in (1, 2, 4, 8) for rows in (16, 32) for pf in (False, True)]
     assert out["gelu_70x48"] == out["gelu_9x1500"] == "equal"
-    assert out["gelu_tiles"] == [[rb, rows] for rb in (2, 4, 8) for rows in (32, 64)]
+    assert out["gelu_tiles"] == [[rb, rows, pf] for rb in (2, 4, 8) for rows in (32, 64) for pf in (False, True)]
     assert out["gelu_bf16_dtypes"] == ["torch.bfloat16", "torch.bfloat16", "torch.float32"]
     assert out["gelu_bf16_max_err"] < 0.05
     assert out["gelu_empty"] == [[0, 16], 0.0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_norm import _MAX_ELEMENTS, _configs, available, row_partial_sums, triton
+from .fused_norm import _MAX_ELEMENTS, _configs, _row_configs, available, row_partial_sums, triton
 
 if triton is not None:
     import triton.language as tl
@@ -30,37 +30,67 @@ if triton is not None:
         cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
         return v * cdf, cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
 
-    @triton.autotune(configs=_configs(RB=[4, 8], num_warps=[4, 8]), key=["n_cols"])
+    # Each program takes ROWS rows of one BC-wide column block in tiles of RB: one tile (ROWS = RB), or a loop with
+    # PREFETCH, the next tile's load issued before this tile's GELU and store (fused_norm._row_configs).
+    @triton.autotune(configs=_row_configs(RB=[4, 8], num_warps=[4, 8]), key=["n_cols"])
     @triton.jit(do_not_specialize=["n_rows"])
-    def _fwd_kernel(Y, B, O, n_rows, n_cols, RB: tl.constexpr, BC: tl.constexpr):
-        rows = tl.program_id(0) * RB + tl.arange(0, RB)
+    def _fwd_kernel(Y, B, O, n_rows, n_cols, RB: tl.constexpr, BC: tl.constexpr, ROWS: tl.constexpr,
+                    PREFETCH: tl.constexpr):
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         mc = cols < n_cols
-        m = (rows < n_rows)[:, None] & mc[None, :]
-        off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
-        v = tl.load(Y + off, mask=m, other=0.0).to(tl.float32) + tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
-        g, _ = _gelu_parts(v)
-        tl.store(O + off, g.to(O.dtype.element_ty), mask=m)
+        b = tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, RB)
+        end = tl.minimum(tl.program_id(0) * ROWS + ROWS, n_rows)
+        if PREFETCH:
+            y_n = tl.load(Y + rows[:, None] * n_cols + cols[None, :], mask=(rows < end)[:, None] & mc[None, :],
+                          other=0.0)
+        for i in range(0, ROWS // RB):
+            m = (rows < end)[:, None] & mc[None, :]
+            off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
+            if PREFETCH:
+                y = y_n
+                y_n = tl.load(Y + off + RB * n_cols, mask=(rows + RB < end)[:, None] & mc[None, :], other=0.0)
+            else:
+                y = tl.load(Y + off, mask=m, other=0.0)
+            g, _ = _gelu_parts(y.to(tl.float32) + b[None, :])
+            tl.store(O + off, g.to(O.dtype.element_ty), mask=m)
+            rows += RB
 
     # Each program takes ROWS rows of one BC-wide column block in tiles of RB, and writes one row of partial bias
-    # gradients (accumulated as (RB, BC) tiles, reduced over rows once at the end).
-    @triton.autotune(configs=_configs(RB=[2, 4], ROWS=[32, 64], num_warps=[4, 8]), key=["n_cols"])
+    # gradients (accumulated as (RB, BC) tiles, reduced over rows once at the end). PREFETCH (offered to the autotuner
+    # both ways): the next tile's loads are issued before this tile's GELU derivative and store, so that their latency
+    # overlaps this tile's work (notes_speed.md #42).
+    @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[2, 4], ROWS=[32, 64], num_warps=[4, 8]),
+                     key=["n_cols"])
     @triton.jit(do_not_specialize=["n_rows"])
-    def _bwd_kernel(DO, Y, B, DY, DBp, n_rows, n_cols, RB: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr):
+    def _bwd_kernel(DO, Y, B, DY, DBp, n_rows, n_cols, RB: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr,
+                    PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.program_id(1) * BC + tl.arange(0, BC)
         mc = cols < n_cols
         b = tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)
         acc = tl.zeros([RB, BC], dtype=tl.float32)
+        rows = pid * ROWS + tl.arange(0, RB)
+        end = tl.minimum(pid * ROWS + ROWS, n_rows)
+        if PREFETCH:
+            m_n = (rows < end)[:, None] & mc[None, :]
+            off_n = rows[:, None] * n_cols + cols[None, :]
+            do_n, y_n = tl.load(DO + off_n, mask=m_n, other=0.0), tl.load(Y + off_n, mask=m_n, other=0.0)
         for i in range(0, ROWS // RB):
-            rows = pid * ROWS + i * RB + tl.arange(0, RB)
-            m = (rows < n_rows)[:, None] & mc[None, :]
+            m = (rows < end)[:, None] & mc[None, :]
             off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
-            v = tl.load(Y + off, mask=m, other=0.0).to(tl.float32) + b[None, :]
-            _, d = _gelu_parts(v)
-            dy = tl.load(DO + off, mask=m, other=0.0).to(tl.float32) * d  # masked: 0 * d
+            if PREFETCH:
+                do, y = do_n, y_n
+                m_n = (rows + RB < end)[:, None] & mc[None, :]
+                do_n = tl.load(DO + off + RB * n_cols, mask=m_n, other=0.0)
+                y_n = tl.load(Y + off + RB * n_cols, mask=m_n, other=0.0)
+            else:
+                do, y = tl.load(DO + off, mask=m, other=0.0), tl.load(Y + off, mask=m, other=0.0)
+            _, d = _gelu_parts(y.to(tl.float32) + b[None, :])
+            dy = do.to(tl.float32) * d  # masked: 0 * d
             tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)
             acc += dy
+            rows += RB
         tl.store(DBp + pid * n_cols + cols, tl.sum(acc, axis=0), mask=mc)
 
 
@@ -80,7 +110,7 @@ class _BiasGelu(torch.autograd.Function):
         out = torch.empty_like(y2)
         bc = _bc(h)
         if n:
-            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["RB"]), triton.cdiv(h, bc))](y2, bias, out, n, h, BC=bc)
+            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]), triton.cdiv(h, bc))](y2, bias, out, n, h, BC=bc)
         ctx.save_for_backward(y2, bias)
         ctx.shape = shape
         return out.view(shape)

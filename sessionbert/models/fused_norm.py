@@ -62,7 +62,25 @@ def _configs(**grid) -> list:
     return out
 
 
+def _row_configs(**grid) -> list:
+    """`_configs(**grid)` with one tile per program (ROWS = RB, no PREFETCH), and on a GPU also loops of 16 / 32 rows
+    in tiles of 1 / 2 with PREFETCH: for the row-wise kernels whose programs take ROWS rows in tiles of RB."""
+    out = _configs(**grid)
+    for c in out:
+        c.kwargs.update(ROWS=c.kwargs["RB"], PREFETCH=False)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        out += _configs(RB=[1, 2], ROWS=[16, 32], PREFETCH=[True], num_warps=grid.get("num_warps", [4]))
+    return out
+
+
 if triton is not None:
+    @triton.jit
+    def _pair(A, X, rows, ok, cols, mc, n_cols):
+        """Tiles of `rows` (those with `ok`) x `cols` (those with `mc`) of two (N, n_cols) tensors, in their dtypes."""
+        m = ok[:, None] & mc[None, :]
+        off = rows[:, None] * n_cols + cols[None, :]
+        return tl.load(A + off, mask=m, other=0.0), tl.load(X + off, mask=m, other=0.0)
+
     @triton.jit
     def _keep(seed, rows, p, RB: tl.constexpr, BLOCK: tl.constexpr):
         """(RB, BLOCK) dropout keep-mask of `rows`: one Philox call gives 4 draws (`tl.rand4x`), laid out
@@ -75,44 +93,68 @@ if triton is not None:
 
     # Tile sizes picked by Triton's autotuner on the first call for each width (a few ms, once per process): the best
     # rows per tile and warps differ between GPUs. The seed and the row count are not specialised on (a new value
-    # must not compile a new kernel).
-    @triton.autotune(configs=_configs(RB=[4, 1, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
+    # must not compile a new kernel). Each program takes ROWS rows in tiles of RB: one tile (ROWS = RB, the configs
+    # measured in sessions 7-10), or a loop with PREFETCH, the next tile's loads issued before this tile's
+    # statistics and stores (notes_speed.md #42).
+    @triton.autotune(configs=_row_configs(RB=[4, 1, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
     def _fwd_kernel(A, AB, X, W, B, Z, Y, Mean, Rstd, n_rows, n_cols, eps, p, seed,
-                    BLOCK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr, HAS_AB: tl.constexpr):
-        rows = tl.program_id(0) * RB + tl.arange(0, RB)
+                    BLOCK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr, HAS_AB: tl.constexpr,
+                    ROWS: tl.constexpr, PREFETCH: tl.constexpr):
         cols = tl.arange(0, BLOCK)
         mc = cols < n_cols
-        m = (rows < n_rows)[:, None] & mc[None, :]
-        off = rows[:, None] * n_cols + cols[None, :]  # int32: the wrapper checks N * H < 2**31
-        a = tl.load(A + off, mask=m, other=0.0).to(tl.float32)
-        if HAS_AB:  # the dense layer's bias, added here instead of in its GEMM (its gradient is summed in backward)
-            a += tl.load(AB + cols, mask=mc, other=0.0).to(tl.float32)[None, :]
-        if DROPOUT:
-            a = tl.where(_keep(seed, rows, p, RB, BLOCK), a / (1.0 - p), 0.0)
-        zq = (a + tl.load(X + off, mask=m, other=0.0).to(tl.float32)).to(Z.dtype.element_ty)
-        tl.store(Z + off, zq, mask=m)
-        z = zq.to(tl.float32)  # statistics of the stored (rounded) z: backward recomputes from it
-        mean = tl.sum(z, axis=1) / n_cols
-        d = tl.where(m, z - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
         w = tl.load(W + cols, mask=mc, other=0.0).to(tl.float32)
         b = tl.load(B + cols, mask=mc, other=0.0).to(tl.float32)
-        tl.store(Y + off, (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=m)
-        tl.store(Mean + rows, mean, mask=rows < n_rows)
-        tl.store(Rstd + rows, rstd, mask=rows < n_rows)
+        if HAS_AB:  # the dense layer's bias, added here instead of in its GEMM (its gradient is summed in backward)
+            ab = tl.load(AB + cols, mask=mc, other=0.0).to(tl.float32)
+        rows = tl.program_id(0) * ROWS + tl.arange(0, RB)
+        end = tl.minimum(tl.program_id(0) * ROWS + ROWS, n_rows)
+        if PREFETCH:
+            a_n, x_n = _pair(A, X, rows, rows < end, cols, mc, n_cols)
+        for i in range(0, ROWS // RB):
+            m = (rows < end)[:, None] & mc[None, :]
+            off = rows[:, None] * n_cols + cols[None, :]  # int32: the wrapper checks N * H < 2**31
+            if PREFETCH:
+                a, x = a_n, x_n
+                a_n, x_n = _pair(A, X, rows + RB, rows + RB < end, cols, mc, n_cols)
+            else:
+                a, x = _pair(A, X, rows, rows < end, cols, mc, n_cols)
+            a = a.to(tl.float32)
+            if HAS_AB:
+                a += ab[None, :]
+            if DROPOUT:
+                a = tl.where(_keep(seed, rows, p, RB, BLOCK), a / (1.0 - p), 0.0)
+            zq = (a + x.to(tl.float32)).to(Z.dtype.element_ty)
+            tl.store(Z + off, zq, mask=m)
+            z = zq.to(tl.float32)  # statistics of the stored (rounded) z: backward recomputes from it
+            mean = tl.sum(z, axis=1) / n_cols
+            d = tl.where(m, z - mean[:, None], 0.0)
+            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+            tl.store(Y + off, (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=m)
+            tl.store(Mean + rows, mean, mask=rows < end)
+            tl.store(Rstd + rows, rstd, mask=rows < end)
+            rows += RB
+
+    @triton.jit
+    def _bwd_rows(DY, Z, Mean, Rstd, rows, ok, cols, mc, n_cols):
+        """The backward's inputs for `rows` (those with `ok`): dy and z tiles in their dtype, mean, rstd."""
+        dy, z = _pair(DY, Z, rows, ok, cols, mc, n_cols)  # int32 offsets: the wrapper checks N * H < 2**31
+        return dy, z, tl.load(Mean + rows, mask=ok, other=0.0), tl.load(Rstd + rows, mask=ok, other=0.0)
 
     # Each program takes ROWS rows in tiles of RB (both autotuned) and writes one row of partial weight / bias
     # gradients, added by one torch reduction. The partial sums accumulate as (RB, BLOCK) tiles and are reduced over
     # rows once at the end: a reduction over the tile's rows in every step of the loop (the first version) kept the
     # backward at ~1.1 TB/s (notes_speed.md #31). With the dense layer's bias folded in (HAS_AB) its gradient, the
     # column sum of DA, is a third partial sum here instead of a pass of its own. The configs: the fastest of a 48-config
-    # sweep on an H200 (RB 1, ROWS 32, 4 warps; experiments/results/fused_kernels_dev) and its neighbours.
-    @triton.autotune(configs=_configs(RB=[1, 2], ROWS=[32, 16], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
+    # sweep on an H200 (RB 1, ROWS 32, 4 warps; experiments/results/fused_kernels_dev) and its neighbours, each with and
+    # without PREFETCH: the next tile's loads issued before this tile's reductions and stores, so that their latency
+    # overlaps this tile's work (at ~2 TB/s the loop waited on each tile's loads in turn; notes_speed.md #42).
+    @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[1, 2], ROWS=[32, 16], num_warps=[4, 8]),
+                     key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
     def _bwd_kernel(DY, Z, W, Mean, Rstd, DX, DA, DWp, DBp, DABp, n_rows, n_cols, p, seed,
                     BLOCK: tl.constexpr, RB: tl.constexpr, ROWS: tl.constexpr, DROPOUT: tl.constexpr,
-                    HAS_AB: tl.constexpr):
+                    HAS_AB: tl.constexpr, PREFETCH: tl.constexpr):
         pid = tl.program_id(0)
         cols = tl.arange(0, BLOCK)
         mc = cols < n_cols
@@ -120,16 +162,21 @@ if triton is not None:
         dw = tl.zeros([RB, BLOCK], dtype=tl.float32)
         db = tl.zeros([RB, BLOCK], dtype=tl.float32)
         dab = tl.zeros([RB, BLOCK], dtype=tl.float32)
+        rows = pid * ROWS + tl.arange(0, RB)
+        end = tl.minimum(pid * ROWS + ROWS, n_rows)  # the last program's tail: nothing loaded or stored, zeros summed
+        if PREFETCH:
+            dy_n, z_n, mean_n, rstd_n = _bwd_rows(DY, Z, Mean, Rstd, rows, rows < end, cols, mc, n_cols)
         for i in range(0, ROWS // RB):
-            rows = pid * ROWS + i * RB + tl.arange(0, RB)
-            ok = rows < n_rows  # the last program's tail: nothing loaded or stored, zeros summed
+            ok = rows < end
             m = ok[:, None] & mc[None, :]
             off = rows[:, None] * n_cols + cols[None, :]
-            dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
-            z = tl.load(Z + off, mask=m, other=0.0).to(tl.float32)
-            mean = tl.load(Mean + rows, mask=ok, other=0.0)
-            rstd = tl.load(Rstd + rows, mask=ok, other=0.0)
-            xh = tl.where(m, (z - mean[:, None]) * rstd[:, None], 0.0)
+            if PREFETCH:
+                dy, z, mean, rstd = dy_n, z_n, mean_n, rstd_n
+                dy_n, z_n, mean_n, rstd_n = _bwd_rows(DY, Z, Mean, Rstd, rows + RB, rows + RB < end, cols, mc, n_cols)
+            else:
+                dy, z, mean, rstd = _bwd_rows(DY, Z, Mean, Rstd, rows, ok, cols, mc, n_cols)
+            dy = dy.to(tl.float32)
+            xh = tl.where(m, (z.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
             wdy = w[None, :] * dy
             c1 = tl.sum(xh * wdy, axis=1) / n_cols
             c2 = tl.sum(wdy, axis=1) / n_cols
@@ -142,6 +189,7 @@ if triton is not None:
             db += dy
             if HAS_AB:
                 dab += dz
+            rows += RB
         tl.store(DWp + pid * n_cols + cols, tl.sum(dw, axis=0), mask=mc)
         tl.store(DBp + pid * n_cols + cols, tl.sum(db, axis=0), mask=mc)
         if HAS_AB:
@@ -152,17 +200,17 @@ def _block(n_cols: int) -> int:
     return max(triton.next_power_of_2(n_cols), 16)
 
 
-def row_partial_sums(kernel, n: int, h: int, count: int, device, launch, rows_key: str = "ROWS") -> torch.Tensor:
-    """(count, h) fp32 column sums written by an autotuned backward `kernel` whose programs each take `rows_key` rows
-    (a tuned parameter) and write one row of partial sums into each of `count` (programs, h) buffers: `launch(parts)`
+def row_partial_sums(kernel, n: int, h: int, count: int, device, launch) -> torch.Tensor:
+    """(count, h) fp32 column sums written by an autotuned backward `kernel` whose programs each take ROWS rows (a
+    tuned parameter) and write one row of partial sums into each of `count` (programs, h) buffers: `launch(parts)`
     runs it on `parts` (count, programs, h). The buffers are sized for the fewest rows per program among the configs;
-    the picked config's `rows_key` says how many rows were written. No rows: zeros (nothing is launched)."""
-    most = max(1, -(-n // min(c.kwargs[rows_key] for c in kernel.configs)))
+    the picked config's ROWS says how many rows were written. No rows: zeros (nothing is launched)."""
+    most = max(1, -(-n // min(c.kwargs["ROWS"] for c in kernel.configs)))
     parts = torch.empty(count, most, h, dtype=torch.float32, device=device)
     if not n:
         return parts[:, 0].zero_()
     launch(parts)
-    return parts[:, :-(-n // kernel.best_config.kwargs[rows_key])].sum(1)
+    return parts[:, :-(-n // kernel.best_config.kwargs["ROWS"])].sum(1)
 
 
 class _DropoutAddLayerNorm(torch.autograd.Function):
@@ -177,7 +225,7 @@ class _DropoutAddLayerNorm(torch.autograd.Function):
         rstd = torch.empty_like(mean)
         seed = int(torch.randint(0, 2**31 - 1, (1,))) if p > 0 else 0  # CPU generator: no GPU sync
         if n:
-            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["RB"]),)](
+            _fwd_kernel[lambda meta: (triton.cdiv(n, meta["ROWS"]),)](
                 a2, weight if a_bias is None else a_bias, x2, weight, bias, z, y, mean, rstd, n, h, eps, p, seed,
                 BLOCK=_block(h), DROPOUT=p > 0, HAS_AB=a_bias is not None)
         ctx.save_for_backward(z, weight, mean, rstd)

@@ -76,13 +76,12 @@ class MLMModule(_Schedule, L.LightningModule):
     def __init__(self, bert_config: dict, lr: float = 5e-4, weight_decay: float = 0.01, warmup_ratio: float = 0.06,
                  compile: bool = False, fused_qkv: bool = False, compile_layer_norm: bool = False,
                  fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False,
-                 fused_ce: bool = False, fused_attention: bool = False, fused_ffn: bool = False):
+                 fused_ce: bool = False, fused_attention: bool = False):
         super().__init__()
         self.save_hyperparameters()
         cfg = BertConfig(**bert_config)
-        for name, on in (("fused_gelu", fused_gelu), ("fused_ffn", fused_ffn)):  # before any compute (packed_hidden
-            if on and cfg.hidden_act != "gelu":  # checks again, for direct use)
-                raise ValueError(f"MLMModule: {name} computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
+        if fused_gelu and cfg.hidden_act != "gelu":  # before any compute (packed_hidden checks again, for direct use)
+            raise ValueError(f"MLMModule: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
         cfg._attn_implementation = "sdpa"
         self.model = BertForMaskedLM(cfg)
         fwd = functools.partial(packed_hidden, fused_qkv=fused_qkv,  # pretrain.fused_qkv
@@ -90,8 +89,7 @@ class MLMModule(_Schedule, L.LightningModule):
                                 fused_norm=fused_norm,  # pretrain.fused_norm
                                 fused_gelu=fused_gelu,  # pretrain.fused_gelu
                                 fused_residual=fused_residual,  # pretrain.fused_residual
-                                fused_attention=fused_attention,  # pretrain.fused_attention
-                                fused_ffn=fused_ffn)  # pretrain.fused_ffn
+                                fused_attention=fused_attention)  # pretrain.fused_attention
         self._packed = torch.compile(fwd) if compile else fwd  # compile: pretrain.compile
         self._ce = fused_cross_entropy if fused_ce else _cross_entropy  # pretrain.fused_ce
 

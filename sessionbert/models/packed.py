@@ -23,8 +23,6 @@ import torch.nn.functional as F
 from .branch_linear import branch_in
 from .fused_attention import attention as fused_attention_fn
 from .fused_attention import runs_on as fused_attention_runs_on
-from .fused_ffn import fused_ffn as fused_ffn_fn
-from .fused_ffn import runs_on as fused_ffn_runs_on
 from .fused_gelu import bias_gelu, dense_gelu
 from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
@@ -75,7 +73,7 @@ _layer_norm_eager = torch.compiler.disable(layer_norm_as)
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_len: int, fused_qkv: bool = False, layer_norm_in_graph: bool = False,
                   fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False,
-                  fused_attention: bool = False, fused_ffn: bool = False) -> torch.Tensor:
+                  fused_attention: bool = False) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
     (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
 
@@ -101,16 +99,10 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     `fused_attention`: attention within each session through our Triton kernels for short sessions
     (`models.fused_attention`: one backward kernel, no atomics, for sessions up to 128 tokens) instead of torch's
     varlen FlashAttention; they also sum the Q / K / V biases' gradients. The varlen path where Triton or a GPU is
-    missing.
-
-    `fused_ffn`: the feed-forward block's two GEMMs that write (N, 4H) tensors as Triton kernels with the bias + GELU
-    (forward) and the GELU derivative + bias-gradient sums (backward) in their epilogues (`models.fused_ffn`); the
-    block's input is its residual as with `fused_residual`. Where those kernels do not run (no Triton / GPU, fp32),
-    the block runs as `fused_gelu` / `fused_residual` say."""
+    missing."""
     cfg = bert.config
-    for name, on in (("fused_gelu", fused_gelu), ("fused_ffn", fused_ffn)):
-        if on and cfg.hidden_act != "gelu":
-            raise ValueError(f"packed_hidden: {name} computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
+    if fused_gelu and cfg.hidden_act != "gelu":
+        raise ValueError(f"packed_hidden: fused_gelu computes exact GELU, the model's hidden_act is {cfg.hidden_act!r}")
     if bert.training and cfg.attention_probs_dropout_prob > 0:
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
                          "set model attention_probs_dropout_prob to 0 (pipeline: pretrain.packed sets it)")
@@ -129,18 +121,15 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     # with the fused attention kernels (q / k / v in x's dtype), the Q / K / V projections add their biases detached
     # and those kernels sum the biases' gradients
     fold_bias_grads = fused_attention and fused_attention_runs_on(x)
-    ffn_epilogue = fused_ffn and fused_ffn_runs_on(x)
 
     ln = layer_norm_as if layer_norm_in_graph else _layer_norm_eager
 
-    def close(out, y, x, d=None):
-        """The end of a sub-block (`out`: BertSelfOutput / BertOutput): LayerNorm(dropout(dense(y)) + x); `d`: the
-        dense layer's output without its bias, already computed (then `y` is not used)."""
+    def close(out, y, x):
+        """The end of a sub-block (`out`: BertSelfOutput / BertOutput): LayerNorm(dropout(dense(y)) + x)."""
         if fused_norm:
-            d = F.linear(y, out.dense.weight) if d is None else d
-            return dropout_add_layer_norm(d, x, out.LayerNorm, out.dropout.p if out.dropout.training else 0.0,
-                                          a_bias=out.dense.bias)
-        z = out.dropout(out.dense(y) if d is None else d + out.dense.bias.to(d.dtype)) + x
+            return dropout_add_layer_norm(F.linear(y, out.dense.weight), x, out.LayerNorm,
+                                          out.dropout.p if out.dropout.training else 0.0, a_bias=out.dense.bias)
+        z = out.dropout(out.dense(y)) + x
         return out.LayerNorm(z) if amp is None else ln(z, out.LayerNorm, amp)
 
     for layer in bert.encoder.layer:
@@ -162,10 +151,6 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
                              fused=fused_attention, bias_grads=bias_grads).reshape(n, h)
         x = close(layer.attention.output, a, res)
         inter, res = layer.intermediate, x
-        if ffn_epilogue:  # bias + GELU in the GEMMs' epilogues; the output layer's bias added in close()
-            d, res = fused_ffn_fn(x, inter.dense, layer.output.dense)
-            x = close(layer.output, None, res, d=d)
-            continue
         if fused_residual:  # with fused_gelu the bias is added (and its gradient summed) in bias_gelu
             y, res = branch_in(x, [inter.dense], bias=not fused_gelu)
             y = bias_gelu(y, inter.dense.bias) if fused_gelu else inter.intermediate_act_fn(y)
