@@ -98,8 +98,11 @@ if triton is not None:
         o = _load(O, rows, mask_m, h, so, offs_d, HEAD_DIM)
         return tl.sum(do.to(tl.float32) * o.to(tl.float32), 1), do
 
-    # the autotuner picked the smallest BLOCK_M offered in session 10's calls (32, then 16 when offered; 4 warps)
-    @triton.autotune(configs=_configs(BLOCK_M=[16, 32], num_warps=[4, 2, 8]), key=["HEAD_DIM", "len_bucket", "HAS_DB"])
+    # the autotuner picked the smallest BLOCK_M offered in session 10's calls (32, then 16 when offered; 4 warps), and
+    # 4 pipeline stages of the 1-4 offered in session 11 (1.664 vs 1.705 ms per layer at seq 128 with 3; no step-level
+    # difference measurable: notes_speed.md #43)
+    @triton.autotune(configs=_configs(BLOCK_M=[16, 32], num_warps=[4, 2, 8], num_stages=[3, 4]),
+                     key=["HEAD_DIM", "len_bucket", "HAS_DB"])
     @triton.jit(do_not_specialize=["n_tokens"])
     def _attn_bwd_kv(Q, K, V, O, DO, DQ, DK, DV, DB, LSE, CU, sq, sk, sv, so, sdo, sdq, sdk, sdv, qk_scale, sm_scale,
                      n_tokens, len_bucket, HAS_DB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
