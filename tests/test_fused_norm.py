@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sessionbert.models.encoder import ARCHS
 from sessionbert.models.fused_gelu import bias_gelu
 from sessionbert.models.fused_norm import available, dropout_add_layer_norm
 
@@ -402,12 +403,18 @@ lp.backward()
 gp = dict(plain.named_parameters())
 enc = {}
 every = dict(fused_qkv=True, fused_norm=True, fused_gelu=True, fused_residual=True, fused_ce=True)
+from sessionbert.models import branch_linear as bl
+joined_calls, _joined = [], bl._joined
+bl._joined = lambda dys: (lambda r: joined_calls.append(r is not None) or r)(_joined(dys))
 for name, knobs in (("alone", {}), ("qkv", {"fused_qkv": True}), ("all", every)):
+    joined_calls.clear()
     m = _module(fused_attention=True, **knobs)
     lm = m.packed_loss(batch)
     lm.backward()
     enc[name] = [abs(float(lm) - float(lp)), max(float((p.grad - gp[k].grad).abs().max())
-                                                 for k, p in m.named_parameters() if gp[k].grad is not None)]
+                                                 for k, p in m.named_parameters() if gp[k].grad is not None),
+                 sum(joined_calls)]  # Q / K / V backwards that took dq, dk, dv as one matrix (branch_in)
+bl._joined = _joined
 out["attn_encoder"] = enc
 
 # under torch.compile (pretrain.compile with the kernels): they stay out of the graph and run as in eager mode; the
@@ -483,8 +490,12 @@ def test_triton_kernels_under_the_interpreter():
     assert out["attn_tiles"] == 12 + 4 + 4 and out["attn_tiles_max_rel_err"] < 1e-4
     assert "head_dim 12 must be a power of two >= 16" in out["attn_bad_head_dim"]
     assert sorted(out["attn_encoder"]) == ["all", "alone", "qkv"]
-    for name, (dloss, dgrad) in out["attn_encoder"].items():
+    for name, (dloss, dgrad, _) in out["attn_encoder"].items():
         assert dloss < 1e-5 and dgrad < 1e-5, (name, dloss, dgrad)
+    # with branch_in (fused_residual, in "all") each layer's Q / K / V backward takes the kernels' dq, dk, dv as one
+    # (N, 3H) matrix; without it there is no branch_in
+    layers = ARCHS["tiny"]["num_hidden_layers"]
+    assert [out["attn_encoder"][k][2] for k in ("alone", "qkv", "all")] == [0, 0, layers]
     assert out["ce_37x5000"] == out["ce_5x100"] == "equal"
     assert out["ce_tiles"] == [4096, 2048]
     assert out["ce_bf16_dtypes"] == ["torch.float32", "torch.bfloat16"]

@@ -181,6 +181,51 @@ def test_branch_in_refuses_mixed_biases_and_sums_gradients_it_cannot_take_in_pla
         torch.testing.assert_close(g, g2, rtol=2e-2, atol=2e-2)
 
 
+def test_branch_in_takes_gradients_written_into_one_buffer_as_one_matrix(monkeypatch):
+    """When the gradients of branch_in's outputs are adjacent column slices of one (N, sum of widths) buffer, in order
+    (the fused attention kernels write dq, dk, dv so), backward runs one input-gradient and one weight-gradient GEMM
+    over the concatenated weights instead of one per Linear: same gradients. Gradients that are separate tensors, out
+    of order, or slices with a gap take the per-Linear path."""
+    from sessionbert.models import branch_linear as bl
+
+    torch.manual_seed(0)
+    n, widths = 7, [6, 4, 6]
+    buf = torch.randn(n, 16)
+    slices = list(buf.split(widths, dim=1))
+    joined = bl._joined(slices)
+    assert joined is not None and joined.data_ptr() == buf.data_ptr() and torch.equal(joined, buf)
+    assert bl._joined([s.clone() for s in slices]) is None  # separate tensors
+    assert bl._joined(slices[::-1]) is None  # out of order
+    assert bl._joined([slices[0], slices[2]]) is None  # a gap between them
+    assert bl._joined(slices[:1]) is None and bl._joined([slices[0], None]) is None
+
+    class Slices(torch.autograd.Function):  # identity forward; backward hands back column slices of one buffer
+        @staticmethod
+        def forward(ctx, *ys):
+            return tuple(y.clone() for y in ys)
+
+        @staticmethod
+        def backward(ctx, *gs):
+            out = torch.cat(gs, dim=1)
+            return tuple(out.split([g.shape[1] for g in gs], dim=1))
+
+    taken = []
+    orig = bl._joined
+    monkeypatch.setattr(bl, "_joined", lambda dys: (lambda r: taken.append(r is not None) or r)(orig(dys)))
+    lins = [torch.nn.Linear(8, w) for w in widths]
+    g = [torch.randn(n, w) for w in widths]
+    grads = []
+    for through_buffer in (True, False):
+        x = torch.randn(n, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        *ys, res = bl.branch_in(x, lins, fuse=True)
+        ys = Slices.apply(*ys) if through_buffer else ys
+        loss = sum((y * gy).sum() for y, gy in zip(ys, g)) + (res ** 2).sum()
+        grads.append(torch.autograd.grad(loss, [x, *[p for lin in lins for p in lin.parameters()]]))
+    assert taken == [True, False]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_fused_attention_runs_only_on_half_precision_cuda_tensors():
     """pretrain.fused_attention: the Triton kernels take fp16 / bf16 CUDA tensors, as torch's varlen kernel does (fp32
     would run their dot products in TF32); anything else, here a CPU without Triton's interpreter, gets the varlen /

@@ -24,6 +24,8 @@ Same maths as the separate Linears and the add, up to rounding (tests/test_packe
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 import torch.nn.functional as F
 
@@ -31,6 +33,22 @@ import torch.nn.functional as F
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _joined(dys) -> torch.Tensor | None:
+    """The (N, total width) matrix whose adjacent column slices, in order, the 2-D gradients `dys` are (the fused
+    attention kernels write dq, dk, dv so), or None: then each is used on its own."""
+    if len(dys) < 2 or any(d is None or d.dim() != 2 or d.stride(1) != 1 for d in dys):
+        return None
+    first, widths = dys[0], [d.shape[1] for d in dys]
+    total = sum(widths)
+    offset = first.storage_offset()
+    for d, before in zip(dys, [0, *itertools.accumulate(widths)]):
+        if (d.shape[0] != first.shape[0] or d.stride(0) != total or d.dtype != first.dtype
+                or d.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+                or d.storage_offset() != offset + before):
+            return None
+    return first.as_strided((first.shape[0], total), (total, 1))
 
 
 class _BranchIn(torch.autograd.Function):
@@ -67,14 +85,24 @@ class _BranchIn(torch.autograd.Function):
             dx = d_res.view(-1, h)
             d_res = None
         dws, dbs = [None] * k, [None] * k
+        joined = _joined(dys)
+        if joined is not None:  # one GEMM each for the input and the weight gradients, over the concatenated weights
+            w_cat = torch.cat(ws)
+            if need_x:
+                dx = torch.mm(joined, w_cat) if dx is None else dx.addmm_(joined, w_cat)
+            if any(ctx.needs_input_grad[3:3 + k]):
+                dw_cat = torch.mm(joined.t(), x2).split([w.shape[0] for w in ws])
+                dws = [dw.to(dt) if ctx.needs_input_grad[3 + i] else None
+                       for i, (dw, dt) in enumerate(zip(dw_cat, w_dts))]
         for i, (dy, w) in enumerate(zip(dys, ws)):
             if dy is None:
                 continue
             dy2 = dy.reshape(-1, w.shape[0])
-            if need_x:
-                dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
-            if ctx.needs_input_grad[3 + i]:
-                dws[i] = torch.mm(dy2.t(), x2).to(w_dts[i])
+            if joined is None:
+                if need_x:
+                    dx = torch.mm(dy2, w) if dx is None else dx.addmm_(dy2, w)
+                if ctx.needs_input_grad[3 + i]:
+                    dws[i] = torch.mm(dy2.t(), x2).to(w_dts[i])
             if b_dts[i] is not None and ctx.needs_input_grad[3 + k + i]:
                 dbs[i] = dy2.sum(0, dtype=torch.float32).to(b_dts[i])
         if need_x:

@@ -244,7 +244,9 @@ class _Attention(torch.autograd.Function):
         n, heads, d = q.shape
         max_len, scale, has_db = ctx.max_len, ctx.scale, bool(ctx.bias_dtypes)
         do = do if do.stride(2) == 1 and do.stride(1) == d else do.contiguous()
-        dq, dk, dv = (torch.empty(n, heads, d, dtype=q.dtype, device=q.device) for _ in range(3))
+        # dq, dk, dv as column slices of one (N, 3 * heads * d) buffer: a backward that runs the three projections
+        # as one GEMM (`branch_linear.branch_in`) then takes them as one matrix, with no copy (notes_speed.md #45)
+        dq, dk, dv = torch.empty(n, 3, heads, d, dtype=q.dtype, device=q.device).unbind(1)
         b, bucket = cu.numel() - 1, _len_bucket(max_len)
         blocks, long = -(-max_len // BLOCK_N_BWD), max_len > BLOCK_N_BWD
         # per-program column sums of dq / dk / dv (the biases' gradients), added up below; idle programs leave zeros
