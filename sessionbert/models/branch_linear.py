@@ -15,6 +15,11 @@ dx += dv Wv` (`addmm_`, beta = 1: C is read in the GEMM's epilogue instead of by
 are used where the attention wrote them: nothing is stacked. The forward is unchanged (one GEMM over the concatenated
 Q/K/V weights with `fuse=True`, as `pretrain.fused_qkv`); the weight and bias gradients are the same GEMMs and sums.
 
+When the gradients of the outputs arrive as adjacent column slices of one buffer (the fused attention kernels write
+dq, dk, dv so), backward takes them as one (N, 3H) matrix: one input-gradient GEMM over the concatenated weights
+(K = 3H, the residual gradient read once) and one weight-gradient GEMM, instead of three each (+0.9% for the whole
+step at seq 128 on an H200, notes_speed.md #45).
+
 The residual gradient is accumulated in place. By the time this backward runs, every other reader of that tensor
 has run: an eager residual add hands the same tensor to the branch's last dense layer, whose backward is upstream of
 the gradients this Function waits for. A residual gradient that is not contiguous, or in another dtype than the
