@@ -14,9 +14,6 @@ for s in 128 512; do
   (cd .bench/old_s11 && python3 experiments/bench_attention.py --lengths ../lengths_sim.npy --seq-len $s --variants triton-db \
     --out $R/bench_attention_seq${s}_prev.json 2>&1 | cut -c1-600)
 done
-SW="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
-(cd .bench/old_s11 && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $SW --seq-lens ${SEQS:-128 512} \
-  --out $R/bench_gpu_prev.json --md $R/bench_gpu_prev.md 2>&1 | grep -E '^\||Error' | cut -c1-300)
-python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py $SW --seq-lens ${SEQS:-128 512} \
-  --out $R/bench_gpu_stages.json --md $R/bench_gpu_stages.md 2>&1 | grep -E '^\||Error' | cut -c1-300
-cp $R/bench_gpu_stages.md $R/bench_gpu_prev.md $OUT/ 2>/dev/null; tar czf $OUT/results.tgz -C $R . && rm -rf $R
+source experiments/device/step_ab.sh
+OLD=.bench/old_s11 step_ab prev stages
+tar czf $OUT/results.tgz -C $R . && rm -rf $R

@@ -7,12 +7,9 @@
 export PYTHONPATH=$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 R=$OUT/r; mkdir -p $R
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > $R/device.txt
-SW="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
-(cd .bench/old_s11 && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $SW --seq-lens ${SEQS:-128 512} \
-  --out $R/bench_gpu_prev.json --md $R/bench_gpu_prev.md 2>&1 | grep -E '^\||Error' | cut -c1-300)
-python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py $SW --seq-lens ${SEQS:-128 512} \
-  --out $R/bench_gpu_joined.json --md $R/bench_gpu_joined.md 2>&1 | grep -E '^\||Error' | cut -c1-300
-cp $R/bench_gpu_joined.md $R/bench_gpu_prev.md $OUT/ 2>/dev/null; tar czf $OUT/results.tgz -C $R .
+source experiments/device/step_ab.sh
+OLD=.bench/old_s11 step_ab prev joined
+tar czf $OUT/results.tgz -C $R .
 PYTHONPATH=$PWD:$PYTHONPATH python3 experiments/device/fused_norm_check.py > $R/fused_check.json 2>$R/fused_check.err
 python3 -c "import json; d=json.load(open('$R/fused_check.json')); print({k: (v['loss'], round(v['grad_rel_norm_median'], 5), round(v['grad_rel_norm_max'], 5)) for k, v in d.items() if isinstance(v, dict) and 'loss' in v})"
 tar czf $OUT/results.tgz -C $R . && rm -rf $R

@@ -11,9 +11,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" >> $R/device.txt
 python3 experiments/device/autotune_report.py --compare-module .bench/old_s10/sessionbert/models/fused_norm.py \
   --out $R/bench_fused_norm.json > $R/autotune_report.txt 2>&1; grep -v Warning $R/autotune_report.txt | cut -c1-700
-SW="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
-(cd .bench/old_s10 && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $SW --seq-lens ${SEQS:-128 512} \
-  --out $R/bench_gpu_s10code.json --md $R/bench_gpu_s10code.md 2>&1 | grep -E '^\||Error' | cut -c1-300)
-python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py $SW --seq-lens ${SEQS:-128 512} \
-  --out $R/bench_gpu_prefetch.json --md $R/bench_gpu_prefetch.md 2>&1 | grep -E '^\||Error' | cut -c1-300
-cp $R/bench_gpu_prefetch.md $R/bench_gpu_s10code.md $OUT/ 2>/dev/null; tar czf $OUT/results.tgz -C $R . && rm -rf $R
+source experiments/device/step_ab.sh
+OLD=.bench/old_s10 step_ab s10code prefetch
+tar czf $OUT/results.tgz -C $R . && rm -rf $R

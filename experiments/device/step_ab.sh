@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sourced by the session-11 device scripts: the packed step with every fused switch, first with an older tree
+# (OLD: a `git archive` of sessionbert/, conf/ and the benchmarks under .bench/, run from there without the HF
+# reference), then with this tree beside the reference, seq ${SEQS:-128 512}, one after the other in the same call.
+# Writes $R/bench_gpu_$1.{json,md} (older tree) and $R/bench_gpu_$2.{json,md} (this tree) and copies the two tables to
+# $OUT. Usage: OLD=.bench/old_s11 step_ab prev joined
+step_ab() {
+  local sw="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
+  (cd "$OLD" && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $sw --seq-lens ${SEQS:-128 512} \
+    --out $R/bench_gpu_$1.json --md $R/bench_gpu_$1.md 2>&1 | grep -E '^\||Error' | cut -c1-300)
+  python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py $sw --seq-lens ${SEQS:-128 512} \
+    --out $R/bench_gpu_$2.json --md $R/bench_gpu_$2.md 2>&1 | grep -E '^\||Error' | cut -c1-300
+  cp $R/bench_gpu_$2.md $R/bench_gpu_$1.md $OUT/ 2>/dev/null
+}
