@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# The next device calls (experiments/notes_speed.md, sessions 7-10). Earlier contents of this script ran on 2026-11-29:
+# The next device calls (experiments/notes_speed.md, sessions 7-11). Earlier contents of this script ran on 2026-11-29:
 # fused QKV A/B and packed vs padded scoring (results/bench_gpu_fusedqkv.md, bench_inference_packed_gpu.txt), the
 # attention kernels (results/bench_attention_seq*_{sdpa,njt_flex}.json), the fused LayerNorm kernels alone and in the
 # step (session 8: fused_kernels_*.sh, results/fused_kernels_dev/), and the paper scale with every fused switch
-# (session 9: results/paper_scale_gpu_s9.md). Session 10's attention kernels: attention_bench.sh.
-# 0. experiment=paper_scale with pretrain.fused_attention (on since session 10, not yet run at paper scale; ~19 min
-#    in three chained calls): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again until done.
+# (session 9: results/paper_scale_gpu_s9.md). Session 10's attention kernels: attention_bench.sh. Session 11:
+# prefetch_bench.sh, attention_stages.sh, final_checks_s11.sh, joined_qkv_bench.sh (a same-call A/B against a
+# `git archive` of the previous commit under .bench/: step_ab.sh).
+# 0. experiment=paper_scale with the kernels of sessions 10-11 (fused attention, prefetching row-wise kernels, one
+#    Q/K/V GEMM each way in backward; not yet run at paper scale; ~19 min in three chained calls, a whole session's
+#    device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again until done.
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
 #
-# 1. On the 2-GPU kind (nvidia-h200-x2, not lent in sessions 6-10), goal 3 on the packed path with today's kernels
+# 1. On the 2-GPU kind (nvidia-h200-x2, not lent in sessions 6-11), goal 3 on the packed path with today's kernels
 #    (~3 min):
 #      python3 experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv \
 #        --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention --out $OUT/bench_ddp_packed.json
