@@ -31,8 +31,10 @@ if triton is not None:
         return v * cdf, cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
 
     # Each program takes ROWS rows of one BC-wide column block in tiles of RB: one tile (ROWS = RB), or a loop with
-    # PREFETCH, the next tile's load issued before this tile's GELU and store (fused_norm._row_configs).
-    @triton.autotune(configs=_row_configs(RB=[4, 8], num_warps=[4, 8]), key=["n_cols"])
+    # PREFETCH, the next tile's load issued before this tile's GELU and store (fused_norm._row_configs; on an H200 the
+    # loops of 2-row tiles were the fastest, 0.536 ms against 0.582 for one tile: notes_speed.md #43).
+    @triton.autotune(configs=_row_configs(dict(RB=[2], ROWS=[32, 16], num_warps=[8, 4]), RB=[4, 8], num_warps=[4, 8]),
+                     key=["n_cols"])
     @triton.jit(do_not_specialize=["n_rows"])
     def _fwd_kernel(Y, B, O, n_rows, n_cols, RB: tl.constexpr, BC: tl.constexpr, ROWS: tl.constexpr,
                     PREFETCH: tl.constexpr):
@@ -59,8 +61,9 @@ if triton is not None:
     # Each program takes ROWS rows of one BC-wide column block in tiles of RB, and writes one row of partial bias
     # gradients (accumulated as (RB, BC) tiles, reduced over rows once at the end). PREFETCH (offered to the autotuner
     # both ways): the next tile's loads are issued before this tile's GELU derivative and store, so that their latency
-    # overlaps this tile's work (notes_speed.md #42).
-    @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[2, 4], ROWS=[32, 64], num_warps=[4, 8]),
+    # overlaps this tile's work (notes_speed.md #43: 0.767 -> 0.735 ms on an H200 with RB 2, ROWS 32, 4 warps; tiles of 4
+    # rows were the slowest with and without, and are no longer offered).
+    @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[2], ROWS=[32, 64], num_warps=[4, 8]),
                      key=["n_cols"])
     @triton.jit(do_not_specialize=["n_rows"])
     def _bwd_kernel(DO, Y, B, DY, DBp, n_rows, n_cols, RB: tl.constexpr, ROWS: tl.constexpr, BC: tl.constexpr,

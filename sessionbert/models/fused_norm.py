@@ -62,14 +62,14 @@ def _configs(**grid) -> list:
     return out
 
 
-def _row_configs(**grid) -> list:
-    """`_configs(**grid)` with one tile per program (ROWS = RB, no PREFETCH), and on a GPU also loops of 16 / 32 rows
-    in tiles of 1 / 2 with PREFETCH: for the row-wise kernels whose programs take ROWS rows in tiles of RB."""
+def _row_configs(loops: dict, **grid) -> list:
+    """`_configs(**grid)` with one tile per program (ROWS = RB, no PREFETCH), and on a GPU also `_configs(**loops)`
+    with PREFETCH (ROWS rows in tiles of RB): for the row-wise kernels whose programs take ROWS rows in tiles of RB."""
     out = _configs(**grid)
     for c in out:
         c.kwargs.update(ROWS=c.kwargs["RB"], PREFETCH=False)
     if os.environ.get("TRITON_INTERPRET") != "1":
-        out += _configs(RB=[1, 2], ROWS=[16, 32], PREFETCH=[True], num_warps=grid.get("num_warps", [4]))
+        out += _configs(PREFETCH=[True], **loops)
     return out
 
 
@@ -95,8 +95,10 @@ if triton is not None:
     # rows per tile and warps differ between GPUs. The seed and the row count are not specialised on (a new value
     # must not compile a new kernel). Each program takes ROWS rows in tiles of RB: one tile (ROWS = RB, the configs
     # measured in sessions 7-10), or a loop with PREFETCH, the next tile's loads issued before this tile's
-    # statistics and stores (notes_speed.md #42).
-    @triton.autotune(configs=_row_configs(RB=[4, 1, 2, 8], num_warps=[4, 8]), key=["n_cols", "DROPOUT", "HAS_AB"])
+    # statistics and stores (notes_speed.md #43: on an H200 the one-tile RB 4 stayed fastest, 0.272 ms; the loop
+    # offered is the best of the eight tried there, 0.283 ms).
+    @triton.autotune(configs=_row_configs(dict(RB=[2], ROWS=[16], num_warps=[4]), RB=[4, 1, 2, 8], num_warps=[4, 8]),
+                     key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
     def _fwd_kernel(A, AB, X, W, B, Z, Y, Mean, Rstd, n_rows, n_cols, eps, p, seed,
                     BLOCK: tl.constexpr, RB: tl.constexpr, DROPOUT: tl.constexpr, HAS_AB: tl.constexpr,
@@ -148,8 +150,9 @@ if triton is not None:
     # column sum of DA, is a third partial sum here instead of a pass of its own. The configs: the fastest of a 48-config
     # sweep on an H200 (RB 1, ROWS 32, 4 warps; experiments/results/fused_kernels_dev) and its neighbours, each with and
     # without PREFETCH: the next tile's loads issued before this tile's reductions and stores, so that their latency
-    # overlaps this tile's work (at ~2 TB/s the loop waited on each tile's loads in turn; notes_speed.md #42).
-    @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[1, 2], ROWS=[32, 16], num_warps=[4, 8]),
+    # overlaps this tile's work (at ~2 TB/s the loop waited on each tile's loads in turn; notes_speed.md #43: 0.367 ->
+    # 0.304 ms with RB 1, ROWS 16, 4 warps; tiles of 2 rows were slower with and without, and are no longer offered).
+    @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[1], ROWS=[32, 16], num_warps=[4, 8]),
                      key=["n_cols", "DROPOUT", "HAS_AB"])
     @triton.jit(do_not_specialize=["n_rows", "seed"])
     def _bwd_kernel(DY, Z, W, Mean, Rstd, DX, DA, DWp, DBp, DABp, n_rows, n_cols, p, seed,
