@@ -222,6 +222,8 @@ def test_branch_in_takes_gradients_written_into_one_buffer_as_one_matrix(monkeyp
         loss = sum((y * gy).sum() for y, gy in zip(ys, g)) + (res ** 2).sum()
         grads.append(torch.autograd.grad(loss, [x, *[p for lin in lins for p in lin.parameters()]]))
     assert taken == [True, False]
+    ptrs = [g.untyped_storage().data_ptr() for g in grads[0][1::2]]  # the weights' gradients: one storage each
+    assert len(set(ptrs)) == len(widths)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 

@@ -97,7 +97,7 @@ class _BranchIn(torch.autograd.Function):
                 dx = torch.mm(joined, w_cat) if dx is None else dx.addmm_(joined, w_cat)
             if any(ctx.needs_input_grad[3:3 + k]):
                 dw_cat = torch.mm(joined.t(), x2).split([w.shape[0] for w in ws])
-                dws = [dw.to(dt) if ctx.needs_input_grad[3 + i] else None
+                dws = [dw.to(dt, copy=True) if ctx.needs_input_grad[3 + i] else None  # own storage per parameter
                        for i, (dw, dt) in enumerate(zip(dw_cat, w_dts))]
         for i, (dy, w) in enumerate(zip(dys, ws)):
             if dy is None:
