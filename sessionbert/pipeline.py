@@ -509,7 +509,8 @@ def stage_pretrain(run: Run) -> Path:
                 "train_tokens": n_tokens, "vocab_size": len(tok)}
 
     pre = _plain(cfg.pretrain)
-    if not pre.get("packed", False):  # switches of the packed path only: they change nothing here (trainer=gpu sets them)
+    # switches of the packed path only: without it they change nothing (trainer=gpu sets them)
+    if not pre.get("packed", False):
         for knob in _PACKED_SWITCHES:
             pre.pop(knob, None)
     # knobs added later, at their defaults, are left out of the key: runs from before them stay valid

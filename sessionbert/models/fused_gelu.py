@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .fused_norm import _MAX_ELEMENTS, _configs, _row_configs, available, row_partial_sums, triton
+from .fused_norm import _MAX_ELEMENTS, _configs, _pair, _row_configs, _tile, available, row_partial_sums, triton
 
 if triton is not None:
     import triton.language as tl
@@ -44,16 +44,15 @@ if triton is not None:
         rows = tl.program_id(0) * ROWS + tl.arange(0, RB)
         end = tl.minimum(tl.program_id(0) * ROWS + ROWS, n_rows)
         if PREFETCH:
-            y_n = tl.load(Y + rows[:, None] * n_cols + cols[None, :], mask=(rows < end)[:, None] & mc[None, :],
-                          other=0.0)
+            y_n = _tile(Y, rows, rows < end, cols, mc, n_cols)
         for i in range(0, ROWS // RB):
             m = (rows < end)[:, None] & mc[None, :]
             off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
             if PREFETCH:
                 y = y_n
-                y_n = tl.load(Y + off + RB * n_cols, mask=(rows + RB < end)[:, None] & mc[None, :], other=0.0)
+                y_n = _tile(Y, rows + RB, rows + RB < end, cols, mc, n_cols)
             else:
-                y = tl.load(Y + off, mask=m, other=0.0)
+                y = _tile(Y, rows, rows < end, cols, mc, n_cols)
             g, _ = _gelu_parts(y.to(tl.float32) + b[None, :])
             tl.store(O + off, g.to(O.dtype.element_ty), mask=m)
             rows += RB
@@ -61,8 +60,8 @@ if triton is not None:
     # Each program takes ROWS rows of one BC-wide column block in tiles of RB, and writes one row of partial bias
     # gradients (accumulated as (RB, BC) tiles, reduced over rows once at the end). PREFETCH (offered to the autotuner
     # both ways): the next tile's loads are issued before this tile's GELU derivative and store, so that their latency
-    # overlaps this tile's work (notes_speed.md #43: 0.767 -> 0.735 ms on an H200 with RB 2, ROWS 32, 4 warps; tiles of 4
-    # rows were the slowest with and without, and are no longer offered).
+    # overlaps this tile's work (notes_speed.md #43: 0.767 -> 0.735 ms on an H200 with RB 2, ROWS 32, 4 warps; tiles
+    # of 4 rows were the slowest with and without, and are no longer offered).
     @triton.autotune(configs=_configs(PREFETCH=[False, True], RB=[2], ROWS=[32, 64], num_warps=[4, 8]),
                      key=["n_cols"])
     @triton.jit(do_not_specialize=["n_rows"])
@@ -76,19 +75,15 @@ if triton is not None:
         rows = pid * ROWS + tl.arange(0, RB)
         end = tl.minimum(pid * ROWS + ROWS, n_rows)
         if PREFETCH:
-            m_n = (rows < end)[:, None] & mc[None, :]
-            off_n = rows[:, None] * n_cols + cols[None, :]
-            do_n, y_n = tl.load(DO + off_n, mask=m_n, other=0.0), tl.load(Y + off_n, mask=m_n, other=0.0)
+            do_n, y_n = _pair(DO, Y, rows, rows < end, cols, mc, n_cols)
         for i in range(0, ROWS // RB):
             m = (rows < end)[:, None] & mc[None, :]
             off = rows[:, None] * n_cols + cols[None, :]  # int32: bias_gelu checks N * C < 2**31
             if PREFETCH:
                 do, y = do_n, y_n
-                m_n = (rows + RB < end)[:, None] & mc[None, :]
-                do_n = tl.load(DO + off + RB * n_cols, mask=m_n, other=0.0)
-                y_n = tl.load(Y + off + RB * n_cols, mask=m_n, other=0.0)
+                do_n, y_n = _pair(DO, Y, rows + RB, rows + RB < end, cols, mc, n_cols)
             else:
-                do, y = tl.load(DO + off, mask=m, other=0.0), tl.load(Y + off, mask=m, other=0.0)
+                do, y = _pair(DO, Y, rows, rows < end, cols, mc, n_cols)
             _, d = _gelu_parts(y.to(tl.float32) + b[None, :])
             dy = do.to(tl.float32) * d  # masked: 0 * d
             tl.store(DY + off, dy.to(DY.dtype.element_ty), mask=m)

@@ -75,11 +75,15 @@ def _row_configs(loops: dict, **grid) -> list:
 
 if triton is not None:
     @triton.jit
+    def _tile(A, rows, ok, cols, mc, n_cols):
+        """The tile `rows` (those with `ok`) x `cols` (those with `mc`) of an (N, n_cols) tensor, in its dtype, zeros
+        elsewhere (int32 offsets: the wrappers check N * n_cols < 2**31)."""
+        return tl.load(A + rows[:, None] * n_cols + cols[None, :], mask=ok[:, None] & mc[None, :], other=0.0)
+
+    @triton.jit
     def _pair(A, X, rows, ok, cols, mc, n_cols):
-        """Tiles of `rows` (those with `ok`) x `cols` (those with `mc`) of two (N, n_cols) tensors, in their dtypes."""
-        m = ok[:, None] & mc[None, :]
-        off = rows[:, None] * n_cols + cols[None, :]
-        return tl.load(A + off, mask=m, other=0.0), tl.load(X + off, mask=m, other=0.0)
+        """`_tile` of two (N, n_cols) tensors."""
+        return _tile(A, rows, ok, cols, mc, n_cols), _tile(X, rows, ok, cols, mc, n_cols)
 
     @triton.jit
     def _keep(seed, rows, p, RB: tl.constexpr, BLOCK: tl.constexpr):
