@@ -10,7 +10,9 @@ and forward + backward, as JSON lines with the ms per call:
   whose bias gradient it sums (eager: bias in the GEMM, its gradient a reduction of its own);
 - `gelu`: bias + GELU alone on the (N, 4H) intermediate activations, fused (`bias_gelu`) or eager, with the effective
   bandwidth;
-- `dense_gelu`: the (H -> 4H) GEMM + bias + GELU, fused (`bias_gelu`) or eager.
+- `dense_gelu`: the (H -> 4H) GEMM + bias + GELU, fused (`bias_gelu`) or eager;
+- `embed`: the packed encoder's embeddings (HF `BertEmbeddings`: word + position + token-type lookups, LayerNorm,
+  dropout 0.1, then the cast to bf16; or `models.fused_embed.embed`), backward into the fp32 tables.
 Both GEMM groups run under bf16 autocast with fp32 weights, as training does. `--compare-module FILE` adds the
 `norm` / `dense_norm` rows of another version of `fused_norm.py` (an A/B of kernel versions in one process).
 
@@ -32,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_attention import timed, write_rows  # noqa: E402
 
-from sessionbert.models import fused_gelu, fused_norm  # noqa: E402
+from sessionbert.models import fused_embed, fused_gelu, fused_norm  # noqa: E402
 from sessionbert.models.fused_norm import available  # noqa: E402
 
 
@@ -52,6 +54,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=131072)
     ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=30000, help="word table rows for the `embed` group")
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compare-module", metavar="FILE", help="another fused_norm.py to measure beside this one")
@@ -105,6 +108,16 @@ def main(argv=None):
         measure("dense_norm", name, lambda u, x: mod.dropout_add_layer_norm(down(u), x, norm, p), (wide, x), p)
     measure("dense_gelu", "eager", lambda x: F.gelu(up(x)), (x,))
     measure("dense_gelu", "fused", lambda x: fused_gelu.dense_gelu(up, x), (x,))
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertEmbeddings
+
+    emb = BertEmbeddings(BertConfig(vocab_size=a_.vocab, hidden_size=h, max_position_embeddings=512,
+                                    hidden_dropout_prob=0.1)).to(device)
+    ids = torch.randint(0, a_.vocab, (n,), device=device)
+    pos = torch.arange(n, device=device) % 102  # sessions of 102 tokens (the simulator's mean at seq 128)
+    measure("embed", "eager", lambda i, q: emb(input_ids=i[None], position_ids=q[None],
+                                               token_type_ids=torch.zeros_like(i)[None])[0].to(dtype), (ids, pos), 0.1)
+    measure("embed", "fused", lambda i, q: fused_embed.embed(emb, i, q, dtype), (ids, pos), 0.1)
     write_rows(rows, a_.out)
     return rows
 

@@ -509,8 +509,9 @@ def test_triton_kernels_under_the_interpreter():
     assert out["gelu_empty"] == [[0, 16], 0.0]
     assert out["bench_variants"] == [
         ["dense_gelu", "eager", "None"], ["dense_gelu", "fused", "None"], ["dense_norm", "eager", "0.1"],
-        ["dense_norm", "fused", "0.1"], ["gelu", "eager", "None"], ["gelu", "fused", "None"], ["norm", "eager", "0.0"],
-        ["norm", "eager", "0.1"], ["norm", "fused", "0.0"], ["norm", "fused", "0.1"]]
+        ["dense_norm", "fused", "0.1"], ["embed", "eager", "0.1"], ["embed", "fused", "0.1"], ["gelu", "eager", "None"],
+        ["gelu", "fused", "None"], ["norm", "eager", "0.0"], ["norm", "eager", "0.1"], ["norm", "fused", "0.0"],
+        ["norm", "fused", "0.1"]]
 
 
 def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .branch_linear import branch_in
 from .fused_attention import attention as fused_attention_fn
 from .fused_attention import runs_on as fused_attention_runs_on
+from .fused_embed import embed
 from .fused_gelu import bias_gelu, dense_gelu
 from .fused_norm import dropout_add_layer_norm, layer_norm_as
 
@@ -87,6 +88,7 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     `fused_norm`: each sub-block's `LayerNorm(dropout(dense_out) + residual)` as one Triton kernel forward and one
     backward (`models.fused_norm`, where Triton and a GPU are there; otherwise the same maths in eager PyTorch).
     The dense layer's bias is added in that kernel and its gradient summed there (no pass of its own in backward).
+    The embeddings too (`models.fused_embed`: lookups, sum, LayerNorm and dropout as one kernel each way).
     Dropout draws come from another generator than torch's, so losses match the unfused path only without dropout.
 
     `fused_gelu`: the intermediate layer's bias + GELU as one Triton kernel forward and one backward that also sums
@@ -107,17 +109,19 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         raise ValueError("packed pretraining: the varlen attention kernel has no attention-probability dropout; "
                          "set model attention_probs_dropout_prob to 0 (pipeline: pretrain.packed sets it)")
     heads = cfg.num_attention_heads
-    x = bert.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
-                        token_type_ids=torch.zeros_like(input_ids)[None])[0]  # (N, H)
-    n, h = x.shape
-    dev = x.device.type
+    dev = input_ids.device.type
     # Under autocast the residual stream stays in the autocast dtype (bf16): autocast would run every LayerNorm in
     # fp32 and cast its output back for the next Linear, i.e. a fp32 copy of (N, H) and a cast per Linear, and the
     # same in backward (measured: ~12% of an H200 step in casts). LayerNorm runs on bf16 input and bf16 copies of its
     # weights (statistics accumulate in fp32); all weights stay fp32 master copies, cast per step like autocast's.
     amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    if amp is not None:
-        x = x.to(amp)
+    if fused_norm:  # the embeddings' sum + LayerNorm + dropout as one kernel each way, written in amp's dtype
+        x = embed(bert.embeddings, input_ids, position_ids, amp)
+    else:
+        x = bert.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
+                            token_type_ids=torch.zeros_like(input_ids)[None])[0]  # (N, H)
+        x = x if amp is None else x.to(amp)
+    n, h = x.shape
     # with the fused attention kernels (q / k / v in x's dtype), the Q / K / V projections add their biases detached
     # and those kernels sum the biases' gradients
     fold_bias_grads = fused_attention and fused_attention_runs_on(x)
