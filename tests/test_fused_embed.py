@@ -161,6 +161,20 @@ for name, bad in (("input_ids", (torch.tensor([1, 50]), torch.tensor([0, 1]))),
     except RuntimeError as e:
         out[f"bad_{name}"] = str(e)
 
+# inference (sessionbert.score with fused): the packed encoder in eval mode, no_grad, through FUSED_FORWARD's kernels
+# (hidden dropout 0.1 configured: eval turns it off in the kernels too) against the plain packed pass, both fp32
+from sessionbert.models.packed import packed_hidden
+from sessionbert.score import FUSED_FORWARD, pack_rows
+from tests.test_packed import _module
+bert = _module(hidden_dropout=0.1).model.bert.eval()
+lens = [9, 30, 4, 17, 25]
+flat, pos, cu = pack_rows(torch.randint(5, 60, (sum(lens),), generator=g).numpy(),
+                          torch.tensor([0, *lens]).cumsum(0).numpy(), torch.arange(len(lens)).numpy())
+args = (torch.from_numpy(flat), torch.from_numpy(pos), torch.from_numpy(cu), max(lens))
+with torch.no_grad():
+    out["inference_max_diff"] = float((packed_hidden(bert, *args, **FUSED_FORWARD) - packed_hidden(bert, *args))
+                                      .abs().max())
+
 ye = fe.embed(emb, torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))
 ye.sum().backward()
 out["empty"] = list(ye.shape)
@@ -172,7 +186,8 @@ def test_fused_embeddings_under_the_interpreter():
     """The kernels through Triton's interpreter against BertEmbeddings: output and every parameter's gradient (word
     table with its padding row and repeated ids, positions, token-type row, LayerNorm), bf16 output, dropout (the
     same positions dropped in backward, the same seed the same draws), every tile shape of the autotuned configs,
-    the deterministic scatter, out-of-range ids, no rows."""
+    the deterministic scatter, out-of-range ids, no rows; and the packed encoder in eval mode with every forward
+    kernel (sessionbert.score's fused inference) against the plain packed pass."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
     r = subprocess.run([sys.executable, "-c", _CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
@@ -188,3 +203,4 @@ def test_fused_embeddings_under_the_interpreter():
     assert "input_ids out of range for a table of 50 rows" in out["bad_input_ids"]
     assert "position_ids out of range for a table of 16 rows" in out["bad_position_ids"]
     assert out["empty"] == [0, 48]
+    assert out["inference_max_diff"] < 1e-4
