@@ -95,6 +95,26 @@ def make_input(work: Path, users: int, base_users: int, last_sessions: int, seed
     return ev_path, bi_path, info
 
 
+def compare(a_path: Path, b_path: Path) -> dict:
+    """How far two `sessionbert recommend` outputs of the same users agree: shares of users with the same persona
+    cluster, the same top-k new services (in order) and the same next pages; the largest difference of the new
+    services' scores (users with the same list) and of the persona similarities."""
+    import numpy as np
+    import pandas as pd
+
+    a, b = pd.read_parquet(a_path), pd.read_parquet(b_path)
+    if a["user_id"].tolist() != b["user_id"].tolist():
+        raise SystemExit(f"bench_inference: {a_path} and {b_path} list other users")
+    same = np.array([list(x) == list(y) for x, y in zip(a["new_services"], b["new_services"])])
+    diff = [float(np.abs(np.asarray(x, float) - np.asarray(y, float)).max())
+            for x, y, s in zip(a["new_service_scores"], b["new_service_scores"], same) if s and len(x)]
+    pages = np.mean([list(x) == list(y) for x, y in zip(a["next_pages"], b["next_pages"])])
+    return {"users": len(a), "same_cluster": round(float((a["cluster"] == b["cluster"]).mean()), 5),
+            "same_new_services": round(float(same.mean()), 5), "same_next_pages": round(float(pages), 5),
+            "max_score_diff": max(diff, default=0.0),
+            "max_persona_similarity_diff": float(np.nanmax(np.abs(a["persona_similarity"] - b["persona_similarity"])))}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", help="finished run dir; default: train a smoke run into --work")
@@ -129,11 +149,11 @@ def main() -> None:
         from sessionbert.pipeline import run_pipeline
 
         run_pipeline(make_cfg(work, ["experiment=smoke", *a.train_args.split()]))
-    lines = []
+    lines, outputs = [], {}
 
     def measure(users: int, workers: int, packed: bool = False, fused: bool = False) -> dict:
         ev, bi, info = make_input(work, users, a.base_users, a.last_sessions, a.seed)
-        out = work / f"recs-{users}-{workers}.parquet"
+        out = work / f"recs-{users}-{workers}-{int(packed)}{int(fused)}.parquet"
         load0 = os.getloadavg()[0]
         # a fresh process per measurement, as a user runs it (thread pools and allocator state not carried over)
         cmd = [sys.executable, "-m", "sessionbert.cli", "recommend", "--run", str(run_dir), "--events", str(ev),
@@ -168,7 +188,7 @@ def main() -> None:
                        "validating, serialising, tokenising, encoding, recommending, personas, writing Parquet; "
                        "after the model is loaded); wall_seconds_with_startup adds interpreter start, imports and "
                        "model load"}
-        os.unlink(out)
+        outputs[(packed, fused)] = out
         return res
 
     if a.compare_users:
@@ -180,6 +200,12 @@ def main() -> None:
         lines.append(measure(a.users, a.workers, packed=True))
     if a.fused:
         lines.append(measure(a.users, a.workers, packed=True, fused=True))
+        base = (True, False) if (True, False) in outputs else (False, False)
+        if base in outputs:  # the same users scored without the kernels
+            lines[-1]["agreement_with_" + ("packed" if base[0] else "padded")] = compare(outputs[base],
+                                                                                        outputs[True, True])
+    for path in outputs.values():
+        os.unlink(path)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     print(cmd)
     for r in lines:
