@@ -4,12 +4,6 @@ subprocess (chosen when the kernels are defined), the kernels themselves. The pa
 embeddings included) against the plain path: tests/test_fused_norm.py's interpreter checks."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from transformers import BertConfig
@@ -17,7 +11,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from sessionbert.models.fused_embed import embed
 
-ROOT = Path(__file__).resolve().parents[1]
+from .test_fused_norm import interpreted
 
 
 def _emb(h=24, vocab=50, positions=16, dropout=0.0, seed=0) -> BertEmbeddings:
@@ -188,12 +182,7 @@ def test_fused_embeddings_under_the_interpreter():
     same positions dropped in backward, the same seed the same draws), every tile shape of the autotuned configs,
     the deterministic scatter, out-of-range ids, no rows; and the packed encoder in eval mode with every forward
     kernel (sessionbert.score's fused inference) against the plain packed pass."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    out = interpreted(_CHECKS)
     # the padding row (id 0, in the batch) and the unused token type get no gradient
     assert out["p0_70x48"] == out["p0_5x20"] == [0.0, 0.0]
     assert out["bf16"][:2] == ["torch.bfloat16", "torch.float32"] and out["bf16"][2] < 0.05

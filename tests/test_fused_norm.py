@@ -127,6 +127,16 @@ def test_fused_norm_knob_is_validated(tmp_path):
                                  "pretrain.fused_norm=true"]))
 
 
+def interpreted(script: str) -> dict:
+    """The JSON that `script` prints after "RESULT ", run in a subprocess under Triton's interpreter (skipped without
+    Triton)."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+
+
 _KERNEL_CHECKS = r"""
 import itertools, json, sys
 import torch
@@ -467,12 +477,7 @@ def test_triton_kernels_under_the_interpreter():
     through Triton's interpreter: 70 rows over several backward programs, widths that are not powers of two, column
     blocks with a short one, every tile shape of the autotuned configs, dropout, ignored rows, bf16 inputs, empty
     batches; the compiled packed encoder with every fused knob; and bench_fused_norm.py's rows."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
-    r = subprocess.run([sys.executable, "-c", _KERNEL_CHECKS], cwd=ROOT, env=env, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-4000:]
-    out = json.loads(next(line for line in r.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    out = interpreted(_KERNEL_CHECKS)
     assert out["p0_70x48"] == out["p0_5x20"] == "equal"
     assert 0.22 < out["drop_share"] < 0.38  # 3840 draws at p = 0.3: ~0.3 +- 0.0074
     assert out["same_seed_equal"] and out["other_seed_differs"]
