@@ -3,7 +3,6 @@ encode, recommend, personas, write Parquet) on N users' last sessions.
 
     python experiments/bench_inference.py [--run RUN_DIR] [--users 1000000] [--base-users 10000]
         [--last-sessions 8] [--workers -1] [--device cuda] [--train-args "trainer=gpu"] [--out FILE]
-        [--packed] [--fused] [--no-padded]
 
 RUN_DIR is a finished run; without --run a smoke run (`experiment=smoke` plus --train-args) is trained into
 --work first. Input: --base-users users simulated with the `tiny` simulator settings and a seed other than the
@@ -95,26 +94,6 @@ def make_input(work: Path, users: int, base_users: int, last_sessions: int, seed
     return ev_path, bi_path, info
 
 
-def compare(a_path: Path, b_path: Path) -> dict:
-    """How far two `sessionbert recommend` outputs of the same users agree: shares of users with the same persona
-    cluster, the same top-k new services (in order) and the same next pages; the largest difference of the new
-    services' scores (users with the same list) and of the persona similarities."""
-    import numpy as np
-    import pandas as pd
-
-    a, b = pd.read_parquet(a_path), pd.read_parquet(b_path)
-    if a["user_id"].tolist() != b["user_id"].tolist():
-        raise SystemExit(f"bench_inference: {a_path} and {b_path} list other users")
-    same = np.array([list(x) == list(y) for x, y in zip(a["new_services"], b["new_services"])])
-    diff = [float(np.abs(np.asarray(x, float) - np.asarray(y, float)).max())
-            for x, y, s in zip(a["new_service_scores"], b["new_service_scores"], same) if s and len(x)]
-    pages = np.mean([list(x) == list(y) for x, y in zip(a["next_pages"], b["next_pages"])])
-    return {"users": len(a), "same_cluster": round(float((a["cluster"] == b["cluster"]).mean()), 5),
-            "same_new_services": round(float(same.mean()), 5), "same_next_pages": round(float(pages), 5),
-            "max_score_diff": max(diff, default=0.0),
-            "max_persona_similarity_diff": float(np.nanmax(np.abs(a["persona_similarity"] - b["persona_similarity"])))}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", help="finished run dir; default: train a smoke run into --work")
@@ -128,11 +107,7 @@ def main() -> None:
     ap.add_argument("--batch-rows", type=int, default=1_000_000)
     ap.add_argument("--compare-users", type=int, default=0, help="also time this many users with --workers 0")
     ap.add_argument("--packed", action="store_true",
-                    help="also time the same users with `sessionbert recommend --packed --no-fused` (padding-free "
-                         "encoder pass, eager PyTorch inside)")
-    ap.add_argument("--fused", action="store_true",
-                    help="also time them with `--packed --fused` (the padding-free pass through the Triton kernels)")
-    ap.add_argument("--no-padded", action="store_true", help="skip the padded pass (the default measurement)")
+                    help="also time the same users with `sessionbert recommend --packed` (padding-free encoder pass)")
     ap.add_argument("--train-args", default="", help="extra overrides for the run trained when --run is not given")
     ap.add_argument("--out", help="append the command and the result lines to this file")
     a = ap.parse_args()
@@ -149,17 +124,16 @@ def main() -> None:
         from sessionbert.pipeline import run_pipeline
 
         run_pipeline(make_cfg(work, ["experiment=smoke", *a.train_args.split()]))
-    lines, outputs = [], {}
+    lines = []
 
-    def measure(users: int, workers: int, packed: bool = False, fused: bool = False) -> dict:
+    def measure(users: int, workers: int, packed: bool = False) -> dict:
         ev, bi, info = make_input(work, users, a.base_users, a.last_sessions, a.seed)
-        out = work / f"recs-{users}-{workers}-{int(packed)}{int(fused)}.parquet"
+        out = work / f"recs-{users}-{workers}.parquet"
         load0 = os.getloadavg()[0]
         # a fresh process per measurement, as a user runs it (thread pools and allocator state not carried over)
         cmd = [sys.executable, "-m", "sessionbert.cli", "recommend", "--run", str(run_dir), "--events", str(ev),
                "--billing", str(bi), "--out", str(out), "--device", a.device, "--workers", str(workers),
-               "--batch-rows", str(a.batch_rows)]
-        cmd += ["--packed", "--fused" if fused else "--no-fused"] if packed else []
+               "--batch-rows", str(a.batch_rows)] + (["--packed"] if packed else [])
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t0
@@ -178,7 +152,7 @@ def main() -> None:
                "users": n, "input": info, "batch_rows": a.batch_rows,
                "workers": workers if workers >= 0 else (max(1, min(32, (os.cpu_count() or 2) - 2))
                                                          if a.device == "cuda" else 0),
-               "packed": packed, "fused": fused, "seconds": round(secs, 2), "users_per_s": round(n / secs, 1),
+               "packed": packed, "seconds": round(secs, 2), "users_per_s": round(n / secs, 1),
                "wall_seconds_with_startup": round(wall, 2),
                "sessions_per_s": round(info["sessions"] / secs, 1), "cpus": os.cpu_count(),
                "loadavg_before": round(load0, 2), "loadavg_after": round(os.getloadavg()[0], 2),
@@ -188,24 +162,15 @@ def main() -> None:
                        "validating, serialising, tokenising, encoding, recommending, personas, writing Parquet; "
                        "after the model is loaded); wall_seconds_with_startup adds interpreter start, imports and "
                        "model load"}
-        outputs[(packed, fused)] = out
+        os.unlink(out)
         return res
 
     if a.compare_users:
         lines.append(measure(a.compare_users, 0))
         lines.append(measure(a.compare_users, a.workers))
-    if not a.no_padded:
-        lines.append(measure(a.users, a.workers))
+    lines.append(measure(a.users, a.workers))
     if a.packed:
         lines.append(measure(a.users, a.workers, packed=True))
-    if a.fused:
-        lines.append(measure(a.users, a.workers, packed=True, fused=True))
-        base = (True, False) if (True, False) in outputs else (False, False)
-        if base in outputs:  # the same users scored without the kernels
-            lines[-1]["agreement_with_" + ("packed" if base[0] else "padded")] = compare(outputs[base],
-                                                                                        outputs[True, True])
-    for path in outputs.values():
-        os.unlink(path)
     cmd = "python " + " ".join([Path(sys.argv[0]).as_posix()] + sys.argv[1:])
     print(cmd)
     for r in lines:

@@ -120,7 +120,7 @@ def cmd_recommend(a: argparse.Namespace) -> int:
     from .inference import SessionBERT
 
     model = SessionBERT.from_run(a.run, device=a.device)
-    model.packed, model.fused = a.packed, a.fused
+    model.packed = a.packed
     tables, n_users = _tables(a, model)
     write, close = _writer(Path(a.out))
     advance, stop = _progress(n_users)
@@ -188,10 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--packed", action=argparse.BooleanOptionalAction, default=None,
                    help="encode sessions packed end to end (variable-length attention, no padding computed; same "
                         "outputs). Default: packed on CUDA (1.31x users/s on an H200), padded on a CPU (faster there)")
-    r.add_argument("--fused", action=argparse.BooleanOptionalAction, default=None,
-                   help="with --packed: the Triton forward kernels of pretraining's fused switches (LayerNorm with the "
-                        "residual add, embeddings, bias + GELU, attention within each session; same maths). Default: "
-                        "on where they run (CUDA with Triton)")
     r.add_argument("--no-stream", action="store_true",
                    help="read the input whole instead of streaming it (needed when a user's rows are not "
                         "together in the input)")

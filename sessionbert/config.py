@@ -78,10 +78,9 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "score_all") is not None:
         if not isinstance(OmegaConf.select(cfg.score_all, "enabled", default=False), bool):
             raise ConfigError(f"score_all.enabled: true or false, got {cfg.score_all.enabled!r}")
-        for key, auto in (("packed", "packed on CUDA"), ("fused", "where the kernels run")):
-            v = OmegaConf.select(cfg.score_all, key, default=None)
-            if v is not None and not isinstance(v, bool):
-                raise ConfigError(f"score_all.{key}: true, false or null ({auto}), got {v!r}")
+        v = OmegaConf.select(cfg.score_all, "packed", default=None)
+        if v is not None and not isinstance(v, bool):
+            raise ConfigError(f"score_all.packed: true, false or null (packed on CUDA), got {v!r}")
         _int(cfg, "score_all.workers", lo=0)
         _int(cfg, "score_all.batch_rows", lo=1)
     ks = list(cfg.personas.k_range)

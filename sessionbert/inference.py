@@ -66,11 +66,9 @@ class SessionBERT:
 
     def __init__(self, module, tokenizer, labels, centers: np.ndarray | None, mapping: dict[str, str],
                  config: dict, stage_dirs: dict, device: torch.device, batch_size: int = 256,
-                 tokenizer_dir: str | Path | None = None, trained_with_billing: bool = True, packed: bool | None = None,
-                 fused: bool | None = None):
+                 tokenizer_dir: str | Path | None = None, trained_with_billing: bool = True, packed: bool | None = None):
         self.module, self.tok, self.labels = module, tokenizer, labels
         self.packed = packed  # the padding-free encoder pass (sessionbert.score._encode); same outputs; None: on CUDA
-        self.fused = fused  # its Triton forward kernels (sessionbert.score.use_fused); same maths; None: where they run
         self.centers, self.mapping = centers, mapping
         self.config, self.stage_dirs = config, stage_dirs
         self.device, self.batch_size = device, batch_size
@@ -180,7 +178,7 @@ class SessionBERT:
         sc = score_users(self.module, prepared.ids, prepared.offsets, prepared.sess_user, U, prepared.used,
                          self.labels.services, self.labels.pages, self.rec_cfg, self.device, self.max_tokens,
                          self.tok.pad_token_id, embed=self.centers is not None, embed_module=self.persona_module,
-                         top_pages=top_pages, packed=self.packed, fused=self.fused)
+                         top_pages=top_pages, packed=self.packed)
         pg = sc.pages if sc.pages is not None else np.zeros((U, 0), np.int64)
         pgp = sc.page_probs if sc.page_probs is not None else np.zeros((U, 0), np.float32)
         cluster = np.full(U, -1, np.int64)

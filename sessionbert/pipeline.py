@@ -833,8 +833,7 @@ def stage_score_all(run: Run, ft_dir: Path) -> Path:
         model = SessionBERT(module, tok, labels, np.load(pdir / "centers.npy"), mapping, conf,
                             {k: str(v) for k, v in run.stage_dirs.items()}, run.device,
                             cfg.runtime.eval_batch_size, ft_dir / "tokenizer", bill.exists(),
-                            packed=OmegaConf.select(cfg, "score_all.packed", default=None),
-                            fused=OmegaConf.select(cfg, "score_all.fused", default=None))
+                            packed=OmegaConf.select(cfg, "score_all.packed", default=None))
         split = data_split(run)
         t0 = time.perf_counter()
         top: dict[str, list[str]] = {}

@@ -66,13 +66,12 @@ def pack_rows(ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[n
 
 
 def _encode(encoder, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad_id: int, device: torch.device,
-            packed: bool, fused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+            packed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Last layer (B, T, H) and attention mask (B, T) of the sessions `rows` (call under `_autocast`).
 
     packed=False: the padded batch through the Hugging Face encoder. packed=True: the rows packed end to end through
     `packed_hidden` (variable-length FlashAttention on CUDA, no padding computed, bf16 residual stream under autocast;
-    the same maths, tests/test_inference.py), then laid out as (B, T, H) for the heads and pooling; with `fused`, the
-    forward kernels of pretraining's fused switches (`FUSED_FORWARD`)."""
+    the same maths, tests/test_inference.py), then laid out as (B, T, H) for the heads and pooling."""
     if not packed:
         x, m = pad_rows(ids, offsets, rows, pad_id)
         x = torch.from_numpy(x).to(device, non_blocking=True)
@@ -83,29 +82,9 @@ def _encode(encoder, ids: np.ndarray, offsets: np.ndarray, rows: np.ndarray, pad
     flat, pos, cu = pack_rows(ids, offsets, rows)
     T = int((cu[1:] - cu[:-1]).max())
     cu_t = torch.from_numpy(cu).to(device)
-    switches = {k: v for k, v in FUSED_FORWARD.items() if k != "fused_gelu" or encoder.config.hidden_act == "gelu"}
-    h = packed_hidden(encoder, torch.from_numpy(flat).to(device), torch.from_numpy(pos).to(device), cu_t, T,
-                      **(switches if fused else {}))
+    h = packed_hidden(encoder, torch.from_numpy(flat).to(device), torch.from_numpy(pos).to(device), cu_t, T)
     idx, valid = padded_index(cu_t, T)
     return h[idx], valid.long()  # rows past a session's end repeat other tokens: the mask hides them
-
-
-# The packed encoder's switches whose kernels serve a forward pass (pretrain.fused_*: the same maths, one Triton kernel
-# for each LayerNorm with its residual add, the embeddings, bias + GELU where hidden_act is exact GELU, and attention
-# within each session; Q / K / V as one GEMM). fused_residual and fused_ce change only the backward / the MLM loss.
-FUSED_FORWARD = dict(fused_qkv=True, fused_norm=True, fused_gelu=True, fused_attention=True)
-
-
-def use_fused(fused: bool | None, packed: bool, device: torch.device) -> bool:
-    """fused=None (auto): the packed pass runs `FUSED_FORWARD`'s kernels where they run (CUDA with Triton); True
-    elsewhere runs their eager maths (the CPU fallback); never on the padded pass."""
-    if not packed:
-        return False
-    if fused is None:
-        from .models.fused_norm import available
-
-        return device.type == "cuda" and available(device)
-    return bool(fused)
 
 
 def use_packed(packed: bool | None, device: torch.device) -> bool:
@@ -140,18 +119,16 @@ def _autocast(device: torch.device):
 def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int,
                 used: np.ndarray, services: list[str], pages: list[str] | None, rec_cfg, device,
                 max_tokens: int, pad_id: int, embed: bool = True, embed_module=None,
-                top_pages: int = 5, packed: bool | None = None, fused: bool | None = None) -> UserScores:
+                top_pages: int = 5, packed: bool | None = None) -> UserScores:
     """Score `n_users` users from their sessions (`sess_user`: (S,) user index of each session, non-decreasing,
     sessions oldest first); `used` (U, C) bool: services (head classes) each user used before the cut-off.
 
     `embed_module`: the encoder for the user embeddings when it is not `module`'s (personas.embedding=pretrained);
     `embed=False` skips them (and encodes only the sessions the recommender needs). `pages=None` skips next pages.
-    `packed`: the padding-free encoder (see `_encode`); None: on CUDA only (`use_packed`). `fused`: with it, the
-    Triton forward kernels (`FUSED_FORWARD`); None: where they run (`use_fused`).
+    `packed`: the padding-free encoder (see `_encode`); None: on CUDA only (`use_packed`).
     """
     device = torch.device(device)
     packed = use_packed(packed, device)
-    fused = use_fused(fused, packed, device)
     module.eval()
     S = len(sess_user)
     counts = np.bincount(sess_user, minlength=n_users)  # (U,)
@@ -181,7 +158,7 @@ def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndar
         r = rows[b]
         r_t = torch.from_numpy(r).to(device, non_blocking=True)
         with _autocast(device):
-            hidden, m = _encode(module.encoder, ids, offsets, r, pad_id, device, packed, fused)  # (B, T, H), (B, T)
+            hidden, m = _encode(module.encoder, ids, offsets, r, pad_id, device, packed)  # (B, T, H), (B, T)
             page_logit, service_logit = module.heads(hidden, m)
         u_b = user_t[r_t]
         if same:
@@ -218,25 +195,23 @@ def score_users(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndar
         emb = (emb_sum / torch.as_tensor(np.maximum(counts, 1), device=device, dtype=torch.float32)[:, None])
         emb = emb.cpu().numpy()
     elif embed:
-        emb = embed_sessions(embed_module, ids, offsets, sess_user, n_users, device, max_tokens, pad_id, packed,
-                             fused)
+        emb = embed_sessions(embed_module, ids, offsets, sess_user, n_users, device, max_tokens, pad_id, packed)
     return UserScores(counts, svc, cnt, mass, pg_idx if n_pg else None, pg_p if n_pg else None, emb)
 
 
 @torch.no_grad()
 def embed_sessions(module, ids: np.ndarray, offsets: np.ndarray, sess_user: np.ndarray, n_users: int, device,
-                   max_tokens: int, pad_id: int, packed: bool | None = None, fused: bool | None = None) -> np.ndarray:
-    """(U, H) float32: per user, the mean of its sessions' mean-pooled last-layer embeddings (`packed`, `fused` as in
+                   max_tokens: int, pad_id: int, packed: bool | None = None) -> np.ndarray:
+    """(U, H) float32: per user, the mean of its sessions' mean-pooled last-layer embeddings (`packed` as in
     `score_users`)."""
     device = torch.device(device)
     packed = use_packed(packed, device)
-    fused = use_fused(fused, packed, device)
     module.eval()
     counts = np.bincount(sess_user, minlength=n_users)
     emb_sum = None
     for b in length_batches(offsets[1:] - offsets[:-1], max_tokens):
         with _autocast(device):
-            hidden, m = _encode(module.encoder, ids, offsets, b, pad_id, device, packed, fused)
+            hidden, m = _encode(module.encoder, ids, offsets, b, pad_id, device, packed)
         e = mean_pool(hidden.float(), m)
         if emb_sum is None:
             emb_sum = torch.zeros(n_users, e.shape[1], device=device)

@@ -155,10 +155,11 @@ for name, bad in (("input_ids", (torch.tensor([1, 50]), torch.tensor([0, 1]))),
     except RuntimeError as e:
         out[f"bad_{name}"] = str(e)
 
-# inference (sessionbert.score with fused): the packed encoder in eval mode, no_grad, through FUSED_FORWARD's kernels
-# (hidden dropout 0.1 configured: eval turns it off in the kernels too) against the plain packed pass, both fp32
+# a forward pass in eval mode (no_grad) through the kernels that serve a forward (hidden dropout 0.1 configured: eval
+# turns it off in the kernels too) against the plain packed pass, both fp32
 from sessionbert.models.packed import packed_hidden
-from sessionbert.score import FUSED_FORWARD, pack_rows
+from sessionbert.score import pack_rows
+FUSED_FORWARD = dict(fused_qkv=True, fused_norm=True, fused_gelu=True, fused_attention=True)
 from tests.test_packed import _module
 bert = _module(hidden_dropout=0.1).model.bert.eval()
 lens = [9, 30, 4, 17, 25]
@@ -180,8 +181,8 @@ def test_fused_embeddings_under_the_interpreter():
     """The kernels through Triton's interpreter against BertEmbeddings: output and every parameter's gradient (word
     table with its padding row and repeated ids, positions, token-type row, LayerNorm), bf16 output, dropout (the
     same positions dropped in backward, the same seed the same draws), every tile shape of the autotuned configs,
-    the deterministic scatter, out-of-range ids, no rows; and the packed encoder in eval mode with every forward
-    kernel (sessionbert.score's fused inference) against the plain packed pass."""
+    the deterministic scatter, out-of-range ids, no rows; and the packed encoder in eval mode with every kernel
+    that serves a forward pass against the plain packed pass."""
     out = interpreted(_CHECKS)
     # the padding row (id 0, in the batch) and the unused token type get no gradient
     assert out["p0_70x48"] == out["p0_5x20"] == [0.0, 0.0]

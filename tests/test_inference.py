@@ -329,9 +329,7 @@ def test_cli_streamed_text_errors_name_file_and_line(smoke, tmp_path, capsys):
 def test_packed_scoring_equals_padded(smoke, tmp_path):
     """`--packed` (sessions end to end, per-session attention; on CPU the padded-SDPA fallback of the varlen
     kernel) gives the padded pass's outputs: same recommendations and clusters, probabilities and embeddings equal
-    to float tolerance; so does `--packed --fused` (the fused switches' forward, here their eager maths: the kernels
-    themselves in eval mode are checked against the plain packed pass in tests/test_fused_embed.py). Also through the
-    command line."""
+    to float tolerance. Also through the command line."""
     from sessionbert.score import pack_rows
 
     ids, offsets = np.arange(10), np.array([0, 3, 3, 7, 10])
@@ -342,24 +340,22 @@ def test_packed_scoring_equals_padded(smoke, tmp_path):
     d = run.stage_dirs["data"]
     cutoff = str(run.corpus().split.test_start)
     outs = {}
-    for mode, flags in (("padded", []), ("packed", ["--packed", "--no-fused"]), ("fused", ["--packed", "--fused"])):
-        out = tmp_path / f"recs_{mode}.parquet"
+    for packed in (False, True):
+        out = tmp_path / f"recs_{packed}.parquet"
         args = ["recommend", "--run", str(run_dir), "--events", str(d / "events.parquet"), "--out", str(out),
-                "--cutoff", cutoff, "--device", "cpu", "--workers", "0"] + flags
+                "--cutoff", cutoff, "--device", "cpu", "--workers", "0"] + (["--packed"] if packed else [])
         if (d / "billing.parquet").exists():
             args += ["--billing", str(d / "billing.parquet")]
         assert main(args) == 0
-        outs[mode] = pd.read_parquet(out)
-    a = outs["padded"]
+        outs[packed] = pd.read_parquet(out)
+    a, b = outs[False], outs[True]
     assert len(a) > 50
-    for mode in ("packed", "fused"):
-        b = outs[mode]
-        for col in ("user_id", "cluster", "n_sessions", "new_service_counts", "next_pages", "skipped_reason"):
-            assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), (mode, col)
-        assert [list(x) for x in a["new_services"]] == [list(x) for x in b["new_services"]], mode
-        for col in ("new_service_scores", "next_page_probs", "persona_similarity"):
-            x, y = (np.concatenate(t[col].to_numpy()) if t[col].dtype == object else t[col].to_numpy() for t in (a, b))
-            np.testing.assert_allclose(x, y, atol=1e-5, err_msg=f"{mode} {col}")
+    for col in ("user_id", "cluster", "n_sessions", "new_service_counts", "next_pages", "skipped_reason"):
+        assert a[col].astype(str).tolist() == b[col].astype(str).tolist(), col
+    assert [list(x) for x in a["new_services"]] == [list(x) for x in b["new_services"]]
+    for col in ("new_service_scores", "next_page_probs"):
+        np.testing.assert_allclose(np.concatenate(a[col].to_numpy()), np.concatenate(b[col].to_numpy()), atol=1e-5)
+    np.testing.assert_allclose(a["persona_similarity"].to_numpy(), b["persona_similarity"].to_numpy(), atol=1e-5)
 
 
 def test_packed_scoring_default_is_cuda_only(monkeypatch):
@@ -369,17 +365,13 @@ def test_packed_scoring_default_is_cuda_only(monkeypatch):
 
     import sessionbert.models.packed as P
     from sessionbert.cli import build_parser
-    from sessionbert.score import use_fused, use_packed
+    from sessionbert.score import use_packed
 
     cpu = torch.device("cpu")
     assert use_packed(None, cpu) is False and use_packed(True, cpu) is True and use_packed(False, cpu) is False
     monkeypatch.setattr(P, "has_varlen_kernel", lambda device: True)
     assert use_packed(None, cpu) is True and use_packed(False, cpu) is False
-    # the fused forward kernels: by default only on CUDA with Triton, never on the padded pass
-    assert use_fused(None, True, cpu) is False and use_fused(True, True, cpu) is True
-    assert use_fused(True, False, cpu) is False and use_fused(False, True, torch.device("cuda")) is False
     base = ["recommend", "--run", "r", "--events", "e", "--out", "o"]
     p = build_parser()
-    assert p.parse_args(base).packed is None and p.parse_args(base).fused is None
+    assert p.parse_args(base).packed is None
     assert p.parse_args(base + ["--packed"]).packed is True and p.parse_args(base + ["--no-packed"]).packed is False
-    assert p.parse_args(base + ["--fused"]).fused is True and p.parse_args(base + ["--no-fused"]).fused is False

@@ -114,7 +114,6 @@ def test_user_sample_is_seeded_and_bounded(scaled):
                                            ("corpus.max_users=0", "corpus.max_users"),
                                            ("score_all.workers=-1", "score_all.workers"),
                                            ("score_all.packed=maybe", "score_all.packed"),
-                                           ("score_all.fused=1", "score_all.fused"),
                                            ("runtime.prep_workers=-2", "runtime.prep_workers")])
 def test_scale_config_errors_name_the_key(tmp_path, override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
