@@ -5,13 +5,14 @@
 # step (session 8: fused_kernels_*.sh, results/fused_kernels_dev/), and the paper scale with every fused switch
 # (session 9: results/paper_scale_gpu_s9.md). Session 10's attention kernels: attention_bench.sh. Session 11:
 # prefetch_bench.sh, attention_stages.sh, final_checks_s11.sh, joined_qkv_bench.sh (a same-call A/B against a
-# `git archive` of the previous commit under .bench/: step_ab.sh).
-# 0. experiment=paper_scale with the kernels of sessions 10-11 (fused attention, prefetching row-wise kernels, one
-#    Q/K/V GEMM each way in backward; not yet run at paper scale; ~19 min in three chained calls, a whole session's
-#    device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again until done.
+# `git archive` of the previous commit under .bench/: step_ab.sh). Session 12: paper_scale.sh, embed_infer_bench.sh.
+# 0. (ran in session 12: results/paper_scale_gpu_s12.md) experiment=paper_scale with the kernels of sessions 10-11; the
+#    embeddings kernel of session 12 (models.fused_embed) is not yet run at paper scale (~19 min in three chained
+#    calls, a whole session's device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again.
+#    Session 12's step A/B measured seq 128 only: `SEQS=512 OLD=<git archive of 52e8bf1> step_ab prev embed512`.
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
 #
-# 1. On the 2-GPU kind (nvidia-h200-x2, not lent in sessions 6-11), goal 3 on the packed path with today's kernels
+# 1. On the 2-GPU kind (nvidia-h200-x2: not lent in sessions 6-11; listed at the end of session 12, too late), goal 3 on the packed path with today's kernels
 #    (~3 min):
 #      python3 experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv \
 #        --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention --out $OUT/bench_ddp_packed.json
