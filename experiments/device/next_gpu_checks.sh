@@ -12,8 +12,8 @@
 #    Session 12's step A/B measured seq 128 only: `SEQS=512 OLD=<git archive of 52e8bf1> step_ab prev embed512`.
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
 #
-# 1. On the 2-GPU kind (nvidia-h200-x2: not lent in sessions 6-11; listed at the end of session 12, too late), goal 3 on the packed path with today's kernels
-#    (~3 min):
+# 1. On the 2-GPU kind (nvidia-h200-x2: not lent in sessions 6-11; listed at the end of session 12, too late), goal 3
+#    on the packed path with today's kernels (~3 min):
 #      python3 experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv \
 #        --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention --out $OUT/bench_ddp_packed.json
 #    and the pipeline end to end under DDP: python3 train.py experiment=smoke trainer=ddp trainer.devices=2 \
