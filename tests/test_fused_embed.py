@@ -19,9 +19,8 @@ def _emb(h=24, vocab=50, positions=16, dropout=0.0, seed=0) -> BertEmbeddings:
     cfg = BertConfig(vocab_size=vocab, hidden_size=h, max_position_embeddings=positions, type_vocab_size=2,
                      hidden_dropout_prob=dropout, pad_token_id=0)
     emb = BertEmbeddings(cfg)
-    for mod in (emb.LayerNorm,):
-        torch.nn.init.normal_(mod.weight)
-        torch.nn.init.normal_(mod.bias)
+    torch.nn.init.normal_(emb.LayerNorm.weight)
+    torch.nn.init.normal_(emb.LayerNorm.bias)
     return emb
 
 

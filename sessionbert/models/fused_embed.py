@@ -32,14 +32,15 @@ from __future__ import annotations
 
 import torch
 
-from .fused_norm import _MAX_ELEMENTS, _block, _configs, _keep, available, row_partial_sums, triton
+from .fused_norm import (_MAX_ELEMENTS, _block, _configs, _keep, _normalise, _normalise_grad, _tile, available,
+                         row_partial_sums, triton)
 
 if triton is not None:
     import triton.language as tl
 
     @triton.jit
     def _sum_rows(IDS, POS, WE, PE, te, rows, ok, cols, mc, n_cols):
-        """word[ids] + position[pos] + te for `rows` (those with `ok`) in fp32, zeros elsewhere; the ids too."""
+        """word[ids] + position[pos] + te for `rows` (those with `ok`) in fp32, zeros elsewhere."""
         ids = tl.load(IDS + rows, mask=ok, other=0).to(tl.int64)
         pos = tl.load(POS + rows, mask=ok, other=0).to(tl.int64)
         m = ok[:, None] & mc[None, :]
@@ -59,10 +60,7 @@ if triton is not None:
         rows = tl.program_id(0) * RB + tl.arange(0, RB)
         ok = rows < n_rows
         m = ok[:, None] & mc[None, :]
-        e = _sum_rows(IDS, POS, WE, PE, te, rows, ok, cols, mc, n_cols)
-        mean = tl.sum(e, axis=1) / n_cols
-        d = tl.where(m, e - mean[:, None], 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+        d, mean, rstd = _normalise(_sum_rows(IDS, POS, WE, PE, te, rows, ok, cols, mc, n_cols), m, n_cols, eps)
         y = d * rstd[:, None] * w[None, :] + b[None, :]
         if DROPOUT:
             y = tl.where(_keep(seed, rows, p, RB, BLOCK), y / (1.0 - p), 0.0)
@@ -90,17 +88,14 @@ if triton is not None:
             ok = rows < end
             m = ok[:, None] & mc[None, :]
             off = rows[:, None] * n_cols + cols[None, :]  # int32: the wrapper checks N * H < 2**31
-            dy = tl.load(DY + off, mask=m, other=0.0).to(tl.float32)
+            dy = _tile(DY, rows, ok, cols, mc, n_cols).to(tl.float32)
             if DROPOUT:
                 dy = tl.where(_keep(seed, rows, p, RB, BLOCK), dy / (1.0 - p), 0.0)
             e = _sum_rows(IDS, POS, WE, PE, te, rows, ok, cols, mc, n_cols)
             mean = tl.load(Mean + rows, mask=ok, other=0.0)
             rstd = tl.load(Rstd + rows, mask=ok, other=0.0)
             xh = tl.where(m, (e - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = w[None, :] * dy
-            c1 = tl.sum(xh * wdy, axis=1) / n_cols
-            c2 = tl.sum(wdy, axis=1) / n_cols
-            de = (wdy - (xh * c1[:, None] + c2[:, None])) * rstd[:, None]
+            de = _normalise_grad(dy, xh, w, rstd, n_cols)
             tl.store(DE + off, de, mask=m)
             dw += dy * xh
             db += dy

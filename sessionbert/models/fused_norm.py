@@ -86,6 +86,22 @@ if triton is not None:
         return _tile(A, rows, ok, cols, mc, n_cols), _tile(X, rows, ok, cols, mc, n_cols)
 
     @triton.jit
+    def _normalise(z, m, n_cols, eps):
+        """(z - mean, mean, rstd) of the fp32 tile z's rows over their columns in `m` (zeros outside it)."""
+        mean = tl.sum(z, axis=1) / n_cols
+        d = tl.where(m, z - mean[:, None], 0.0)
+        return d, mean, 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+
+    @triton.jit
+    def _normalise_grad(dy, xh, w, rstd, n_cols):
+        """LayerNorm's input gradient (fp32) from the output gradient dy, the normalised input xh, the weight w and
+        the rows' rstd."""
+        wdy = w[None, :] * dy
+        c1 = tl.sum(xh * wdy, axis=1) / n_cols
+        c2 = tl.sum(wdy, axis=1) / n_cols
+        return (wdy - (xh * c1[:, None] + c2[:, None])) * rstd[:, None]
+
+    @triton.jit
     def _keep(seed, rows, p, RB: tl.constexpr, BLOCK: tl.constexpr):
         """(RB, BLOCK) dropout keep-mask of `rows`: one Philox call gives 4 draws (`tl.rand4x`), laid out
         interleaved (column 4c + 2i + k takes draw 2k + i of counter row * BLOCK / 4 + c), so the RNG costs a
@@ -132,10 +148,8 @@ if triton is not None:
                 a = tl.where(_keep(seed, rows, p, RB, BLOCK), a / (1.0 - p), 0.0)
             zq = (a + x.to(tl.float32)).to(Z.dtype.element_ty)
             tl.store(Z + off, zq, mask=m)
-            z = zq.to(tl.float32)  # statistics of the stored (rounded) z: backward recomputes from it
-            mean = tl.sum(z, axis=1) / n_cols
-            d = tl.where(m, z - mean[:, None], 0.0)
-            rstd = 1.0 / tl.sqrt(tl.sum(d * d, axis=1) / n_cols + eps)
+            # statistics of the stored (rounded) z: backward recomputes from it
+            d, mean, rstd = _normalise(zq.to(tl.float32), m, n_cols, eps)
             tl.store(Y + off, (d * rstd[:, None] * w[None, :] + b[None, :]).to(Y.dtype.element_ty), mask=m)
             tl.store(Mean + rows, mean, mask=rows < end)
             tl.store(Rstd + rows, rstd, mask=rows < end)
@@ -184,10 +198,7 @@ if triton is not None:
                 dy, z, mean, rstd = _bwd_rows(DY, Z, Mean, Rstd, rows, ok, cols, mc, n_cols)
             dy = dy.to(tl.float32)
             xh = tl.where(m, (z.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
-            wdy = w[None, :] * dy
-            c1 = tl.sum(xh * wdy, axis=1) / n_cols
-            c2 = tl.sum(wdy, axis=1) / n_cols
-            dz = (wdy - (xh * c1[:, None] + c2[:, None])) * rstd[:, None]
+            dz = _normalise_grad(dy, xh, w, rstd, n_cols)
             tl.store(DX + off, dz.to(DX.dtype.element_ty), mask=m)
             if DROPOUT:
                 dz = tl.where(_keep(seed, rows, p, RB, BLOCK), dz / (1.0 - p), 0.0)
