@@ -30,6 +30,7 @@ def test_without_triton_kernels_embed_is_bert_embeddings():
     ids, pos = torch.tensor([3, 0, 7, 49, 1]), torch.tensor([0, 1, 2, 0, 1])
     ref = emb(input_ids=ids[None], position_ids=pos[None], token_type_ids=torch.zeros_like(ids)[None])[0]
     torch.testing.assert_close(embed(emb, ids, pos), ref)
+    torch.testing.assert_close(embed(emb, ids, pos, fused=False), ref)
     assert embed(emb, ids, pos, torch.bfloat16).dtype == torch.bfloat16
 
 

@@ -157,16 +157,17 @@ class _EmbedLayerNorm(torch.autograd.Function):
 _apply = torch.compiler.disable(_EmbedLayerNorm.apply)  # out of torch.compile graphs, as fused_norm's kernels
 
 
-def embed(emb, input_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def embed(emb, input_ids: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype | None = None,
+          fused: bool = True) -> torch.Tensor:
     """(N, H) embeddings of a packed (N,) stream through HF `BertEmbeddings` `emb` (token type 0, positions
-    `position_ids`), in `dtype` (default: the tables' dtype). One Triton kernel each way where `available` on the ids'
-    device (dropout from `emb.dropout` while it trains), otherwise `emb` itself."""
+    `position_ids`), in `dtype` (default: the tables' dtype). With `fused`, one Triton kernel each way where
+    `available` on the ids' device (dropout from `emb.dropout` while it trains); otherwise `emb` itself."""
     if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
         raise ValueError(f"embed: input_ids {tuple(input_ids.shape)} and position_ids {tuple(position_ids.shape)} "
                          f"must be the same (N,) stream")
     tables = (emb.word_embeddings.weight, emb.position_embeddings.weight, emb.token_type_embeddings.weight)
     dtype = dtype or tables[0].dtype
-    fused = (available(input_ids.device) and input_ids.numel() * tables[0].shape[1] <= _MAX_ELEMENTS
+    fused = (fused and available(input_ids.device) and input_ids.numel() * tables[0].shape[1] <= _MAX_ELEMENTS
              and getattr(emb, "position_embedding_type", "absolute") == "absolute")
     if not fused:
         return emb(input_ids=input_ids[None], position_ids=position_ids[None],

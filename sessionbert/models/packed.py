@@ -115,12 +115,8 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     # same in backward (measured: ~12% of an H200 step in casts). LayerNorm runs on bf16 input and bf16 copies of its
     # weights (statistics accumulate in fp32); all weights stay fp32 master copies, cast per step like autocast's.
     amp = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
-    if fused_norm:  # the embeddings' sum + LayerNorm + dropout as one kernel each way, written in amp's dtype
-        x = embed(bert.embeddings, input_ids, position_ids, amp)
-    else:
-        x = bert.embeddings(input_ids=input_ids[None], position_ids=position_ids[None],
-                            token_type_ids=torch.zeros_like(input_ids)[None])[0]  # (N, H)
-        x = x if amp is None else x.to(amp)
+    # (N, H) in amp's dtype; with fused_norm the lookups' sum + LayerNorm + dropout as one kernel each way
+    x = embed(bert.embeddings, input_ids, position_ids, amp, fused=fused_norm)
     n, h = x.shape
     # with the fused attention kernels (q / k / v in x's dtype), the Q / K / V projections add their biases detached
     # and those kernels sum the biases' gradients
