@@ -12,7 +12,9 @@ and forward + backward, as JSON lines with the ms per call:
   bandwidth;
 - `dense_gelu`: the (H -> 4H) GEMM + bias + GELU, fused (`bias_gelu`) or eager;
 - `embed`: the packed encoder's embeddings (HF `BertEmbeddings`: word + position + token-type lookups, LayerNorm,
-  dropout 0.1, then the cast to bf16; or `models.fused_embed.embed`), backward into the fp32 tables.
+  dropout 0.1, then the cast to bf16; or `models.fused_embed.embed`), backward into the fp32 tables; also `embed`
+  with the tables' scatter as `index_add_` (`fused_index_add`, session 12's: notes_speed.md #48).
+`--groups` picks some of them (default: all).
 Both GEMM groups run under bf16 autocast with fp32 weights, as training does. `--compare-module FILE` adds the
 `norm` / `dense_norm` rows of another version of `fused_norm.py` (an A/B of kernel versions in one process).
 
@@ -50,6 +52,9 @@ def _load(path: str):
     return mod
 
 
+GROUPS = ("norm", "gelu", "dense_norm", "dense_gelu", "embed")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=131072)
@@ -58,8 +63,13 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--compare-module", metavar="FILE", help="another fused_norm.py to measure beside this one")
+    ap.add_argument("--groups", default=",".join(GROUPS), help=f"comma-separated, of {','.join(GROUPS)}")
     ap.add_argument("--out")
     a_ = ap.parse_args(argv)
+    groups = set(a_.groups.split(","))
+    if not groups <= set(GROUPS):
+        raise SystemExit(f"bench_fused_norm: --groups {a_.groups}: unknown {sorted(groups - set(GROUPS))}; "
+                         f"choose among {','.join(GROUPS)}")
     device = torch.device(a_.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if not available(device):
@@ -77,6 +87,8 @@ def main(argv=None):
 
     def measure(group, name, fn, inputs, p=None, traffic=None):
         """One row; `traffic`: the (forward, backward) bytes that must move at the least, for the bandwidth."""
+        if group not in groups:
+            return
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             fwd, fb, _ = timed(fn, inputs, a_.repeats, 3, device)
         bwd = fb - fwd
@@ -118,6 +130,13 @@ def main(argv=None):
     measure("embed", "eager", lambda i, q: emb(input_ids=i[None], position_ids=q[None],
                                                token_type_ids=torch.zeros_like(i)[None])[0].to(dtype), (ids, pos), 0.1)
     measure("embed", "fused", lambda i, q: fused_embed.embed(emb, i, q, dtype), (ids, pos), 0.1)
+    scatter = fused_embed._scatter  # session 12's scatter (its padding row left as is: the same work otherwise)
+    fused_embed._scatter = lambda table, index, rows, padding_idx=None: torch.zeros(
+        table.shape, dtype=torch.float32, device=rows.device).index_add_(0, index, rows)
+    try:
+        measure("embed", "fused_index_add", lambda i, q: fused_embed.embed(emb, i, q, dtype), (ids, pos), 0.1)
+    finally:
+        fused_embed._scatter = scatter
     write_rows(rows, a_.out)
     return rows
 

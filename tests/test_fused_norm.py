@@ -56,6 +56,13 @@ def test_bad_arguments_are_refused():
         bias_gelu(torch.zeros(2, 8), torch.zeros(6))
 
 
+def test_attention_backward_blocks_shrink_to_the_longest_session():
+    """Keys per attention-backward program: 128, or the length bucket (>= 32) when every session is shorter."""
+    from sessionbert.models.fused_attention import _bwd_block_n
+    assert [_bwd_block_n(n) for n in (1, 20, 32, 33, 64, 65, 128, 129, 512)] == [32, 32, 32, 64, 64, 128, 128, 128,
+                                                                                  128]
+
+
 def test_without_triton_the_bias_gelu_is_eager_gelu():
     """On a CPU (no interpreter) bias_gelu is gelu(y + bias) in eager PyTorch, gradients included."""
     torch.manual_seed(0)
@@ -388,7 +395,10 @@ for name, cfgs in tiles.items():
     for kw in cfgs:
         tuner.configs = [triton.Config(kw, num_warps=4)]
         tuner.cache.clear()
-        errs[f"{name}{kw}"] = attention_case([5, 128, 1, 77, 130, 3, 200])
+        cases = [[5, 128, 1, 77, 130, 3, 200]]
+        if name == "_attn_bwd_kv":  # backward programs of 64 and of 32 keys (_bwd_block_n: every session that short)
+            cases += [[5, 64, 1, 37, 3], [5, 20, 1, 9, 32]]
+        errs[f"{name}{kw}"] = max(attention_case(c) for c in cases)
     tuner.configs = offered
     tuner.cache.clear()
 out["attn_tiles_max_rel_err"] = max(errs.values())
@@ -466,6 +476,12 @@ sys.path.insert(0, "experiments")
 import bench_fused_norm
 rows = bench_fused_norm.main(["--device", "cpu", "--rows", "8", "--hidden", "16", "--repeats", "1"])
 out["bench_variants"] = sorted({(r["group"], r["variant"], str(r["dropout"])) for r in rows})
+rows = bench_fused_norm.main(["--device", "cpu", "--rows", "8", "--hidden", "16", "--repeats", "1", "--groups", "embed"])
+out["bench_embed_variants"] = [r["variant"] for r in rows]
+try:
+    bench_fused_norm.main(["--device", "cpu", "--groups", "embed,norms"])
+except SystemExit as e:
+    out["bench_bad_group"] = str(e)
 print("RESULT " + json.dumps(out))
 """
 
@@ -514,9 +530,11 @@ def test_triton_kernels_under_the_interpreter():
     assert out["gelu_empty"] == [[0, 16], 0.0]
     assert out["bench_variants"] == [
         ["dense_gelu", "eager", "None"], ["dense_gelu", "fused", "None"], ["dense_norm", "eager", "0.1"],
-        ["dense_norm", "fused", "0.1"], ["embed", "eager", "0.1"], ["embed", "fused", "0.1"], ["gelu", "eager", "None"],
-        ["gelu", "fused", "None"], ["norm", "eager", "0.0"], ["norm", "eager", "0.1"], ["norm", "fused", "0.0"],
-        ["norm", "fused", "0.1"]]
+        ["dense_norm", "fused", "0.1"], ["embed", "eager", "0.1"], ["embed", "fused", "0.1"],
+        ["embed", "fused_index_add", "0.1"], ["gelu", "eager", "None"], ["gelu", "fused", "None"],
+        ["norm", "eager", "0.0"], ["norm", "eager", "0.1"], ["norm", "fused", "0.0"], ["norm", "fused", "0.1"]]
+    assert out["bench_embed_variants"] == ["eager", "fused", "fused_index_add"]
+    assert "--groups embed,norms: unknown ['norms']" in out["bench_bad_group"]
 
 
 def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):

@@ -1,6 +1,7 @@
 """On a GPU: `models.fused_attention` (pretrain.fused_attention) against torch's varlen FlashAttention, both in bf16,
 each compared with fp32 attention (the padded SDPA fallback of `models.packed.varlen_attention` on fp32 copies).
-Sessions up to 128 tokens (one backward kernel) and up to 512 (the dq kernel too), q / k / v as column views of one
+Sessions up to 32 and 64 tokens (backward programs of 32 / 64 keys), up to 128 (one backward kernel) and up to 512
+(the dq kernel too), q / k / v as column views of one
 (N, 3 * 768) projection plus the Q / K / V biases, as in the packed encoder: for fp32 and varlen the bias adds are in
 autograd's graph; for the Triton kernels the biases are added detached and the kernels sum their gradients
 (`bias_grads`). Max relative error of the output, of dq, dk, dv, and of the query / value bias gradients
@@ -14,7 +15,7 @@ from sessionbert.models.packed import varlen_attention
 
 torch.manual_seed(0)
 out = {}
-for seq, lo in ((128, 1), (512, 1), (512, 200)):
+for seq, lo in ((32, 1), (64, 1), (128, 1), (512, 1), (512, 200)):
     lens = torch.randint(lo, seq + 1, (400,))
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = lens.cumsum(0)

@@ -40,6 +40,7 @@ import torch
 from .fused_norm import _configs, available, triton
 
 BLOCK_N_BWD = 128  # keys per backward program: a session up to this long gets dq from the same kernel
+MIN_BLOCK_N_BWD = 32  # fewer keys per backward program when every session is this short or shorter (_bwd_block_n)
 
 if triton is not None:
     import triton.language as tl
@@ -207,6 +208,14 @@ def _len_bucket(max_len: int) -> int:
     return 1 << max(0, int(max_len) - 1).bit_length()
 
 
+def _bwd_block_n(max_len: int) -> int:
+    """Keys per backward program: BLOCK_N_BWD, or the length bucket when every session is shorter (down to
+    MIN_BLOCK_N_BWD). Either way such sessions are one key block (same grid, one-kernel dq); the smaller block
+    skips the masked key rows' dot products (half of each program at seq_len 64, the paper scale's; notes_speed.md
+    #49)."""
+    return min(BLOCK_N_BWD, max(MIN_BLOCK_N_BWD, _len_bucket(max_len)))
+
+
 def _check(q, k, v, cu_seqlens):
     if q.dim() != 3 or k.shape != q.shape or v.shape != q.shape:
         raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: want three equal "
@@ -248,7 +257,8 @@ class _Attention(torch.autograd.Function):
         # as one GEMM (`branch_linear.branch_in`) then takes them as one matrix, with no copy (notes_speed.md #45)
         dq, dk, dv = torch.empty(n, 3, heads, d, dtype=q.dtype, device=q.device).unbind(1)
         b, bucket = cu.numel() - 1, _len_bucket(max_len)
-        blocks, long = -(-max_len // BLOCK_N_BWD), max_len > BLOCK_N_BWD
+        block_n = _bwd_block_n(max_len)
+        blocks, long = -(-max_len // block_n), max_len > block_n
         # per-program column sums of dq / dk / dv (the biases' gradients), added up below; idle programs leave zeros
         db = torch.zeros(b * blocks if has_db else 1, 3, heads * d, dtype=torch.float32, device=q.device)
         min_bm = min(c.kwargs["BLOCK_M"] for c in _attn_bwd_q.configs)  # rows for its smallest query block
@@ -259,11 +269,11 @@ class _Attention(torch.autograd.Function):
             _attn_bwd_kv[(b, blocks, heads)](
                 q, k, v, o, do, dq, dk, dv, db, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0),
                 do.stride(0), dq.stride(0), dk.stride(0), dv.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d,
-                BLOCK_N=BLOCK_N_BWD)
+                BLOCK_N=block_n)
             if long:
                 _attn_bwd_q[lambda meta: (b, triton.cdiv(max_len, meta["BLOCK_M"]), heads)](
                     q, k, v, o, do, dq, dbq, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
-                    dq.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d, BLOCK_N=BLOCK_N_BWD)
+                    dq.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d, BLOCK_N=block_n)
         dbias = ()
         if has_db:
             sums = db.sum(0)

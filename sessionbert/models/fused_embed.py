@@ -11,8 +11,8 @@ which sorts the indices first). Here:
   backward, a read of two rows, instead of keeping an (N, H) fp32 copy);
 - backward: one kernel drops the same positions again, runs LayerNorm's backward and writes the (N, H) fp32 gradient of
   the sum, with per-program partial sums of the LayerNorm weight / bias gradients and of the token-type row's
-  gradient; `index_add_` scatters that gradient into the word and position tables (CUDA atomics; with
-  `torch.use_deterministic_algorithms(True)` the sorted, deterministic `index_put_(accumulate=True)` instead).
+  gradient; `nn.Embedding`'s own backward op (`embedding_dense_backward`: sorted segment sums, deterministic) scatters
+  that gradient into the word and position tables.
 
 Measured on one H200 (experiments/results/fused_kernels_dev/s12_call1_embed/, 131,072 rows x 768, dropout 0.1):
 forward 1.76 -> 0.37 ms, forward + backward 4.63 -> 2.41 ms; the BERT-base step at seq 128 801.9k -> 809.6k real
@@ -106,12 +106,14 @@ if triton is not None:
         tl.store(DTp + pid * n_cols + cols, tl.sum(dt, axis=0), mask=mc)
 
 
-def _scatter(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """Gradient of `table[index]` given the gradient `rows` of the lookup, in fp32."""
-    out = torch.zeros(table.shape, dtype=torch.float32, device=rows.device)
-    if torch.are_deterministic_algorithms_enabled():  # index_add_ on CUDA adds with atomics, in no fixed order
-        return out.index_put_((index,), rows, accumulate=True)
-    return out.index_add_(0, index, rows)
+def _scatter(table: torch.Tensor, index: torch.Tensor, rows: torch.Tensor, padding_idx: int | None = None
+             ) -> torch.Tensor:
+    """Gradient of `table[index]` given the fp32 gradient `rows` of the lookup, in fp32, the `padding_idx` row zero:
+    `nn.Embedding`'s own backward op (`embedding_dense_backward`: on CUDA it sorts the indices and sums each id's rows
+    as a segment, deterministic, where `index_add_` adds 100M fp32 atomics per table in no fixed order; notes_speed.md
+    #48)."""
+    return torch.ops.aten.embedding_dense_backward(rows, index, table.shape[0],
+                                                   -1 if padding_idx is None else padding_idx, False)
 
 
 class _EmbedLayerNorm(torch.autograd.Function):
@@ -144,9 +146,7 @@ class _EmbedLayerNorm(torch.autograd.Function):
                 ctx.p, ctx.seed, BLOCK=_block(h), DROPOUT=ctx.p > 0)
 
         sums = row_partial_sums(_bwd_kernel, n, h, 3, dy.device, launch)
-        d_word = _scatter(word, ids, de)
-        if ctx.padding_idx is not None:
-            d_word[ctx.padding_idx] = 0
+        d_word = _scatter(word, ids, de, ctx.padding_idx)
         d_type = torch.zeros(token_type.shape, dtype=torch.float32, device=dy.device)
         d_type[0] = sums[2]
         return (None, None, d_word.to(word.dtype), _scatter(position, pos, de).to(position.dtype),
