@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
-# The next device calls (experiments/notes_speed.md, sessions 7-11). Earlier contents of this script ran on 2026-11-29:
+# The next device calls (experiments/notes_speed.md, sessions 7-13). Earlier contents of this script ran on 2026-11-29:
 # fused QKV A/B and packed vs padded scoring (results/bench_gpu_fusedqkv.md, bench_inference_packed_gpu.txt), the
 # attention kernels (results/bench_attention_seq*_{sdpa,njt_flex}.json), the fused LayerNorm kernels alone and in the
 # step (session 8: fused_kernels_*.sh, results/fused_kernels_dev/), and the paper scale with every fused switch
 # (session 9: results/paper_scale_gpu_s9.md). Session 10's attention kernels: attention_bench.sh. Session 11:
 # prefetch_bench.sh, attention_stages.sh, final_checks_s11.sh, joined_qkv_bench.sh (a same-call A/B against a
 # `git archive` of the previous commit under .bench/: step_ab.sh). Session 12: paper_scale.sh, embed_infer_bench.sh.
+# Session 13: s13_bench.sh, fp8_bench.py.
 # 0. (ran in session 12: results/paper_scale_gpu_s12.md) experiment=paper_scale with the kernels of sessions 10-11; the
-#    embeddings kernel of session 12 (models.fused_embed) is not yet run at paper scale (~19 min in three chained
-#    calls, a whole session's device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again.
-#    Session 12's step A/B measured seq 128 only: `SEQS=512 OLD=<git archive of 52e8bf1> step_ab prev embed512`.
+#    embeddings kernel of session 12 (models.fused_embed) and session 13's short attention-backward programs (+1.9%
+#    at seq 64, the paper scale's) are not yet run at paper scale (~19 min in three chained calls, a whole session's
+#    device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again. (Session 12's missing
+#    seq-512 A/B ran in session 13: results/bench_gpu_s13.md.)
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
 #
-# 1. On the 2-GPU kind (nvidia-h200-x2: not lent in sessions 6-11; listed at the end of session 12, too late), goal 3
+# 1. On the 2-GPU kind (nvidia-h200-x2: not lent in sessions 6-11 and 13; listed at the end of session 12, too late), goal 3
 #    on the packed path with today's kernels (~3 min):
 #      python3 experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv \
 #        --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention --out $OUT/bench_ddp_packed.json

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Two chained H200 calls, session 13: PART=ab (1., ~450 s) then PART=micro (2.-5., ~150 s); most important first
 # (results.tgz is rewritten after each part; the call's limit may cut the end). Needs .bench carried: lengths_sim.npy, hf_peer_mlm.py, old_s13 (a `git archive` of ed7fd75's sessionbert/,
-# conf/ and benchmarks), site/ (hydra, omegaconf, antlr4 and torchao 0.18 without its compiled extensions).
+# conf/ and benchmarks), site/ (hydra, omegaconf, antlr4), fp8site/ (torchao 0.18 without its compiled
+# extensions: apart, as transformers probes torchao on import).
 # 1. the step with every switch, the previous commit (.bench/old_s13) then this tree beside the HF reference, seq 64,
 #    128 and 512 (step_ab.sh): #48 (the embeddings' table gradients through embedding_dense_backward) and #49
 #    (attention-backward programs of 64 keys when every session fits 64: seq 64); seq 512 also refreshes the headline
@@ -29,6 +30,6 @@ tar czf $OUT/results.tgz -C $R .
 PYTHONPATH=$PWD:$PYTHONPATH python3 experiments/bench_fused_norm.py --groups embed --out $R/bench_embed.json 2>&1 \
   | cut -c1-300
 tar czf $OUT/results.tgz -C $R .
-PYTHONPATH=$PWD:$PYTHONPATH python3 experiments/device/fp8_bench.py --out $R/fp8_bench.json 2>$R/fp8_bench.err \
+PYTHONPATH=$PWD/.bench/fp8site:$PWD:$PYTHONPATH python3 experiments/device/fp8_bench.py --out $R/fp8_bench.json 2>$R/fp8_bench.err \
   | cut -c1-300; tail -3 $R/fp8_bench.err | cut -c1-300
 tar czf $OUT/results.tgz -C $R . && rm -rf $R
