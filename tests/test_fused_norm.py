@@ -300,6 +300,20 @@ for rb in (2, 4, 8):
         torch.testing.assert_close(parts.sum(0), br.grad, rtol=1e-4, atol=1e-4, msg=f"gelu dbias {msg}")
         tiles.append([rb, rows, prefetch])
 out["gelu_tiles"] = tiles
+# the kernels' GELU and its derivative (bias 0, output gradient 1) against float64 over [-12, 12], tails included
+v = torch.linspace(-12, 12, 4800).view(100, 48)
+zero, ones = torch.zeros(48), torch.ones(100, 48)
+o, dv, parts = torch.empty(100, 48), torch.empty(100, 48), torch.empty(50, 48)
+fg._fwd_kernel.fn[(50, 1)](v, zero, o, 100, 48, RB=2, BC=fg._bc(48), ROWS=2, PREFETCH=False)
+fg._bwd_kernel.fn[(50, 1)](ones, v, zero, dv, parts, 100, 48, RB=2, ROWS=2, BC=fg._bc(48), PREFETCH=False)
+v64 = v.double()
+phi64 = 0.5 * torch.special.erfc(-v64 / 2 ** 0.5)
+g64, d64 = v64 * phi64, phi64 + v64 * torch.exp(-0.5 * v64 * v64) / (2 * torch.pi) ** 0.5
+tiny = g64.abs() > 1e-30
+erf_g = v * 0.5 * (1 + torch.erf(v * 0.7071067811865476))  # the textbook form in fp32 (F.gelu's)
+out["gelu_vs_float64"] = [float((o.double() - g64).abs().max()), float((dv.double() - d64).abs().max()),
+                          float(((o.double() - g64).abs() / g64.abs())[tiny].max()),
+                          float(((erf_g.double() - g64).abs() / g64.abs())[tiny].max())]
 yb = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
 bb = torch.randn(32, requires_grad=True)
 ob = fg.bias_gelu(yb, bb)
@@ -524,6 +538,10 @@ def test_triton_kernels_under_the_interpreter():
     assert "a label outside [0, 10) that is not ignore_index -100" in out["ce_bad_label"]
     assert out["ln_tiles"] == [[rb, rows, pf] for rb in (1, 2, 4, 8) for rows in (16, 32) for pf in (False, True)]
     assert out["gelu_70x48"] == out["gelu_9x1500"] == "equal"
+    # fp32-exact GELU and derivative (absolute), and relative accuracy in the negative tail, where the textbook
+    # 0.5 v (1 + erf(v / sqrt 2)) in fp32 loses every digit (1 + erf cancels)
+    g_abs, d_abs, g_rel, erf_rel = out["gelu_vs_float64"]
+    assert g_abs < 1e-6 and d_abs < 1e-6 and g_rel < 1e-4 and erf_rel > 0.5
     assert out["gelu_tiles"] == [[rb, rows, pf] for rb in (2, 4, 8) for rows in (32, 64) for pf in (False, True)]
     assert out["gelu_bf16_dtypes"] == ["torch.bfloat16", "torch.bfloat16", "torch.float32"]
     assert out["gelu_bf16_max_err"] < 0.05

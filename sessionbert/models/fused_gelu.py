@@ -6,8 +6,9 @@ its gradient one pass backward (read the output gradient and the pre-activation,
 and the bias gradient is one more full read of that (N, 4H) gradient (`aten::sum` in `AddmmBackward`). Here the GEMM
 runs without its bias, one Triton kernel adds it and applies GELU, and one backward kernel writes the pre-activation
 gradient and, from the same registers, per-program partial column sums that one small torch reduction turns into the
-bias gradient: the separate pass over the (N, 4H) gradient is gone. Exact (erf) GELU, as BERT's `hidden_act="gelu"`;
-arithmetic in fp32, inputs and outputs in the activations' dtype; the bias read in its own dtype (fp32 master).
+bias gradient: the separate pass over the (N, 4H) gradient is gone. Exact (erf) GELU, as BERT's `hidden_act="gelu"`,
+to fp32 precision (`_gelu_parts`); arithmetic in fp32, inputs and outputs in the activations' dtype; the bias read in
+its own dtype (fp32 master).
 
 Why our own kernel: cuBLASLt has bias-gradient and GELU epilogues, but torch exposes only the forward tanh-GELU one
 (`_addmm_activation`); torch.compile's fused kernels for the encoder's elementwise work were slower than eager here
@@ -26,8 +27,18 @@ if triton is not None:
 
     @triton.jit
     def _gelu_parts(v):
-        """(gelu(v), gelu'(v)) in fp32, exact: 0.5 v (1 + erf(v / sqrt 2)) and its derivative."""
-        cdf = 0.5 * (1.0 + tl.math.erf(v * 0.7071067811865476))
+        """(gelu(v), gelu'(v)) in fp32, exact GELU v * Phi(v) and its derivative Phi(v) + v phi(v), where the normal
+        CDF Phi(v) = erfc(-v / sqrt 2) / 2 comes from erfc's Chebyshev fit of Numerical Recipes (`erfcc`: relative
+        error < 1.2e-7 everywhere, one exp and nine FMAs) instead of libdevice's erf: ~2.5x fewer instructions, which
+        is what bounds these kernels (~50 per element against 4-6 bytes moved: notes_speed.md #51), and accurate in
+        the negative tail too, where 1 + erf(v / sqrt 2) cancels (tests/test_fused_norm.py: against float64)."""
+        z = tl.abs(v) * 0.7071067811865476
+        t = 1.0 / (1.0 + 0.5 * z)
+        r = 1.48851587 + t * (-0.82215223 + t * 0.17087277)
+        r = -0.18628806 + t * (0.27886807 + t * (-1.13520398 + t * r))
+        r = -1.26551223 + t * (1.00002368 + t * (0.37409196 + t * (0.09678418 + t * r)))
+        half_erfc = 0.5 * t * tl.exp(r - z * z)  # erfc(|v| / sqrt 2) / 2 = Phi(-|v|)
+        cdf = tl.where(v < 0, half_erfc, 1.0 - half_erfc)
         return v * cdf, cdf + v * tl.exp(-0.5 * v * v) * 0.3989422804014327
 
     # Each program takes ROWS rows of one BC-wide column block in tiles of RB: one tile (ROWS = RB), or a loop with
