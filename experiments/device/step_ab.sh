@@ -4,8 +4,13 @@
 # reference), then with this tree beside the reference, seq ${SEQS:-128 512}, one after the other in the same call.
 # Writes $R/bench_gpu_$1.{json,md} (older tree) and $R/bench_gpu_$2.{json,md} (this tree) and copies the two tables to
 # $OUT. Usage: OLD=.bench/old_s11 step_ab prev joined
+# The first benchmark process of a call ran ~3% slow in session 13 (the older tree at seq 128: 784.9k first, 811.4k /
+# 812.3k when interleaved later in the next call, fused_kernels_dev/s13_call6_order/): a short warm-up process runs
+# first, and its numbers are not kept (WARM=0 skips it).
 step_ab() {
   local sw="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
+  [ "${WARM:-1}" = 1 ] && python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer $sw --seq-lens 128 \
+    --steps 20 --out /tmp/step_ab_warm.json > /dev/null 2>&1
   (cd "$OLD" && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $sw --seq-lens ${SEQS:-128 512} \
     --out $R/bench_gpu_$1.json --md $R/bench_gpu_$1.md 2>&1 | grep -E '^\||Error' | cut -c1-300)
   python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py $sw --seq-lens ${SEQS:-128 512} \
