@@ -486,6 +486,16 @@ ye = fn.dropout_add_layer_norm(e, torch.zeros(0, 16), torch.nn.LayerNorm(16), 0.
 ye.sum().backward()
 out["empty"] = list(ye.shape)
 
+# the dropout mask's draws (`_keep`: eight 16-bit draws per Philox call): the drop share in each of the eight column
+# slots of a call, and no tie between the two halves of one 32-bit draw (columns 4 apart in a group of eight)
+torch.manual_seed(5)
+ar = torch.randn(512, 256).requires_grad_()
+yk = fn.dropout_add_layer_norm(ar, torch.randn(512, 256), torch.nn.LayerNorm(256), 0.5)
+yk.backward(torch.randn(512, 256))
+dropped = (ar.grad == 0).view(512, 32, 8).float()
+out["keep_slot_shares"] = [round(float(v), 3) for v in dropped.mean((0, 1))]
+out["keep_half_agreement"] = float((dropped[..., :4] == dropped[..., 4:]).float().mean())
+
 sys.path.insert(0, "experiments")
 import bench_fused_norm
 rows = bench_fused_norm.main(["--device", "cpu", "--rows", "8", "--hidden", "16", "--repeats", "1"])
@@ -552,6 +562,9 @@ def test_triton_kernels_under_the_interpreter():
         ["embed", "fused_index_add", "0.1"], ["gelu", "eager", "None"], ["gelu", "fused", "None"],
         ["norm", "eager", "0.0"], ["norm", "eager", "0.1"], ["norm", "fused", "0.0"], ["norm", "fused", "0.1"]]
     assert out["bench_embed_variants"] == ["eager", "fused", "fused_index_add"]
+    # 16,384 draws per slot at p = 0.5: share 0.5 +- 0.004 (one sigma); two independent halves agree half the time
+    assert all(0.48 < v < 0.52 for v in out["keep_slot_shares"]), out["keep_slot_shares"]
+    assert 0.48 < out["keep_half_agreement"] < 0.52
     assert "--groups embed,norms: unknown ['norms']" in out["bench_bad_group"]
 
 

@@ -12,8 +12,9 @@ kernel does the forward pass and one the backward pass (+4.9% real tokens/s for 
 - backward: reads the output gradient and `z` once, writes the gradients of the residual and of the dense output,
   and per-program partial sums of the LayerNorm weight / bias gradients and of the dense bias gradient (summed by
   one small torch reduction: the dense bias gradient needs no pass of its own over the (N, 768) gradient);
-- dropout keeps no mask: it is drawn from a counter-based generator (Philox, four draws per call, `tl.rand4x`) seeded
-  per call from torch's CPU generator (so `torch.manual_seed` makes runs repeatable), and drawn again in backward.
+- dropout keeps no mask: it is drawn from a counter-based generator (Philox, eight 16-bit draws per call, `_keep`)
+  seeded per call from torch's CPU generator (so `torch.manual_seed` makes runs repeatable), and drawn again in
+  backward.
 
 Why our own kernel: no library in our dependency set fuses these (Apex and TransformerEngine do, but need CUDA
 builds users must compile); torch.compile fuses them, but its generated LayerNorm backward took 2.5 ms per call on an
@@ -103,13 +104,19 @@ if triton is not None:
 
     @triton.jit
     def _keep(seed, rows, p, RB: tl.constexpr, BLOCK: tl.constexpr):
-        """(RB, BLOCK) dropout keep-mask of `rows`: one Philox call gives 4 draws (`tl.rand4x`), laid out
-        interleaved (column 4c + 2i + k takes draw 2k + i of counter row * BLOCK / 4 + c), so the RNG costs a
-        quarter of one `tl.rand` per element; backward draws the same mask again from (seed, rows)."""
-        q = tl.arange(0, BLOCK // 4)
-        r0, r1, r2, r3 = tl.rand4x(seed, rows[:, None] * (BLOCK // 4) + q[None, :])
-        r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (RB, BLOCK))
-        return r >= p
+        """(RB, BLOCK) dropout keep-mask of `rows`: one Philox call (`tl.randint4x`, counter row * BLOCK / 8 + c)
+        gives four 32-bit draws, each split into two 16-bit uniforms, so the RNG costs an eighth of one `tl.rand` per
+        element (session 12: a quarter, one 32-bit draw each; notes_speed.md #52). Keep where the 16-bit draw is
+        >= round(p * 65536): the drop probability is p to within 2**-17 (0.100006 for 0.1). The eight draws of a
+        counter fill eight adjacent columns; backward draws the same mask again from (seed, rows)."""
+        q = tl.arange(0, BLOCK // 8)
+        r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (BLOCK // 8) + q[None, :])
+        thr = tl.cast(p * 65536.0 + 0.5, tl.int32)
+        k0, k1, k2, k3 = (r0 & 0xFFFF) >= thr, (r1 & 0xFFFF) >= thr, (r2 & 0xFFFF) >= thr, (r3 & 0xFFFF) >= thr
+        k4, k5 = ((r0 >> 16) & 0xFFFF) >= thr, ((r1 >> 16) & 0xFFFF) >= thr
+        k6, k7 = ((r2 >> 16) & 0xFFFF) >= thr, ((r3 >> 16) & 0xFFFF) >= thr
+        k = tl.join(tl.join(tl.join(k0, k1), tl.join(k2, k3)), tl.join(tl.join(k4, k5), tl.join(k6, k7)))
+        return tl.reshape(k, (RB, BLOCK))
 
     # Tile sizes picked by Triton's autotuner on the first call for each width (a few ms, once per process): the best
     # rows per tile and warps differ between GPUs. The seed and the row count are not specialised on (a new value
