@@ -107,9 +107,9 @@ if triton is not None:
         """(RB, BLOCK) dropout keep-mask of `rows`: one Philox call (`tl.randint4x`, counter row * BLOCK / 8 + c)
         gives four 32-bit draws, each split into two 16-bit uniforms, so the RNG costs an eighth of one `tl.rand` per
         element (session 12: a quarter, one 32-bit draw each; the LayerNorm forward with dropout 0.273 -> 0.220 ms
-        on an H200, the step +1.2%: notes_speed.md #52). Keep where the 16-bit draw is
-        >= round(p * 65536): the drop probability is p to within 2**-17 (0.100006 for 0.1). The eight draws of a
-        counter fill eight adjacent columns; backward draws the same mask again from (seed, rows)."""
+        on an H200, the step +1.2%: notes_speed.md #52). Keep where the 16-bit draw is >= round(p * 65536): the drop
+        probability is p to within 2**-17 (0.100006 for 0.1). The eight draws of a counter fill eight adjacent
+        columns; backward draws the same mask again from (seed, rows)."""
         q = tl.arange(0, BLOCK // 8)
         r0, r1, r2, r3 = tl.randint4x(seed, rows[:, None] * (BLOCK // 8) + q[None, :])
         thr = tl.cast(p * 65536.0 + 0.5, tl.int32)
