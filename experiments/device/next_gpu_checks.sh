@@ -6,10 +6,11 @@
 # (session 9: results/paper_scale_gpu_s9.md). Session 10's attention kernels: attention_bench.sh. Session 11:
 # prefetch_bench.sh, attention_stages.sh, final_checks_s11.sh, joined_qkv_bench.sh (a same-call A/B against a
 # `git archive` of the previous commit under .bench/: step_ab.sh). Session 12: paper_scale.sh, embed_infer_bench.sh.
-# Session 13: s13_bench.sh, fp8_bench.py.
+# Session 13: s13_bench.sh, fp8_bench.py, s13_gelu_bench.sh, s13_dropout_bench.sh.
 # 0. (ran in session 12: results/paper_scale_gpu_s12.md) experiment=paper_scale with the kernels of sessions 10-11; the
-#    embeddings kernel of session 12 (models.fused_embed) and session 13's short attention-backward programs (+1.9%
-#    at seq 64, the paper scale's) are not yet run at paper scale (~19 min in three chained calls, a whole session's
+#    embeddings kernel of session 12 (models.fused_embed) and session 13's kernel changes (#48-#52: short
+#    attention-backward programs, +1.9% at seq 64, the paper scale's; GELU through erfc's fit; 16-bit dropout draws)
+#    are not yet run at paper scale (~19 min in three chained calls, a whole session's
 #    device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again. (Session 12's missing
 #    seq-512 A/B ran in session 13: results/bench_gpu_s13.md.)
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
