@@ -6,7 +6,7 @@
 # $OUT. Usage: OLD=.bench/old_s11 step_ab prev joined
 # The first benchmark process of a call ran ~3% slow in session 13 (the older tree at seq 128: 784.9k first, 811.4k /
 # 812.3k when interleaved later in the next call, fused_kernels_dev/s13_call6_order/): a short warm-up process runs
-# first, and its numbers are not kept (WARM=0 skips it).
+# first, and its numbers are not kept (WARM=0 skips it); ROUNDS=2 repeats the pair, alternating.
 step_ab() {
   local sw="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
   [ "${WARM:-1}" = 1 ] && python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer $sw --seq-lens 128 \
@@ -15,5 +15,13 @@ step_ab() {
     --out $R/bench_gpu_$1.json --md $R/bench_gpu_$1.md 2>&1 | grep -E '^\||Error' | cut -c1-300)
   python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --peer .bench/hf_peer_mlm.py $sw --seq-lens ${SEQS:-128 512} \
     --out $R/bench_gpu_$2.json --md $R/bench_gpu_$2.md 2>&1 | grep -E '^\||Error' | cut -c1-300
+  # ROUNDS=2 (or more): the two trees again, alternating, without the reference: bench_gpu_$1_2.json, bench_gpu_$2_2.json
+  local i
+  for i in $(seq 2 ${ROUNDS:-1}); do
+    (cd "$OLD" && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $sw --seq-lens ${SEQS:-128 512} \
+      --out $R/bench_gpu_$1_$i.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-300)
+    python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer $sw --seq-lens ${SEQS:-128 512} \
+      --out $R/bench_gpu_$2_$i.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-300
+  done
   cp $R/bench_gpu_$2.md $R/bench_gpu_$1.md $OUT/ 2>/dev/null
 }
