@@ -29,10 +29,10 @@ if triton is not None:
     def _gelu_parts(v):
         """(gelu(v), gelu'(v)) in fp32, exact GELU v * Phi(v) and its derivative Phi(v) + v phi(v), where the normal
         CDF Phi(v) = erfc(-v / sqrt 2) / 2 comes from erfc's Chebyshev fit of Numerical Recipes (`erfcc`: relative
-        error < 1.2e-7 everywhere, one exp and nine FMAs) instead of libdevice's erf: fewer instructions in kernels
-        that were bound by them (forward 0.539 -> 0.475 ms on an H200 at 131,072 x 3072; the step +0.5%:
-        notes_speed.md #51), and accurate in the negative tail too, where 1 + erf(v / sqrt 2) cancels
-        (tests/test_fused_norm.py: against float64)."""
+        error < 1.2e-7 everywhere, one exp and nine FMAs) instead of libdevice's erf: forward 0.539 -> 0.475 ms on an
+        H200 at 131,072 x 3072, the step +0.5% (notes_speed.md #51; not fewer instructions: about as many, FMAs with
+        folded constants where erff moves its constants into registers, experiments/kernel_sass.py), and accurate in
+        the negative tail too, where 1 + erf(v / sqrt 2) cancels (tests/test_fused_norm.py: against float64)."""
         z = tl.abs(v) * 0.7071067811865476
         t = 1.0 / (1.0 + 0.5 * z)
         r = 1.48851587 + t * (-0.82215223 + t * 0.17087277)
