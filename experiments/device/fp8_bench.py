@@ -15,7 +15,12 @@ output gradient, as training runs them:
 Also the FFN block (intermediate + GELU + output) compiled, bf16 against FP8, where inductor can fuse the casts into
 GELU. Relative errors of the output and input / weight gradients against fp32 are reported beside each variant.
 
+    pip install --no-deps --target .bench/fp8site torchao   # here, then carry .bench to the GPU machine
     PYTHONPATH=.bench/fp8site:$PWD python3 experiments/device/fp8_bench.py --out $OUT/fp8_bench.json
+    python3 experiments/device/fp8_bench.py --only-gemms      # the `gemms` group alone: no torchao needed
+
+torchao sits on its own path because transformers probes it on import (and fails on a copy without its version
+metadata); results of session 13: experiments/results/fused_kernels_dev/s13_call{3,4}_fp8*/.
 """
 from __future__ import annotations
 
