@@ -1,0 +1,42 @@
+"""The committed benchmark results (issue 6's deliverables): bench_gpu.json and bench_cpu.json hold the keys the issue
+names, and the headline figures are the ones of the benchmark outputs they come from (no hand-edited number)."""
+import json
+from pathlib import Path
+
+import pytest
+
+RESULTS = Path(__file__).resolve().parents[1] / "experiments" / "results"
+
+
+def _load(name):
+    return json.loads((RESULTS / name).read_text())
+
+
+def test_bench_gpu_json_has_the_goal_keys():
+    d = _load("bench_gpu.json")
+    for key in ("real_tokens_per_s_seq128", "real_tokens_per_s_seq512", "ratio_vs_hf_seq128", "ratio_vs_hf_seq512",
+                "mfu_seq128", "ddp_scaling_2gpu", "paper_scale_seconds"):
+        assert isinstance(d[key], (int, float)) and d[key] > 0, key
+
+
+@pytest.mark.parametrize("seq", [64, 128, 512])
+def test_headline_is_the_output_of_its_benchmark_run(seq):
+    """Where the headline was taken from other runs (`headline_files`), its figures are those runs'; a file written
+    by one `make bench-gpu` run is its own source (seq 64 only where that run measured it)."""
+    d = _load("bench_gpu.json")
+    files = d.get("headline_files")
+    if files is None and f"real_tokens_per_s_seq{seq}" not in d:
+        pytest.skip(f"seq {seq} not in this bench_gpu.json")
+    run = _load(files[f"seq{seq}"]) if files else d
+    for key in ("real_tokens_per_s", "ratio_vs_hf", "mfu"):
+        assert d[f"{key}_seq{seq}"] == run[f"{key}_seq{seq}"], (key, seq)
+    hf = run[f"hf_real_tokens_per_s_seq{seq}"]
+    if files:
+        assert d[f"hf_real_tokens_per_s_seq{seq}_headline"] == hf
+    assert abs(d[f"ratio_vs_hf_seq{seq}"] - d[f"real_tokens_per_s_seq{seq}"] / hf) < 1e-3
+
+
+def test_bench_cpu_json_has_the_goal_keys():
+    d = _load("bench_cpu.json")
+    for key in ("prep_1m_seconds", "prep_1m_peak_rss_gb", "kmeans_1m_cpu_seconds"):
+        assert isinstance(d[key], (int, float)) and d[key] > 0, key
