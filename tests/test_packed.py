@@ -93,6 +93,56 @@ def _grads(m) -> dict:
     return {k: p.grad for k, p in m.named_parameters() if p.grad is not None}
 
 
+@pytest.mark.parametrize("knobs", [{}, dict(fused_qkv=True, fused_residual=True, fused_norm=True, fused_gelu=True)])
+def test_rows_run_the_last_layer_on_those_rows_only(knobs):
+    """packed_hidden(rows=r), which MLMModule.packed_loss uses with the masked positions, equals packed_hidden()[r]
+    in value and in every parameter's gradient (fp32, dropout off; repeated rows as the collator's filler rows are),
+    and under bf16 autocast within its rounding. The last layer's work past its attention ran on len(r) rows: its
+    intermediate layer saw (len(r), H), the layers below the whole stream."""
+    import functools
+
+    from sessionbert.models.packed import packed_hidden
+
+    batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
+                              label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
+    rows = batch["mlm_positions"]
+    assert len(rows.unique()) < len(rows)  # the filler rows repeat position 0
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(len(rows), ARCHS["tiny"]["hidden_size"], generator=g)  # a loss that weighs every row differently
+    for amp in (False, True):
+        outs, grads, seen = [], [], []
+        for trim in (False, True):
+            m = _module(**{k: v for k, v in knobs.items() if k != "fused_qkv"}, fused_qkv=knobs.get("fused_qkv", False))
+            layers = m.model.bert.encoder.layer
+            hooks = [lyr.intermediate.dense.register_forward_hook(
+                functools.partial(lambda i, mod, inp, out: seen.append((trim, i, inp[0].shape[0])), i))
+                for i, lyr in enumerate(layers)]
+            args = (m.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_len"])
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                fwd = functools.partial(packed_hidden, fused_qkv=knobs.get("fused_qkv", False),
+                                        fused_residual=knobs.get("fused_residual", False),
+                                        fused_norm=knobs.get("fused_norm", False),
+                                        fused_gelu=knobs.get("fused_gelu", False))
+                h = fwd(*args, rows=rows) if trim else fwd(*args)[rows]
+            (h.float() * w).sum().backward()
+            outs.append(h.float())
+            grads.append(_grads(m))
+            for hk in hooks:
+                hk.remove()
+        torch.testing.assert_close(outs[1], outs[0], **(dict(rtol=2e-2, atol=2e-2) if amp else {}))
+        assert set(grads[0]) == set(grads[1])
+        # per parameter, relative to its gradient's norm (plus a floor for the key biases, whose gradient is zero up
+        # to rounding: softmax ignores a shift shared by all keys); bf16 rounds the repeated rows' sums elsewhere
+        floor = 1e-4 * max(float(g.norm()) for g in grads[0].values())
+        for name, g0 in grads[0].items():
+            err = float((grads[1][name] - g0).norm())
+            assert err <= (2e-2 if amp else 1e-5) * float(g0.norm()) + floor, (name, amp, err, float(g0.norm()))
+        if not knobs.get("fused_residual"):  # with fused_residual the intermediate GEMM runs in branch_in, not forward
+            n, last = len(batch["input_ids"]), len(layers) - 1
+            assert [r for r in seen if not r[0]] == [(False, i, n) for i in range(len(layers))]
+            assert [r for r in seen if r[0]] == [(True, i, n if i < last else len(rows)) for i in range(len(layers))]
+
+
 @pytest.mark.parametrize("fused_qkv", [False, True])
 def test_fused_residual_equals_the_plain_packed_path(fused_qkv):
     """pretrain.fused_residual (models/branch_linear.py): the residual's gradient summed in the branch GEMMs gives the
@@ -138,7 +188,7 @@ def test_fused_residual_backward_has_no_residual_add_and_no_stack():
 
     batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
                               label_multiple=16)(_items([9, 30, 4, 17], 1))
-    n, h = len(batch["input_ids"]), ARCHS["tiny"]["hidden_size"]
+    n, n_rows, h = len(batch["input_ids"]), len(batch["mlm_positions"]), ARCHS["tiny"]["hidden_size"]
     layers = ARCHS["tiny"]["num_hidden_layers"]
     seen = {}
     for fused in (False, True):
@@ -147,7 +197,8 @@ def test_fused_residual_backward_has_no_residual_add_and_no_stack():
         with Ops() as ops:
             loss.backward()
         seen[fused] = ops.ops
-    count = {f: {op: sum(1 for o, s in ops if o == op and s in ((n, h), (n, 3, 2, h // 2)) or o == op == "stack")
+    shapes = ((n, h), (n_rows, h), (n, 3, 2, h // 2))  # (n_rows, h): the last layer past its attention runs on the masked rows
+    count = {f: {op: sum(1 for o, s in ops if o == op and s in shapes or o == op == "stack")
                  for op in ("add", "stack", "addmm_")} for f, ops in seen.items()}
     # plain: per layer one stack of dq / dk / dv and two residual adds (+ the embeddings' own sums); fused: none
     assert count[False]["stack"] == layers and count[False]["add"] >= 2 * layers

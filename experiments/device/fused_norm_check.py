@@ -5,7 +5,8 @@ bias; `pretrain.fused_gelu`: bias + GELU), the residual gradient summed in the b
 dropout from different generators). Every variant runs the same batch; each bf16-autocast variant (eager, fused norm,
 fused norm + fused GELU) is compared with the fp32 eager run: loss, last hidden layer (max relative difference) and
 every parameter gradient (relative norm of the difference), so a fused variant should sit as close to fp32 as eager
-bf16 does. Then the dropout path's drop share, and the cross-entropy kernels alone on bf16 logits of the MLM's shape
+bf16 does; `all_fused_rows` runs the last layer past its attention on the decoder's rows only, as `MLMModule.packed_loss`
+does (`packed_hidden(rows=...)`). The hidden rows compared are the decoder's. Then the dropout path's drop share, and the cross-entropy kernels alone on bf16 logits of the MLM's shape
 (with ignored rows) against `F.cross_entropy(logits.float())`. Prints one JSON line."""
 import json
 
@@ -35,14 +36,17 @@ variants = {"fp32": (False, {}), "eager_bf16": (True, {}), "fused_norm": (True, 
             "fused_norm_gelu": (True, dict(fused_norm=True, fused_gelu=True)),
             "fused_residual": (True, dict(fused_residual=True)), "fused_ce": (True, dict(fused_ce=True)),
             "fused_attention": (True, dict(fused_attention=True)), "all_fused_but_attention": (True, every),
-            "all_fused": (True, dict(every, fused_attention=True))}
+            "all_fused": (True, dict(every, fused_attention=True)),
+            "all_fused_rows": (True, dict(every, fused_attention=True, rows=True))}
 for name, (amp, knobs) in variants.items():
     knobs = dict(knobs)
     fused_ce = knobs.pop("fused_ce", False)
+    rows = sel if knobs.pop("rows", False) else None  # the last layer past its attention on the decoder's rows only
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-        h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, **knobs)
-        logits = model.cls(h[sel])
+        h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, rows=rows, **knobs)
+        h = h if rows is not None else h[sel]  # (M, H): the rows the decoder reads
+        logits = model.cls(h)
         loss = cross_entropy(logits, ids[sel]) if fused_ce else F.cross_entropy(logits.float(), ids[sel])
     loss.backward()
     res[name] = (loss.detach(), h.detach().float(), {k: p.grad.detach().float().clone()

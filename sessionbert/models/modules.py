@@ -101,10 +101,11 @@ class MLMModule(_Schedule, L.LightningModule):
 
     def packed_loss(self, batch: dict) -> torch.Tensor:
         """MLM loss of a `PackedMLMCollator` batch: padding-free encoder, decoder on the fixed masked-position
-        index (filler rows have label -100 and are ignored), so no step waits on the host."""
+        index (filler rows have label -100 and are ignored), so no step waits on the host. The encoder's last layer
+        past its attention runs on those rows only (`packed_hidden(rows=...)`)."""
         hidden = self._packed(self.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                              batch["max_len"])  # (N, H)
-        logits = self.model.cls(hidden[batch["mlm_positions"]])  # (M, V)
+                              batch["max_len"], rows=batch["mlm_positions"])  # (M, H): the last layer on these rows only
+        logits = self.model.cls(hidden)  # (M, V)
         return self._ce(logits, batch["mlm_labels"], ignore_index=-100)
 
     def _step(self, batch: dict, name: str) -> torch.Tensor:
