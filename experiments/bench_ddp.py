@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import subprocess
+import tempfile
 import sys
 import time
 from pathlib import Path
@@ -102,15 +104,24 @@ def child(a) -> None:
                 torch.distributed.all_reduce(t)
             if trainer.is_global_zero:
                 secs = self.t1 - self.t0
-                res = {"devices": trainer.world_size, "seq": a.seq, "model": a.model, "steps": a.steps,
+                res = {"devices": trainer.world_size, "strategy": type(trainer.strategy).__name__,
+                       "ddp_kwargs": a.ddp_kwargs, "comm_hook": a.comm_hook, "seq": a.seq, "model": a.model, "steps": a.steps,
                        "packed": bool(a.packed), **{k: bool(getattr(a, k) and a.packed) for k in FUSED},
                        "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
                        "real_tokens_per_s": t.item() / secs,
                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
                 Path(a.child).write_text(json.dumps(res))
 
-    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=a.devices,
-                        strategy="ddp" if a.devices > 1 else "auto", precision="bf16-mixed" if gpu else "32-true", max_steps=a.warmup + a.steps, logger=False,
+    strategy = "auto"
+    if a.devices > 1 or a.ddp_on_one:
+        from lightning.pytorch.strategies import DDPStrategy
+
+        from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+        hook = {"none": None, "bf16": default_hooks.bf16_compress_hook,  # gradients all-reduced in bf16 (half the bytes)
+                "fp16": default_hooks.fp16_compress_hook}[a.comm_hook]
+        strategy = DDPStrategy(ddp_comm_hook=hook, **ddp_kwargs(a.ddp_kwargs))  # Lightning's DDP, as `trainer=ddp`
+    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=a.devices, strategy=strategy, precision="bf16-mixed" if gpu else "32-true", max_steps=a.warmup + a.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[Clock()])
     trainer.fit(module, dl)
@@ -121,6 +132,28 @@ def child(a) -> None:
 FUSED = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "Triton dropout-add-LayerNorm", "fused_gelu": "Triton bias + GELU",
          "fused_residual": "residual gradient summed in the branch GEMMs", "fused_ce": "Triton MLM cross-entropy",
          "fused_attention": "Triton attention for short sessions"}
+
+
+def ddp_kwargs(spec: str) -> dict:
+    """"static_graph=true,bucket_cap_mb=100" -> keyword arguments of torch's DistributedDataParallel (through
+    Lightning's DDPStrategy): true / false, integers and floats as such."""
+    out = {}
+    for item in filter(None, (x.strip() for x in (spec or "").split(","))):
+        key, sep, val = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"bench_ddp: --ddp-kwargs item {item!r} is not key=value")
+        low = val.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(val)
+            except ValueError:
+                try:
+                    out[key] = float(val)
+                except ValueError:
+                    out[key] = val
+    return out
 
 
 def main() -> None:
@@ -137,9 +170,16 @@ def main() -> None:
     ap.add_argument("--packed", action="store_true", help="the packed path (pretrain.packed=true)")
     for knob, what in FUSED.items():
         ap.add_argument("--" + knob.replace("_", "-"), action="store_true", help=f"packed: {what} (pretrain.{knob})")
+    ap.add_argument("--ddp-kwargs", default="", help="DistributedDataParallel options through Lightning's DDPStrategy, "
+                    "e.g. static_graph=true,gradient_as_bucket_view=true,bucket_cap_mb=100")
+    ap.add_argument("--comm-hook", choices=("none", "bf16", "fp16"), default="none",
+                    help="torch's DDP communication hook: gradients compressed to bf16 / fp16 for the all-reduce")
+    ap.add_argument("--ddp-on-one", action="store_true",
+                    help="the one-device run under DDP too: the wrapper's cost without communication")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    ddp_kwargs(a.ddp_kwargs)  # a malformed item stops here, before any run
     if a.child:
         a.devices = int(a.devices)
         return child(a)
@@ -147,11 +187,13 @@ def main() -> None:
 
     runs = []
     for d in [int(x) for x in a.devices.split(",")]:
-        res_file = Path(f"/tmp/bench_ddp_{d}.json")
+        # a file of this process's own: two benchmarks run at once (one per GPU) must not read each other's result
+        res_file = Path(tempfile.gettempdir()) / f"bench_ddp_{os.getpid()}_{d}.json"
         res_file.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--child", str(res_file), "--devices", str(d), "--lengths", a.lengths,
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
-               str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers)]
+               str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers),
+               "--ddp-kwargs", a.ddp_kwargs, "--comm-hook", a.comm_hook] + (["--ddp-on-one"] if a.ddp_on_one else [])
         cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

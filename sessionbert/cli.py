@@ -151,8 +151,16 @@ def cmd_recommend(a: argparse.Namespace) -> int:
 
 
 def cmd_export(a: argparse.Namespace) -> int:
+    import importlib.util
+
     from .inference import SessionBERT
 
+    if a.onnx:  # before loading the model: torch's ONNX exporter needs both packages (the `onnx` extra)
+        missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
+        if missing:
+            print(f"sessionbert export --onnx: {', '.join(missing)} not installed (pip install 'sessionbert[onnx]')",
+                  file=sys.stderr)
+            return 2
     model = SessionBERT.from_run(a.run, device="cpu")
     out = model.export_hf(a.out)
     msg = f"sessionbert export: Hugging Face encoder + tokenizer -> {out}"

@@ -100,3 +100,43 @@ def test_other_launch_rank_waits_for_rank0_folder_and_never_computes(tmp_path, m
     assert time.perf_counter() - t0 >= 0.9 and run.metrics["data"] == {"from": "rank 0"}
     monkeypatch.setenv("RANK", "0")
     assert Run(cfg).stage("tokenizer", {"k": 2}, lambda out: {"ran": True}).exists()
+
+
+def _bench_ddp():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_ddp", ROOT / "experiments" / "bench_ddp.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_bench_ddp_options_parse_and_a_bad_one_stops_before_any_run():
+    import pytest
+
+    mod = _bench_ddp()
+    assert mod.ddp_kwargs("static_graph=true, bucket_cap_mb=100,gradient_as_bucket_view=False,x=0.5,y=abc") == {
+        "static_graph": True, "bucket_cap_mb": 100, "gradient_as_bucket_view": False, "x": 0.5, "y": "abc"}
+    assert mod.ddp_kwargs("") == {}
+    with pytest.raises(SystemExit, match="'static_graph' is not key=value"):
+        mod.ddp_kwargs("static_graph")
+
+
+def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
+    """experiments/bench_ddp.py end to end on a CPU, tiny model, packed: `--ddp-on-one` runs the one-device
+    measurement under Lightning's DDPStrategy (the wrapper's cost without communication) and records it; the result
+    goes through a temporary file of the benchmark's own process."""
+    import numpy as np
+
+    lengths = tmp_path / "lengths.npy"
+    np.save(lengths, np.random.default_rng(0).integers(8, 64, 400))
+    out = tmp_path / "ddp.json"
+    r = subprocess.run([sys.executable, "experiments/bench_ddp.py", "--lengths", str(lengths), "--devices", "1",
+                        "--model", "tiny", "--tokens-per-step", "2048", "--steps", "2", "--warmup", "1", "--workers",
+                        "0", "--packed", "--ddp-on-one", "--ddp-kwargs", "static_graph=true", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    run = json.loads(out.read_text())["runs"][0]
+    assert (run["devices"], run["strategy"], run["ddp_kwargs"], run["comm_hook"]) == (1, "DDPStrategy",
+                                                                                     "static_graph=true", "none")
+    assert run["real_tokens"] > 0 and run["packed"]

@@ -138,6 +138,16 @@ def test_missing_run_pieces_and_bad_input_are_named(smoke, tmp_path, capsys):
     assert "gone" in capsys.readouterr().err
 
 
+def test_export_onnx_without_onnx_installed_says_what_to_install(smoke, tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else real(name, *a))
+    assert main(["export", "--run", str(smoke[0]), "--out", str(tmp_path / "e"), "--onnx"]) == 2
+    assert "onnx not installed (pip install 'sessionbert[onnx]')" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()  # refused before anything was written
+
+
 def test_export_hf_and_onnx_match_torch(model, smoke, tmp_path):
     from transformers import AutoModel, AutoTokenizer
 
