@@ -105,7 +105,8 @@ def child(a) -> None:
             if trainer.is_global_zero:
                 secs = self.t1 - self.t0
                 res = {"devices": trainer.world_size, "strategy": type(trainer.strategy).__name__,
-                       "ddp_kwargs": a.ddp_kwargs, "comm_hook": a.comm_hook, "seq": a.seq, "model": a.model, "steps": a.steps,
+                       "ddp_kwargs": a.ddp_kwargs, "comm_hook": a.comm_hook, "seq": a.seq, "model": a.model,
+                       "steps": a.steps,
                        "packed": bool(a.packed), **{k: bool(getattr(a, k) and a.packed) for k in FUSED},
                        "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
                        "real_tokens_per_s": t.item() / secs,
@@ -118,10 +119,20 @@ def child(a) -> None:
 
         from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-        hook = {"none": None, "bf16": default_hooks.bf16_compress_hook,  # gradients all-reduced in bf16 (half the bytes)
+        # bf16 / fp16: gradients all-reduced in half precision (half the bytes)
+        hook = {"none": None, "bf16": default_hooks.bf16_compress_hook,
                 "fp16": default_hooks.fp16_compress_hook}[a.comm_hook]
         strategy = DDPStrategy(ddp_comm_hook=hook, **ddp_kwargs(a.ddp_kwargs))  # Lightning's DDP, as `trainer=ddp`
-    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=a.devices, strategy=strategy, precision="bf16-mixed" if gpu else "32-true", max_steps=a.warmup + a.steps, logger=False,
+    profiler = None
+    if a.profile_dir:  # Lightning's wrapper of torch.profiler, a few steps after the warm-up, one table per rank
+        from lightning.pytorch.profilers import PyTorchProfiler
+
+        profiler = PyTorchProfiler(dirpath=a.profile_dir, filename=f"ddp{a.devices}", row_limit=40,
+                                   export_to_chrome=False,
+                                   sort_by_key="cuda_time_total" if gpu else "cpu_time_total",
+                                   schedule=torch.profiler.schedule(wait=a.warmup, warmup=1, active=3, repeat=1))
+    trainer = L.Trainer(accelerator="gpu" if gpu else "cpu", devices=a.devices, strategy=strategy, profiler=profiler,
+                        precision="bf16-mixed" if gpu else "32-true", max_steps=a.warmup + a.steps, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[Clock()])
     trainer.fit(module, dl)
@@ -176,6 +187,8 @@ def main() -> None:
                     help="torch's DDP communication hook: gradients compressed to bf16 / fp16 for the all-reduce")
     ap.add_argument("--ddp-on-one", action="store_true",
                     help="the one-device run under DDP too: the wrapper's cost without communication")
+    ap.add_argument("--profile-dir", help="write a torch.profiler table per rank of 3 steps after the warm-up here "
+                    "(Lightning's PyTorchProfiler; the timed throughput then includes the profiler's cost)")
     ap.add_argument("--out")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -194,6 +207,7 @@ def main() -> None:
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers),
                "--ddp-kwargs", a.ddp_kwargs, "--comm-hook", a.comm_hook] + (["--ddp-on-one"] if a.ddp_on_one else [])
+        cmd += ["--profile-dir", a.profile_dir] if a.profile_dir else []
         cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import json
 import platform
 import subprocess
@@ -392,8 +393,11 @@ def main(argv: list[str] | None = None) -> None:
     loaded = {name: np.load(path).astype(np.int64) for name, path in dists}
     for name, path in dists:
         lengths = loaded[name]
+        # the content's digest: results of different sessions compare only on the same lengths (the file is made by
+        # `--write-lengths` from the current simulator and tokenizer, and changed with them in the past)
         res["lengths"][name] = dict(path=str(path), sessions=int(len(lengths)), mean=round(float(lengths.mean()), 2),
-                                    median=float(np.median(lengths)))
+                                    median=float(np.median(lengths)),
+                                    sha256_16=hashlib.sha256(np.ascontiguousarray(lengths).tobytes()).hexdigest()[:16])
     peers: dict = {}
     # eager runs (and the reference) first, compiled ones last: a run cut short by a time limit loses the least
     variants = [] if a.only_packed else [dict(compile=False, packed=False)] + (

@@ -125,18 +125,21 @@ def test_bench_ddp_options_parse_and_a_bad_one_stops_before_any_run():
 def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     """experiments/bench_ddp.py end to end on a CPU, tiny model, packed: `--ddp-on-one` runs the one-device
     measurement under Lightning's DDPStrategy (the wrapper's cost without communication) and records it; the result
-    goes through a temporary file of the benchmark's own process."""
+    goes through a temporary file of the benchmark's own process; `--profile-dir` writes profiler tables."""
     import numpy as np
 
     lengths = tmp_path / "lengths.npy"
     np.save(lengths, np.random.default_rng(0).integers(8, 64, 400))
     out = tmp_path / "ddp.json"
     r = subprocess.run([sys.executable, "experiments/bench_ddp.py", "--lengths", str(lengths), "--devices", "1",
-                        "--model", "tiny", "--tokens-per-step", "2048", "--steps", "2", "--warmup", "1", "--workers",
-                        "0", "--packed", "--ddp-on-one", "--ddp-kwargs", "static_graph=true", "--out", str(out)],
+                        "--model", "tiny", "--tokens-per-step", "2048", "--steps", "4", "--warmup", "1", "--workers",
+                        "0", "--packed", "--ddp-on-one", "--ddp-kwargs", "static_graph=true", "--out", str(out),
+                        "--profile-dir", str(tmp_path / "prof")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     run = json.loads(out.read_text())["runs"][0]
     assert (run["devices"], run["strategy"], run["ddp_kwargs"], run["comm_hook"]) == (1, "DDPStrategy",
                                                                                      "static_graph=true", "none")
     assert run["real_tokens"] > 0 and run["packed"]
+    tables = [p.read_text() for p in (tmp_path / "prof").iterdir()]  # --profile-dir: Lightning's PyTorchProfiler
+    assert tables and any("aten::mm" in t or "aten::addmm" in t for t in tables)

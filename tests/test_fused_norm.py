@@ -600,6 +600,10 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     assert res["mfu_seq64"] == best["mfu"] != 0.9  # a goal key is recomputed, not carried
     # the packed path's last layer runs on the masked rows only: the work it executes is less than the model's count
     assert all(0 < r["mfu_executed"] < r["mfu"] for r in res["runs"])
+    import hashlib
+
+    digest = hashlib.sha256(np.load(lengths).astype(np.int64).tobytes()).hexdigest()[:16]
+    assert res["lengths"]["sim"]["sha256_16"] == digest  # which lengths a result was measured on
     assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
     assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce_fusedattn" in res
 

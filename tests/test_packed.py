@@ -197,7 +197,7 @@ def test_fused_residual_backward_has_no_residual_add_and_no_stack():
         with Ops() as ops:
             loss.backward()
         seen[fused] = ops.ops
-    shapes = ((n, h), (n_rows, h), (n, 3, 2, h // 2))  # (n_rows, h): the last layer past its attention runs on the masked rows
+    shapes = ((n, h), (n_rows, h), (n, 3, 2, h // 2))  # (n_rows, h): the last layer past its attention, masked rows
     count = {f: {op: sum(1 for o, s in ops if o == op and s in shapes or o == op == "stack")
                  for op in ("add", "stack", "addmm_")} for f, ops in seen.items()}
     # plain: per layer one stack of dq / dk / dv and two residual adds (+ the embeddings' own sums); fused: none

@@ -5,9 +5,9 @@ bias; `pretrain.fused_gelu`: bias + GELU), the residual gradient summed in the b
 dropout from different generators). Every variant runs the same batch; each bf16-autocast variant (eager, fused norm,
 fused norm + fused GELU) is compared with the fp32 eager run: loss, last hidden layer (max relative difference) and
 every parameter gradient (relative norm of the difference), so a fused variant should sit as close to fp32 as eager
-bf16 does; `all_fused_rows` runs the last layer past its attention on the decoder's rows only, as `MLMModule.packed_loss`
-does (`packed_hidden(rows=...)`). The hidden rows compared are the decoder's. Then the dropout path's drop share, and the cross-entropy kernels alone on bf16 logits of the MLM's shape
-(with ignored rows) against `F.cross_entropy(logits.float())`. Prints one JSON line."""
+bf16 does; `all_fused_rows` runs the last layer past its attention on the decoder's rows only, as
+`MLMModule.packed_loss` does (`packed_hidden(rows=...)`). The hidden rows compared are the decoder's. Then the dropout
+path's drop share, and the cross-entropy kernels alone on bf16 logits of the MLM's shape (with ignored rows) against `F.cross_entropy(logits.float())`. Prints one JSON line."""
 import json
 
 import torch

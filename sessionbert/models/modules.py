@@ -104,7 +104,7 @@ class MLMModule(_Schedule, L.LightningModule):
         index (filler rows have label -100 and are ignored), so no step waits on the host. The encoder's last layer
         past its attention runs on those rows only (`packed_hidden(rows=...)`)."""
         hidden = self._packed(self.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                              batch["max_len"], rows=batch["mlm_positions"])  # (M, H): the last layer on these rows only
+                              batch["max_len"], rows=batch["mlm_positions"])  # (M, H): last layer on these rows
         logits = self.model.cls(hidden)  # (M, V)
         return self._ce(logits, batch["mlm_labels"], ignore_index=-100)
 
