@@ -116,3 +116,26 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"recommend.ranker: one of {RANKERS}, got {cfg.recommend.ranker!r}")
     if cfg.logger.name not in ("wandb", "csv"):
         raise ConfigError(f"logger.name: wandb or csv, got {cfg.logger.name!r}")
+    _validate_ddp_kwargs(cfg)
+
+
+def _validate_ddp_kwargs(cfg: DictConfig) -> None:
+    """trainer.ddp_kwargs (trainer=ddp): options of torch's DistributedDataParallel, passed through Lightning's
+    DDPStrategy. Unknown names are refused here, before any stage runs (DDP itself would only fail at the first fit)."""
+    kw = OmegaConf.select(cfg, "trainer.ddp_kwargs", default=None)
+    if kw is None:
+        return
+    if not isinstance(kw, DictConfig):
+        raise ConfigError(f"trainer.ddp_kwargs: a mapping of DistributedDataParallel options, got {kw!r}")
+    if kw and OmegaConf.select(cfg, "trainer.strategy", default=None) != "ddp":
+        raise ConfigError("trainer.ddp_kwargs: only with trainer.strategy=ddp (trainer=ddp)")
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    known = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module", "device_ids",
+                                                                                  "output_device", "process_group"}
+    for key in kw:
+        if key not in known:
+            raise ConfigError(f"trainer.ddp_kwargs.{key}: not an option of DistributedDataParallel "
+                              f"(one of {sorted(known)})")

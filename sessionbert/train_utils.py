@@ -359,4 +359,9 @@ def build_trainer(cfg: DictConfig, run, out: Path, max_epochs: int, ckpt_dir: Pa
         kwargs["limit_val_batches"] = t.limit_val_batches
     if "strategy" in t:
         kwargs["strategy"] = t.strategy
+        ddp_kwargs = t.get("ddp_kwargs") or {}
+        if t.strategy == "ddp" and ddp_kwargs:  # DistributedDataParallel's own options (config.validate checks names)
+            from lightning.pytorch.strategies import DDPStrategy
+
+            kwargs["strategy"] = DDPStrategy(**OmegaConf.to_container(ddp_kwargs))
     return L.Trainer(**kwargs)

@@ -143,3 +143,33 @@ def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     assert run["real_tokens"] > 0 and run["packed"]
     tables = [p.read_text() for p in (tmp_path / "prof").iterdir()]  # --profile-dir: Lightning's PyTorchProfiler
     assert tables and any("aten::mm" in t or "aten::addmm" in t for t in tables)
+
+
+def test_trainer_ddp_kwargs_reach_ddp_and_unknown_names_are_refused_before_any_stage(tmp_path):
+    """trainer.ddp_kwargs (trainer=ddp): DistributedDataParallel's own options through Lightning's DDPStrategy; a name
+    DDP does not take, or the options without strategy=ddp, are refused by config.validate naming the key."""
+    import pytest
+    from lightning.pytorch.strategies import DDPStrategy
+
+    from sessionbert.config import ConfigError, validate
+    from sessionbert.train_utils import build_trainer
+
+    from .conftest import make_cfg
+
+    base = ["experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
+            "trainer.precision=32-true"]
+    cfg = make_cfg(tmp_path, base + ["trainer.ddp_kwargs={bucket_cap_mb:50,static_graph:true}"])
+    validate(cfg)
+
+    class Run:
+        logger = False
+
+    trainer = build_trainer(cfg, Run(), tmp_path / "out", 1)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert trainer.strategy._ddp_kwargs == {"bucket_cap_mb": 50, "static_graph": True}
+    plain = build_trainer(make_cfg(tmp_path, base), Run(), tmp_path / "out", 1)  # no options: Lightning's "ddp"
+    assert isinstance(plain.strategy, DDPStrategy) and plain.strategy._ddp_kwargs == {}
+    with pytest.raises(ConfigError, match=r"trainer.ddp_kwargs.bucket_cap: not an option of DistributedDataParallel"):
+        validate(make_cfg(tmp_path, base + ["trainer.ddp_kwargs={bucket_cap:50}"]))
+    with pytest.raises(ConfigError, match="trainer.ddp_kwargs: only with trainer.strategy=ddp"):
+        validate(make_cfg(tmp_path, ["experiment=smoke", "+trainer.ddp_kwargs={static_graph:true}"]))
