@@ -11,15 +11,20 @@
 # 0. (ran in session 12: results/paper_scale_gpu_s12.md) experiment=paper_scale with the kernels of sessions 10-11; the
 #    embeddings kernel of session 12 (models.fused_embed) and session 13's kernel changes (#48-#52: short
 #    attention-backward programs, +1.9% at seq 64, the paper scale's; GELU through erfc's fit; 16-bit dropout draws)
-#    and session 14's #53 (the last layer on the masked rows: +4.1% at seq 64) are not yet run at paper scale (~19 min in three chained calls, a whole session's
-#    device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again. (Session 12's missing
+#    and session 14's #53 (the last layer on the masked rows: +4.1% at seq 64) are not yet run at paper scale
+#    (~19 min in three chained calls, a whole session's device budget): LIMIT=560 STAGE=all bash experiments/device/paper_scale.sh, then again. (Session 12's missing
 #    seq-512 A/B ran in session 13: results/bench_gpu_s13.md.)
 # Needs .whl/site and .bench (lengths_sim.npy, hf_peer_mlm.py) carried. Results under $OUT.
 #
 # 1. (ran in session 14: 1.74x, fused_kernels_dev/s14_call3_ddp/ .. s14_call7_two_solo/) goal 3 on the packed path.
-#    Next, on nvidia-h200-x2 (~3 min): where DDP's ~15% per step goes. A torch.profiler table of rank 0 under DDP against
-#    one GPU (which kernels got slower, and whether NCCL's kernels overlap the backward), then NCCL_MIN_NCHANNELS /
-#    NCCL_MAX_NCHANNELS (fewer SMs held by NCCL) and a larger bucket_cap_mb through `bench_ddp.py --ddp-kwargs`.
+#    Next, on nvidia-h200-x2 (~4 min, .bench carried, PYTHONPATH=$PWD:$PWD/.bench/site): where DDP's ~15% per step
+#    goes (notes_speed.md, session 14: likely NCCL's kernels overlapping the backward). With
+#    sw="--lengths .bench/lengths_sim.npy --packed --fused-qkv --fused-norm --fused-gelu --fused-residual \
+#        --fused-ce --fused-attention":
+#      python3 experiments/bench_ddp.py $sw --devices 2 --ddp-kwargs bucket_cap_mb=1000 --out $OUT/one_bucket.json
+#      NCCL_MAX_NCHANNELS=4 python3 experiments/bench_ddp.py $sw --devices 2 --out $OUT/nch4.json
+#      python3 experiments/bench_ddp.py $sw --devices 1,2 --steps 10 --profile-dir $OUT/prof --out $OUT/prof.json
+#    (one GPU ran 148.4 ms per step, two 170.8-171.6: bench_ddp's seconds / steps.)
 # 2. On one H200, this script (~2 min): a torch.profiler table of the shipped step, seq 128, no reference (where the
 #    step's GPU time goes after the next kernel change; the step is GPU-bound, notes_speed.md session 8).
 export PYTHONPATH=$PWD:$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
