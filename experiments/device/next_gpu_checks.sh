@@ -21,6 +21,7 @@
 #    goes (notes_speed.md, session 14: likely NCCL's kernels overlapping the backward). With
 #    sw="--lengths .bench/lengths_sim.npy --packed --fused-qkv --fused-norm --fused-gelu --fused-residual \
 #        --fused-ce --fused-attention":
+#    (as experiments/device/ddp_overlap_check.sh:)
 #      python3 experiments/bench_ddp.py $sw --devices 2 --ddp-kwargs bucket_cap_mb=1000 --out $OUT/one_bucket.json
 #      NCCL_MAX_NCHANNELS=4 python3 experiments/bench_ddp.py $sw --devices 2 --out $OUT/nch4.json
 #      python3 experiments/bench_ddp.py $sw --devices 1,2 --steps 10 --profile-dir $OUT/prof --out $OUT/prof.json
