@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # every other capitalised argument is a bf16 activation
 FP32 = {"AB", "W", "B", "Mean", "Rstd", "DWp", "DBp", "DABp", "DTp", "WE", "PE", "TE", "DE"}
 INT64 = {"IDS", "POS"}
+UINT8 = {"KB"}  # the dropout mask as bits (the lead in results/kernel_sass_s14/dropout_bits.patch, via --tree)
 SCALARS = {"n_rows": "i32", "n_cols": "i32", "seed": "i32", "eps": "fp32", "p": "fp32"}
 # (module, kernel, constexprs, elements per tile row): BERT-base widths (768 -> BLOCK 1024; 3072 in column blocks of
 # 1024), one tile per program (ROWS = RB), 4 warps
@@ -57,7 +58,7 @@ def _signature(fn, consts: dict) -> dict:
         elif name in SCALARS:
             sig[name] = SCALARS[name]
         elif name[0].isupper():
-            sig[name] = "*fp32" if name in FP32 else "*i64" if name in INT64 else "*bf16"
+            sig[name] = "*fp32" if name in FP32 else "*i64" if name in INT64 else "*u8" if name in UINT8 else "*bf16"
         else:
             raise SystemExit(f"kernel_sass: no type for argument {name!r} of {fn.__name__}: add it to SCALARS")
     return sig
