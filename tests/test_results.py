@@ -40,3 +40,15 @@ def test_bench_cpu_json_has_the_goal_keys():
     d = _load("bench_cpu.json")
     for key in ("prep_1m_seconds", "prep_1m_peak_rss_gb", "kmeans_1m_cpu_seconds"):
         assert isinstance(d[key], (int, float)) and d[key] > 0, key
+
+
+def test_ddp_scaling_is_the_output_of_its_benchmark_run():
+    """`ddp_scaling_2gpu` is the figure of the bench_ddp.py output it names (`ddp_scaling_2gpu_file`), and that run
+    measured one and two GPUs on the same configuration."""
+    d = _load("bench_gpu.json")
+    run = _load(d["ddp_scaling_2gpu_file"])
+    assert d["ddp_scaling_2gpu"] == round(run["ddp_scaling_2gpu"], 3)
+    one, two = (next(r for r in run["runs"] if r["devices"] == n) for n in (1, 2))
+    assert abs(run["ddp_scaling_2gpu"] - two["real_tokens_per_s"] / one["real_tokens_per_s"]) < 1e-9
+    same = ("seq", "model", "packed", "tokens_per_step_per_gpu", "fused_attention", "fused_norm")
+    assert all(one[k] == two[k] for k in same)
