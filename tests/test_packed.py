@@ -101,8 +101,6 @@ def test_rows_run_the_last_layer_on_those_rows_only(knobs):
     intermediate layer saw (len(r), H), the layers below the whole stream."""
     import functools
 
-    from sessionbert.models.packed import packed_hidden
-
     batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
                               label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
     rows = batch["mlm_positions"]
@@ -112,18 +110,14 @@ def test_rows_run_the_last_layer_on_those_rows_only(knobs):
     for amp in (False, True):
         outs, grads, seen = [], [], []
         for trim in (False, True):
-            m = _module(**{k: v for k, v in knobs.items() if k != "fused_qkv"}, fused_qkv=knobs.get("fused_qkv", False))
+            m = _module(**knobs)
             layers = m.model.bert.encoder.layer
             hooks = [lyr.intermediate.dense.register_forward_hook(
                 functools.partial(lambda i, mod, inp, out: seen.append((trim, i, inp[0].shape[0])), i))
                 for i, lyr in enumerate(layers)]
             args = (m.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_len"])
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-                fwd = functools.partial(packed_hidden, fused_qkv=knobs.get("fused_qkv", False),
-                                        fused_residual=knobs.get("fused_residual", False),
-                                        fused_norm=knobs.get("fused_norm", False),
-                                        fused_gelu=knobs.get("fused_gelu", False))
-                h = fwd(*args, rows=rows) if trim else fwd(*args)[rows]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):  # m._packed: packed_hidden with the knobs
+                h = m._packed(*args, rows=rows) if trim else m._packed(*args)[rows]
             (h.float() * w).sum().backward()
             outs.append(h.float())
             grads.append(_grads(m))
