@@ -147,12 +147,18 @@ FUSED = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "Triton dropout-add-LayerN
 
 def ddp_kwargs(spec: str) -> dict:
     """"static_graph=true,bucket_cap_mb=100" -> keyword arguments of torch's DistributedDataParallel (through
-    Lightning's DDPStrategy): true / false, integers and floats as such."""
-    out = {}
+    Lightning's DDPStrategy): true / false, integers and floats as such; names DDP does not take are refused (the
+    pipeline's `trainer.ddp_kwargs` check, `config.ddp_option_names`)."""
+    from sessionbert.config import ddp_option_names
+
+    known, out = ddp_option_names(), {}
     for item in filter(None, (x.strip() for x in (spec or "").split(","))):
         key, sep, val = item.partition("=")
         if not sep or not key:
             raise SystemExit(f"bench_ddp: --ddp-kwargs item {item!r} is not key=value")
+        if key not in known:
+            raise SystemExit(f"bench_ddp: --ddp-kwargs {key!r} is not an option of DistributedDataParallel "
+                             f"(one of {sorted(known)})")
         low = val.lower()
         if low in ("true", "false"):
             out[key] = low == "true"

@@ -129,13 +129,19 @@ def _validate_ddp_kwargs(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.ddp_kwargs: a mapping of DistributedDataParallel options, got {kw!r}")
     if kw and OmegaConf.select(cfg, "trainer.strategy", default=None) != "ddp":
         raise ConfigError("trainer.ddp_kwargs: only with trainer.strategy=ddp (trainer=ddp)")
-    import inspect
-
-    from torch.nn.parallel import DistributedDataParallel
-
-    known = set(inspect.signature(DistributedDataParallel.__init__).parameters) - {"self", "module", "device_ids",
-                                                                                  "output_device", "process_group"}
+    known = ddp_option_names()
     for key in kw:
         if key not in known:
             raise ConfigError(f"trainer.ddp_kwargs.{key}: not an option of DistributedDataParallel "
                               f"(one of {sorted(known)})")
+
+
+def ddp_option_names() -> set[str]:
+    """The keyword options of torch's DistributedDataParallel a user may pass (through Lightning's DDPStrategy, which
+    sets the module, devices and process group itself): for `trainer.ddp_kwargs` and `bench_ddp.py --ddp-kwargs`."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    return set(inspect.signature(DistributedDataParallel.__init__).parameters) - {
+        "self", "module", "device_ids", "output_device", "process_group"}

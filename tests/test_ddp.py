@@ -115,11 +115,15 @@ def test_bench_ddp_options_parse_and_a_bad_one_stops_before_any_run():
     import pytest
 
     mod = _bench_ddp()
-    assert mod.ddp_kwargs("static_graph=true, bucket_cap_mb=100,gradient_as_bucket_view=False,x=0.5,y=abc") == {
-        "static_graph": True, "bucket_cap_mb": 100, "gradient_as_bucket_view": False, "x": 0.5, "y": "abc"}
+    assert mod.ddp_kwargs("static_graph=true, bucket_cap_mb=100,gradient_as_bucket_view=False") == {
+        "static_graph": True, "bucket_cap_mb": 100, "gradient_as_bucket_view": False}
+    # floats as such, anything else kept as text (DDP's own check of its values comes at construction)
+    assert mod.ddp_kwargs("bucket_cap_mb=2.5,dim=abc") == {"bucket_cap_mb": 2.5, "dim": "abc"}
     assert mod.ddp_kwargs("") == {}
     with pytest.raises(SystemExit, match="'static_graph' is not key=value"):
         mod.ddp_kwargs("static_graph")
+    with pytest.raises(SystemExit, match="'bucket_cap' is not an option of DistributedDataParallel"):
+        mod.ddp_kwargs("bucket_cap=100")
 
 
 def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
