@@ -14,6 +14,13 @@ is N x the one-GPU throughput of real (non-padding) tokens.
 With `--packed` the batches go through `PackedMLMCollator` (what `pretrain.packed=true` trains with; attention-
 probability dropout 0) and real tokens are the collator's count.
 
+Epochs: the lengths file holds ~24k sessions, 20 batches of 131k slots on one GPU and 10 per rank on two. Timing
+60 steps over it crosses 3 epoch boundaries on one GPU and 6 on two, and each boundary stalls the GPU (the loop's
+end-of-epoch work, the loader's new iterator): that cost grows with the device count and with the tokens per
+step, and it is not the paper-scale workload (9M sessions: one epoch of thousands of steps). So by default the
+lengths are tiled (the ids still differ: they are seeded by index) until one epoch holds the warm-up and the timed
+steps on every rank; `--no-tile` measures the small file as it is (what sessions 2-15 reported up to 15's call 1).
+
 For each device count the script launches itself (`--child`) so that each measurement starts clean; Lightning
 starts the DDP processes. Timing starts after `--warmup` steps (NCCL set-up, cuDNN/cuBLAS heuristics) and covers
 `--steps` steps; real tokens are summed over ranks with an all-reduce.
@@ -73,6 +80,8 @@ def child(a) -> None:
             torch.cuda.synchronize()
     lengths = np.minimum(np.load(a.lengths).astype(np.int64), a.seq)
     lengths = lengths[lengths >= 3]
+    tiles = epoch_tiles(lengths, a.tokens_per_step, a.devices, a.warmup + a.steps) if a.tile else 1
+    lengths = np.tile(lengths, tiles)
     cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
     if a.packed:  # as stage_pretrain: the varlen kernel has no attention-probability dropout
         cfg.attention_probs_dropout_prob = 0.0
@@ -86,13 +95,14 @@ def child(a) -> None:
 
     class Clock(L.Callback):
         def __init__(self):
-            self.tokens, self.t0, self.t1 = 0, None, None
+            self.tokens, self.t0, self.t1, self.epochs = 0, None, None, set()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             if trainer.global_step == a.warmup:
                 _sync()
                 self.t0 = time.perf_counter()
             if trainer.global_step >= a.warmup:
+                self.epochs.add(trainer.current_epoch)
                 self.tokens += int(batch["real_tokens"]) if "real_tokens" in batch else int(
                     batch["attention_mask"].sum())
 
@@ -108,7 +118,8 @@ def child(a) -> None:
                        "ddp_kwargs": a.ddp_kwargs, "comm_hook": a.comm_hook, "seq": a.seq, "model": a.model,
                        "steps": a.steps,
                        "packed": bool(a.packed), **{k: bool(getattr(a, k) and a.packed) for k in FUSED},
-                       "tokens_per_step_per_gpu": a.tokens_per_step, "real_tokens": int(t.item()), "seconds": secs,
+                       "tokens_per_step_per_gpu": a.tokens_per_step, "sessions": len(lengths), "tiles": tiles,
+                       "epochs_timed": len(self.epochs), "real_tokens": int(t.item()), "seconds": secs,
                        "real_tokens_per_s": t.item() / secs,
                        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if gpu else None}
                 Path(a.child).write_text(json.dumps(res))
@@ -143,6 +154,24 @@ def child(a) -> None:
 FUSED = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "Triton dropout-add-LayerNorm", "fused_gelu": "Triton bias + GELU",
          "fused_residual": "residual gradient summed in the branch GEMMs", "fused_ce": "Triton MLM cross-entropy",
          "fused_attention": "Triton attention for short sessions"}
+
+
+def epoch_tiles(lengths: np.ndarray, tokens_per_step: int, devices: int, steps: int) -> int:
+    """How many copies of `lengths` make one epoch of `TokenBudgetBatchSampler` hold `steps` + 1 batches on each of
+    `devices` ranks (no epoch boundary inside the run)."""
+    from sessionbert.data.sampler import TokenBudgetBatchSampler
+
+    def per_rank(k: int) -> int:
+        return len(TokenBudgetBatchSampler(np.tile(lengths, k), tokens_per_step, shuffle=True, seed=0,
+                                           num_replicas=devices, rank=0))
+
+    need = steps + 1
+    k = max(1, -(-need // max(1, per_rank(1))))  # the estimate; packing is not exactly linear in the copies
+    while per_rank(k) < need:
+        k += 1
+    while k > 1 and per_rank(k - 1) >= need:
+        k -= 1
+    return k
 
 
 def ddp_kwargs(spec: str) -> dict:
@@ -193,6 +222,8 @@ def main() -> None:
                     help="torch's DDP communication hook: gradients compressed to bf16 / fp16 for the all-reduce")
     ap.add_argument("--ddp-on-one", action="store_true",
                     help="the one-device run under DDP too: the wrapper's cost without communication")
+    ap.add_argument("--no-tile", dest="tile", action="store_false",
+                    help="time over the lengths file as it is, epoch boundaries included (see the module's doc)")
     ap.add_argument("--profile-dir", help="write a torch.profiler table per rank of 3 steps after the warm-up here "
                     "(Lightning's PyTorchProfiler; the timed throughput then includes the profiler's cost)")
     ap.add_argument("--out")
@@ -213,6 +244,7 @@ def main() -> None:
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers),
                "--ddp-kwargs", a.ddp_kwargs, "--comm-hook", a.comm_hook] + (["--ddp-on-one"] if a.ddp_on_one else [])
+        cmd += [] if a.tile else ["--no-tile"]
         cmd += ["--profile-dir", a.profile_dir] if a.profile_dir else []
         cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)

@@ -126,6 +126,25 @@ def test_bench_ddp_options_parse_and_a_bad_one_stops_before_any_run():
         mod.ddp_kwargs("bucket_cap=100")
 
 
+def test_bench_ddp_tiles_the_lengths_until_one_epoch_holds_the_run_on_every_rank():
+    """bench_ddp's default: the fewest copies of the lengths with which one epoch of TokenBudgetBatchSampler has more
+    than the run's steps on each rank, so no epoch boundary (a GPU stall that grows with the device count) is timed."""
+    import numpy as np
+
+    from sessionbert.data.sampler import TokenBudgetBatchSampler
+
+    mod = _bench_ddp()
+    lengths = np.random.default_rng(0).integers(3, 129, 3000)
+    for devices, steps in ((1, 70), (2, 70), (2, 7), (4, 300)):
+        t = mod.epoch_tiles(lengths, 131072 // 16, devices, steps)
+
+        def per_rank(k):
+            return len(TokenBudgetBatchSampler(np.tile(lengths, k), 131072 // 16, shuffle=True, seed=0,
+                                               num_replicas=devices, rank=0))
+        assert per_rank(t) >= steps + 1, (devices, steps, t)
+        assert t == 1 or per_rank(t - 1) < steps + 1, (devices, steps, t)  # the fewest copies that do
+
+
 def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     """experiments/bench_ddp.py end to end on a CPU, tiny model, packed: `--ddp-on-one` runs the one-device
     measurement under Lightning's DDPStrategy (the wrapper's cost without communication) and records it; the result
@@ -136,7 +155,7 @@ def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     np.save(lengths, np.random.default_rng(0).integers(8, 64, 400))
     out = tmp_path / "ddp.json"
     r = subprocess.run([sys.executable, "experiments/bench_ddp.py", "--lengths", str(lengths), "--devices", "1",
-                        "--model", "tiny", "--tokens-per-step", "2048", "--steps", "4", "--warmup", "1", "--workers",
+                        "--model", "tiny", "--tokens-per-step", "2048", "--steps", "12", "--warmup", "1", "--workers",
                         "0", "--packed", "--ddp-on-one", "--ddp-kwargs", "static_graph=true", "--out", str(out),
                         "--profile-dir", str(tmp_path / "prof")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -145,6 +164,8 @@ def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     assert (run["devices"], run["strategy"], run["ddp_kwargs"], run["comm_hook"]) == (1, "DDPStrategy",
                                                                                      "static_graph=true", "none")
     assert run["real_tokens"] > 0 and run["packed"]
+    # 400 sessions make < 13 batches of 2048 slots: tiled, so that no epoch boundary falls inside the timed steps
+    assert run["tiles"] > 1 and run["sessions"] == 400 * run["tiles"] and run["epochs_timed"] == 1
     tables = [p.read_text() for p in (tmp_path / "prof").iterdir()]  # --profile-dir: Lightning's PyTorchProfiler
     assert tables and any("aten::mm" in t or "aten::addmm" in t for t in tables)
 
