@@ -52,3 +52,9 @@ def test_ddp_scaling_is_the_output_of_its_benchmark_run():
     assert abs(run["ddp_scaling_2gpu"] - two["real_tokens_per_s"] / one["real_tokens_per_s"]) < 1e-9
     same = ("seq", "model", "packed", "tokens_per_step_per_gpu", "fused_attention", "fused_norm")
     assert all(one[k] == two[k] for k in same)
+    # measured with what trainer=ddp trains with: its DDP options, and no epoch boundary inside the timed steps
+    from omegaconf import OmegaConf
+
+    shipped = OmegaConf.to_container(OmegaConf.load(RESULTS.parents[1] / "conf" / "trainer" / "ddp.yaml").ddp_kwargs)
+    assert two["ddp_kwargs"] == ",".join(f"{k}={v}" for k, v in shipped.items())
+    assert one["epochs_timed"] == two["epochs_timed"] == 1
