@@ -19,7 +19,9 @@ Epochs: the lengths file holds ~24k sessions, 20 batches of 131k slots on one GP
 end-of-epoch work, the loader's new iterator): that cost grows with the device count and with the tokens per
 step, and it is not the paper-scale workload (9M sessions: one epoch of thousands of steps). So by default the
 lengths are tiled (the ids still differ: they are seeded by index) until one epoch holds the warm-up and the timed
-steps on every rank; `--no-tile` measures the small file as it is (what sessions 2-15 reported up to 15's call 1).
+steps on every rank, for the largest device count of the sweep; every run of the sweep gets the same copies, so they
+train on the same batches' fill (different tilings pack a little differently: 1.9% more real tokens per step in one
+session-15 run). `--no-tile` measures the small file as it is (what sessions 2-15 reported up to 15's call 1).
 
 For each device count the script launches itself (`--child`) so that each measurement starts clean; Lightning
 starts the DDP processes. Timing starts after `--warmup` steps (NCCL set-up, cuDNN/cuBLAS heuristics) and covers
@@ -78,9 +80,8 @@ def child(a) -> None:
     def _sync():
         if gpu:
             torch.cuda.synchronize()
-    lengths = np.minimum(np.load(a.lengths).astype(np.int64), a.seq)
-    lengths = lengths[lengths >= 3]
-    tiles = epoch_tiles(lengths, a.tokens_per_step, a.devices, a.warmup + a.steps) if a.tile else 1
+    lengths = capped_lengths(a.lengths, a.seq)
+    tiles = (a.tiles or epoch_tiles(lengths, a.tokens_per_step, a.devices, a.warmup + a.steps)) if a.tile else 1
     lengths = np.tile(lengths, tiles)
     cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
     if a.packed:  # as stage_pretrain: the varlen kernel has no attention-probability dropout
@@ -156,6 +157,12 @@ FUSED = {"fused_qkv": "one Q/K/V GEMM", "fused_norm": "Triton dropout-add-LayerN
          "fused_attention": "Triton attention for short sessions"}
 
 
+def capped_lengths(path: str, seq: int) -> np.ndarray:
+    """The session lengths of the file at `path`, capped at `seq`; sessions shorter than [CLS] x [SEP] left out."""
+    lengths = np.minimum(np.load(path).astype(np.int64), seq)
+    return lengths[lengths >= 3]
+
+
 def epoch_tiles(lengths: np.ndarray, tokens_per_step: int, devices: int, steps: int) -> int:
     """How many copies of `lengths` make one epoch of `TokenBudgetBatchSampler` hold `steps` + 1 batches on each of
     `devices` ranks (no epoch boundary inside the run)."""
@@ -172,6 +179,11 @@ def epoch_tiles(lengths: np.ndarray, tokens_per_step: int, devices: int, steps: 
     while k > 1 and per_rank(k - 1) >= need:
         k -= 1
     return k
+
+
+def sweep_tiles(lengths: np.ndarray, tokens_per_step: int, device_counts: list[int], steps: int) -> int:
+    """The copies every run of a sweep over `device_counts` uses: enough for the one with the fewest batches per rank."""
+    return max(epoch_tiles(lengths, tokens_per_step, d, steps) for d in device_counts)
 
 
 def ddp_kwargs(spec: str) -> dict:
@@ -224,6 +236,7 @@ def main() -> None:
                     help="the one-device run under DDP too: the wrapper's cost without communication")
     ap.add_argument("--no-tile", dest="tile", action="store_false",
                     help="time over the lengths file as it is, epoch boundaries included (see the module's doc)")
+    ap.add_argument("--tiles", type=int, help=argparse.SUPPRESS)  # the parent's choice, the same for every run
     ap.add_argument("--profile-dir", help="write a torch.profiler table per rank of 3 steps after the warm-up here "
                     "(Lightning's PyTorchProfiler; the timed throughput then includes the profiler's cost)")
     ap.add_argument("--out")
@@ -235,8 +248,10 @@ def main() -> None:
         return child(a)
     import torch
 
-    runs = []
-    for d in [int(x) for x in a.devices.split(",")]:
+    runs, counts = [], [int(x) for x in a.devices.split(",")]
+    steps = a.warmup + a.steps
+    tiles = sweep_tiles(capped_lengths(a.lengths, a.seq), a.tokens_per_step, counts, steps) if a.tile else 1
+    for d in counts:
         # a file of this process's own: two benchmarks run at once (one per GPU) must not read each other's result
         res_file = Path(tempfile.gettempdir()) / f"bench_ddp_{os.getpid()}_{d}.json"
         res_file.unlink(missing_ok=True)
@@ -244,7 +259,7 @@ def main() -> None:
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers),
                "--ddp-kwargs", a.ddp_kwargs, "--comm-hook", a.comm_hook] + (["--ddp-on-one"] if a.ddp_on_one else [])
-        cmd += [] if a.tile else ["--no-tile"]
+        cmd += ["--tiles", str(tiles)] if a.tile else ["--no-tile"]
         cmd += ["--profile-dir", a.profile_dir] if a.profile_dir else []
         cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)

@@ -143,6 +143,12 @@ def test_bench_ddp_tiles_the_lengths_until_one_epoch_holds_the_run_on_every_rank
                                                num_replicas=devices, rank=0))
         assert per_rank(t) >= steps + 1, (devices, steps, t)
         assert t == 1 or per_rank(t - 1) < steps + 1, (devices, steps, t)  # the fewest copies that do
+    # a sweep over 1, 2 and 4 GPUs: one tiling for all of its runs, enough for each
+    t = mod.sweep_tiles(lengths, 131072 // 16, [1, 2, 4], 70)
+    for devices in (1, 2, 4):
+        assert len(TokenBudgetBatchSampler(np.tile(lengths, t), 131072 // 16, shuffle=True, seed=0,
+                                           num_replicas=devices, rank=0)) >= 71
+    assert t == mod.epoch_tiles(lengths, 131072 // 16, 4, 70) > mod.epoch_tiles(lengths, 131072 // 16, 1, 70)
 
 
 def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
@@ -166,6 +172,8 @@ def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     assert run["real_tokens"] > 0 and run["packed"]
     # 400 sessions make < 13 batches of 2048 slots: tiled, so that no epoch boundary falls inside the timed steps
     assert run["tiles"] > 1 and run["sessions"] == 400 * run["tiles"] and run["epochs_timed"] == 1
+    mod = _bench_ddp()
+    assert run["tiles"] == mod.sweep_tiles(mod.capped_lengths(str(lengths), 128), 2048, [1], 13)
     tables = [p.read_text() for p in (tmp_path / "prof").iterdir()]  # --profile-dir: Lightning's PyTorchProfiler
     assert tables and any("aten::mm" in t or "aten::addmm" in t for t in tables)
 
