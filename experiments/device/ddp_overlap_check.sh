@@ -5,14 +5,7 @@
 # 0. the reference in this call: 1 GPU and 2 GPUs, default DDP, with SM clocks and power sampled every 200 ms;
 # 1. one bucket, all-reduced after the backward (no overlap); 2. NCCL on 4 channels (fewer SMs beside the backward);
 # 3. a profiler table per rank, one GPU and two (which kernels got slower).
-export PYTHONPATH=$PWD:$PWD/.bench/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-R=$OUT/r; mkdir -p $R
-sw="--lengths .bench/lengths_sim.npy --packed --fused-qkv --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention"
-show() { python3 -c "
-import json
-for r in json.load(open('$1'))['runs']:
-    print('$1'.split('/')[-1], r['devices'], r.get('ddp_kwargs'), round(r['real_tokens_per_s']), round(1000 * r['seconds'] / r['steps'], 1), 'ms/step')"; }
+source experiments/device/ddp_env.sh  # $R, $sw, show, NVLink multicast off
 nvidia-smi topo -m > $R/topo.txt 2>&1
 nvidia-smi --query-gpu=timestamp,index,clocks.sm,clocks.mem,power.draw,temperature.gpu,utilization.gpu --format=csv -lms 200 > $R/smi.csv 2>&1 &
 SMI=$!

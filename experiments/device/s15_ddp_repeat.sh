@@ -3,14 +3,7 @@
 # one GPU, two GPUs with DDP's default buckets (25 MB), one bucket (bucket_cap_mb=1000: the all-reduce after the
 # backward, no overlap), 100 MB buckets; then the same again in the other order.
 # Needs .bench carried (lengths_sim.npy, site/). Results: $OUT/results.tgz (rewritten after each part).
-export PYTHONPATH=$PWD:$PWD/.bench/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-R=$OUT/r; mkdir -p $R
-sw="--lengths .bench/lengths_sim.npy --packed --fused-qkv --fused-norm --fused-gelu --fused-residual --fused-ce --fused-attention"
-show() { python3 -c "
-import json
-for r in json.load(open('$1'))['runs']:
-    print('$1'.split('/')[-1], r['devices'], r.get('ddp_kwargs'), 'epochs', r.get('epochs_timed'), round(r['real_tokens_per_s']), round(1000 * r['seconds'] / r['steps'], 1), 'ms/step')"; }
+source experiments/device/ddp_env.sh  # $R, $sw, show, NVLink multicast off
 one() { python3 experiments/bench_ddp.py $sw --out $R/$1.json "${@:2}" > $R/$1.log 2>&1; show $R/$1.json; tar czf $OUT/results.tgz -C $R .; }
 one g1_a --devices 1
 one g2_default_a --devices 2

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # One nvidia-h200-x2 call (~2 min), session 15: the pipeline end to end under trainer=ddp on two GPUs with its new
 # default DDP options (one gradient bucket, conf/trainer/ddp.yaml). Needs .bench carried (site/).
-export PYTHONPATH=$PWD:$PWD/.bench/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-R=$OUT/r; mkdir -p $R
+source experiments/device/ddp_env.sh  # $R, $sw, show, NVLink multicast off
 python3 train.py experiment=smoke trainer=ddp trainer.devices=2 pretrain.packed=true pretrain.max_tokens=65536 \
   hydra.run.dir=$R/ddp_smoke paths.cache_dir=/tmp/ddp_cache > $R/ddp_smoke.log 2>&1
 echo "ddp smoke rc=$?"; grep -i "bucket_cap\|mlm_loss\|error\|Traceback\|stage" $R/ddp_smoke.log | tail -8 | cut -c1-200
