@@ -14,10 +14,10 @@ is N x the one-GPU throughput of real (non-padding) tokens.
 With `--packed` the batches go through `PackedMLMCollator` (what `pretrain.packed=true` trains with; attention-
 probability dropout 0) and real tokens are the collator's count.
 
-Epochs: the lengths file holds ~24k sessions, 20 batches of 131k slots on one GPU and 10 per rank on two. Timing
-60 steps over it crosses 3 epoch boundaries on one GPU and 6 on two, and each boundary stalls the GPU (the loop's
-end-of-epoch work, the loader's new iterator): that cost grows with the device count and with the tokens per
-step, and it is not the paper-scale workload (9M sessions: one epoch of thousands of steps). So by default the
+Epochs: the lengths file holds ~24k sessions, 20 batches of 131k slots on one GPU and 10 per rank on two. The 70
+steps of a run over it cross 3 epoch boundaries on one GPU and 6 on two; each boundary stalls the GPU (the loop's
+end-of-epoch work, the loader's new iterator) and follows a partly filled batch. That cost grows with the device
+count and with the tokens per step (fewer batches per epoch), and it is not the paper-scale workload (9M sessions: one epoch of thousands of steps). So by default the
 lengths are tiled (the ids still differ: they are seeded by index) until one epoch holds the warm-up and the timed
 steps on every rank, for the largest device count of the sweep; every run of the sweep gets the same copies, so they
 train on the same batches' fill (different tilings pack a little differently: 1.9% more real tokens per step in one
