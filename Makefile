@@ -5,7 +5,7 @@ PIP ?= $(PY) -m pip
 # install their CUDA torch before `make install`, and this pin is then skipped.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: help install run smoke test test-slow clean-cache bench-gpu bench-cpu paper-scale report ablations real-data
+.PHONY: help install run smoke test test-slow clean-cache bench-gpu bench-ddp bench-cpu paper-scale report ablations real-data
 
 help:  ## list targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -38,6 +38,15 @@ bench-gpu: install  ## MLM throughput: our training path vs the HF reference, se
 	  --steps 20 --out .bench/warmup.json > /dev/null
 	$(PY) experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --only-packed --fused-qkv only --fused-norm only \
 	  --fused-gelu only --fused-residual only --fused-ce only --fused-attention also --md experiments/results/bench_gpu.md
+
+# Goal 3 of issue 6: the packed path with every fused kernel on 1 and 2 GPUs through Lightning's DDP, with trainer=ddp's
+# DDP options (conf/trainer/ddp.yaml's ddp_kwargs; tests/test_results.py checks that the two agree).
+DDP_KWARGS ?= bucket_cap_mb=1000
+bench-ddp: install  ## DDP scaling of the packed MLM pretraining, 1 vs 2 GPUs (needs 2 GPUs)
+	mkdir -p .bench && $(PY) experiments/bench_gpu.py --write-lengths .bench/lengths_sim.npy
+	$(PY) experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv --fused-norm \
+	  --fused-gelu --fused-residual --fused-ce --fused-attention --ddp-kwargs $(DDP_KWARGS) \
+	  --out experiments/results/bench_ddp_packed.json
 
 paper-scale: install  ## 9.2M simulated sessions end to end on one GPU (stage times in the run's report.md)
 	$(PY) train.py experiment=paper_scale $(ARGS)

@@ -56,5 +56,8 @@ def test_ddp_scaling_is_the_output_of_its_benchmark_run():
     from omegaconf import OmegaConf
 
     shipped = OmegaConf.to_container(OmegaConf.load(RESULTS.parents[1] / "conf" / "trainer" / "ddp.yaml").ddp_kwargs)
-    assert two["ddp_kwargs"] == ",".join(f"{k}={v}" for k, v in shipped.items())
+    spec = ",".join(f"{k}={v}" for k, v in shipped.items())
+    assert two["ddp_kwargs"] == spec
+    make = (RESULTS.parents[1] / "Makefile").read_text()  # `make bench-ddp` measures the same options
+    assert f"DDP_KWARGS ?= {spec}\n" in make
     assert one["epochs_timed"] == two["epochs_timed"] == 1
