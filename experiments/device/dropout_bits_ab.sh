@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One H200 call (~6 min), for a session after 14: the dropout-mask-as-bits lead (notes_speed.md, session 14 leads;
-# not merged) against the shipped code. Session 15 ran its short form (s15_bits_quick.sh): no gain, dropped. The shipped tree is copied to .bench/old_bits first, then the patch is
+# not merged) against the shipped code. Session 15 ran its short form (s15_bits_quick.sh): no gain, dropped. The
+# shipped tree is copied to .bench/old_bits first, then the patch is
 # applied to this copy of the working tree (the device's copy has no .git), then step_ab.sh: a warm-up
 # process, shipped / patched / shipped / patched at seq 128 and 512, the patched run beside the reference; then the
 # LayerNorm and embeddings kernels alone, shipped then patched. Needs .bench carried (lengths_sim.npy, hf_peer_mlm.py,
