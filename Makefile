@@ -45,7 +45,7 @@ DDP_KWARGS ?= bucket_cap_mb=1000
 bench-ddp: install  ## DDP scaling of the packed MLM pretraining, 1 vs 2 GPUs (needs 2 GPUs)
 	mkdir -p .bench && $(PY) experiments/bench_gpu.py --write-lengths .bench/lengths_sim.npy
 	$(PY) experiments/bench_ddp.py --lengths .bench/lengths_sim.npy --devices 1,2 --packed --fused-qkv --fused-norm \
-	  --fused-gelu --fused-residual --fused-ce --fused-attention --ddp-kwargs $(DDP_KWARGS) \
+	  --fused-gelu --fused-residual --fused-ce --fused-attention --ddp-kwargs $(DDP_KWARGS) --rounds 2 \
 	  --out experiments/results/bench_ddp_packed.json
 
 paper-scale: install  ## 9.2M simulated sessions end to end on one GPU (stage times in the run's report.md)

@@ -186,6 +186,26 @@ def sweep_tiles(lengths: np.ndarray, tokens_per_step: int, device_counts: list[i
     return max(epoch_tiles(lengths, tokens_per_step, d, steps) for d in device_counts)
 
 
+def schedule(counts: list[int], rounds: int) -> list[tuple[int, int]]:
+    """(round, device count) in the order they run: the counts, then reversed in every other round (1,2 then 2,1), so
+    a drift over the call (the first process of a call runs slow, session 13) does not favour one count."""
+    return [(r + 1, d) for r in range(rounds) for d in (counts if r % 2 == 0 else counts[::-1])]
+
+
+def mean_rates(runs: list[dict]) -> dict[int, float]:
+    """Mean real tokens/s per device count over the rounds, by device count."""
+    by: dict[int, list[float]] = {}
+    for r in runs:
+        by.setdefault(r["devices"], []).append(r["real_tokens_per_s"])
+    return {d: sum(v) / len(v) for d, v in sorted(by.items())}
+
+
+def scaling(runs: list[dict], devices: int = 2) -> float | None:
+    """Mean throughput on `devices` GPUs over the mean on one (None without both): the goal's `ddp_scaling_2gpu`."""
+    rates = mean_rates(runs)
+    return rates[devices] / rates[1] if 1 in rates and devices in rates else None
+
+
 def ddp_kwargs(spec: str) -> dict:
     """"static_graph=true,bucket_cap_mb=100" -> keyword arguments of torch's DistributedDataParallel (through
     Lightning's DDPStrategy): true / false, integers and floats as such; names DDP does not take are refused (the
@@ -234,6 +254,9 @@ def main() -> None:
                     help="torch's DDP communication hook: gradients compressed to bf16 / fp16 for the all-reduce")
     ap.add_argument("--ddp-on-one", action="store_true",
                     help="the one-device run under DDP too: the wrapper's cost without communication")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every device count this many times, alternating the order (1,2,2,1,...); the "
+                    "scaling is the ratio of the means")
     ap.add_argument("--no-tile", dest="tile", action="store_false",
                     help="time over the lengths file as it is, epoch boundaries included (see the module's doc)")
     ap.add_argument("--tiles", type=int, help=argparse.SUPPRESS)  # the parent's choice, the same for every run
@@ -243,6 +266,8 @@ def main() -> None:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     ddp_kwargs(a.ddp_kwargs)  # a malformed item stops here, before any run
+    if a.rounds < 1:
+        raise SystemExit(f"bench_ddp: --rounds must be at least 1, got {a.rounds}")
     if a.child:
         a.devices = int(a.devices)
         return child(a)
@@ -251,7 +276,7 @@ def main() -> None:
     runs, counts = [], [int(x) for x in a.devices.split(",")]
     steps = a.warmup + a.steps
     tiles = sweep_tiles(capped_lengths(a.lengths, a.seq), a.tokens_per_step, counts, steps) if a.tile else 1
-    for d in counts:
+    for rnd, d in schedule(counts, a.rounds):
         # a file of this process's own: two benchmarks run at once (one per GPU) must not read each other's result
         res_file = Path(tempfile.gettempdir()) / f"bench_ddp_{os.getpid()}_{d}.json"
         res_file.unlink(missing_ok=True)
@@ -264,16 +289,16 @@ def main() -> None:
         cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
-        runs.append(json.loads(res_file.read_text()))
+        runs.append({**json.loads(res_file.read_text()), "round": rnd})
         print(json.dumps(runs[-1]), flush=True)
-    base = runs[0]["real_tokens_per_s"] / runs[0]["devices"]
+    rates = mean_rates(runs)
+    low = min(rates)
     out = {"date": dt.date.today().isoformat(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "runs": runs, "per_device_efficiency": {str(r["devices"]): r["real_tokens_per_s"] / (base * r["devices"])
-                                                   for r in runs}}
-    if len(runs) > 1:
-        out["ddp_scaling_2gpu"] = next((r["real_tokens_per_s"] / runs[0]["real_tokens_per_s"] for r in runs
-                                        if r["devices"] == 2), None)
+           "rounds": a.rounds, "runs": runs, "mean_real_tokens_per_s": {str(d): r for d, r in rates.items()},
+           "per_device_efficiency": {str(d): r * low / (rates[low] * d) for d, r in rates.items()}}
+    if scaling(runs) is not None:
+        out["ddp_scaling_2gpu"] = scaling(runs)
     print(json.dumps(out, indent=1))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=1))

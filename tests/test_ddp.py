@@ -151,6 +151,23 @@ def test_bench_ddp_tiles_the_lengths_until_one_epoch_holds_the_run_on_every_rank
     assert t == mod.epoch_tiles(lengths, 131072 // 16, 4, 70) > mod.epoch_tiles(lengths, 131072 // 16, 1, 70)
 
 
+def test_bench_ddp_rounds_alternate_the_order_and_the_scaling_is_the_ratio_of_means():
+    """--rounds N: every device count N times, the order reversed in every other round; ddp_scaling_2gpu is the mean
+    two-GPU throughput over the mean one-GPU throughput; --rounds 0 is refused before any run."""
+    import pytest
+
+    mod = _bench_ddp()
+    assert mod.schedule([1, 2], 1) == [(1, 1), (1, 2)]
+    assert mod.schedule([1, 2], 3) == [(1, 1), (1, 2), (2, 2), (2, 1), (3, 1), (3, 2)]
+    runs = [{"devices": d, "real_tokens_per_s": v} for d, v in ((1, 100.0), (2, 190.0), (2, 194.0), (1, 102.0))]
+    assert mod.mean_rates(runs) == {1: 101.0, 2: 192.0}
+    assert mod.scaling(runs) == pytest.approx(192.0 / 101.0)
+    assert mod.scaling([r for r in runs if r["devices"] == 2]) is None
+    r = subprocess.run([sys.executable, "experiments/bench_ddp.py", "--rounds", "0"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode != 0 and "--rounds must be at least 1, got 0" in r.stderr
+
+
 def test_bench_ddp_one_cpu_process_under_ddp(tmp_path):
     """experiments/bench_ddp.py end to end on a CPU, tiny model, packed: `--ddp-on-one` runs the one-device
     measurement under Lightning's DDPStrategy (the wrapper's cost without communication) and records it; the result
@@ -201,7 +218,7 @@ def test_trainer_ddp_kwargs_reach_ddp_and_unknown_names_are_refused_before_any_s
     trainer = build_trainer(cfg, Run(), tmp_path / "out", 1)
     assert isinstance(trainer.strategy, DDPStrategy)
     assert trainer.strategy._ddp_kwargs == {"bucket_cap_mb": 50, "static_graph": True}
-    # trainer=ddp's default: one gradient bucket (notes_speed.md, session 15: 1.92x vs 1.88x on 2x H200)
+    # trainer=ddp's default: one gradient bucket (notes_speed.md, session 15: 1.917x vs 1.88x on 2x H200)
     default = build_trainer(make_cfg(tmp_path, base), Run(), tmp_path / "out", 1)
     assert isinstance(default.strategy, DDPStrategy) and default.strategy._ddp_kwargs == {"bucket_cap_mb": 1000}
     plain = build_trainer(make_cfg(tmp_path, base + ["trainer.ddp_kwargs=null"]), Run(), tmp_path / "out", 1)
