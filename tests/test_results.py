@@ -57,13 +57,12 @@ def test_ddp_scaling_is_the_output_of_its_benchmark_run():
     ones, twos = ([r for r in run["runs"] if r["devices"] == n] for n in (1, 2))
     same = ("seq", "model", "packed", "tokens_per_step_per_gpu", "fused_attention", "fused_norm")
     assert all(one[k] == two[k] for one in ones for two in twos for k in same)
-    one, two = ones[0], twos[0]
     # measured with what trainer=ddp trains with: its DDP options, and no epoch boundary inside the timed steps
     from omegaconf import OmegaConf
 
     shipped = OmegaConf.to_container(OmegaConf.load(RESULTS.parents[1] / "conf" / "trainer" / "ddp.yaml").ddp_kwargs)
-    spec = ",".join(f"{k}={v}" for k, v in shipped.items())
-    assert two["ddp_kwargs"] == spec
+    opts = ",".join(f"{k}={v}" for k, v in shipped.items())
+    assert all(two["ddp_kwargs"] == opts for two in twos)
     make = (RESULTS.parents[1] / "Makefile").read_text()  # `make bench-ddp` measures the same options
-    assert f"DDP_KWARGS ?= {spec}\n" in make
+    assert f"DDP_KWARGS ?= {opts}\n" in make
     assert all(r["epochs_timed"] == 1 for r in ones + twos)
