@@ -24,6 +24,17 @@ def make_cfg(tmp_path: Path, overrides: list[str] = ()) -> DictConfig:
     return cfg
 
 
+def experiment_module(name: str):
+    """The script experiments/<name>.py loaded as a module (experiments/ is not a package): its functions in-process."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda overrides=(): make_cfg(tmp_path, overrides)

@@ -103,12 +103,9 @@ def test_other_launch_rank_waits_for_rank0_folder_and_never_computes(tmp_path, m
 
 
 def _bench_ddp():
-    import importlib.util
+    from .conftest import experiment_module
 
-    spec = importlib.util.spec_from_file_location("bench_ddp", ROOT / "experiments" / "bench_ddp.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return experiment_module("bench_ddp")
 
 
 def test_bench_ddp_options_parse_and_a_bad_one_stops_before_any_run():

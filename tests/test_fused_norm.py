@@ -573,13 +573,11 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     `--fused-gelu only` (and `--fused-residual only`, `--fused-ce only`, `--fused-attention only`) put that switch in
     every packed variant; the goal keys name the fastest variant; keys from
     other benchmarks already in the output file are kept."""
-    import importlib.util
-
     import numpy as np
 
-    spec = importlib.util.spec_from_file_location("bench_gpu", ROOT / "experiments" / "bench_gpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from .conftest import experiment_module
+
+    mod = experiment_module("bench_gpu")
     lengths = tmp_path / "lengths.npy"
     np.save(lengths, np.random.default_rng(0).integers(8, 64, 500))
     out = tmp_path / "bench_gpu.json"

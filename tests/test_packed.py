@@ -435,14 +435,11 @@ def test_bench_attention_variants_agree_and_refusals_are_reported(tmp_path):
     """experiments/bench_attention.py (the attention kernels for the packed step): on a CPU the varlen path's fallback
     and padded length buckets through SDPA's math kernel give the same attention; a kernel that refuses the input
     is reported with its error, and the next variant still runs."""
-    import importlib.util
     import json
-    from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "bench_attention.py"
-    spec = importlib.util.spec_from_file_location("bench_attention", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from .conftest import experiment_module
+
+    mod = experiment_module("bench_attention")
     out = tmp_path / "att.json"
     rows = mod.main(["--device", "cpu", "--tokens", "1500", "--repeats", "1", "--warmup", "1", "--buckets", "3",
                      "--variants", "varlen,sdpa-efficient,sdpa-math", "--out", str(out)])

@@ -45,11 +45,9 @@ def test_bench_cpu_json_has_the_goal_keys():
 def test_ddp_scaling_is_the_output_of_its_benchmark_run():
     """`ddp_scaling_2gpu` is the figure of the bench_ddp.py output it names (`ddp_scaling_2gpu_file`), and that run
     measured one and two GPUs on the same configuration."""
-    import importlib.util
+    from .conftest import experiment_module
 
-    spec = importlib.util.spec_from_file_location("bench_ddp", RESULTS.parent / "bench_ddp.py")
-    bench_ddp = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_ddp)
+    bench_ddp = experiment_module("bench_ddp")
     d = _load("bench_gpu.json")
     run = _load(d["ddp_scaling_2gpu_file"])
     assert d["ddp_scaling_2gpu"] == round(run["ddp_scaling_2gpu"], 3)
