@@ -17,11 +17,12 @@ probability dropout 0) and real tokens are the collator's count.
 Epochs: the lengths file holds ~24k sessions, 20 batches of 131k slots on one GPU and 10 per rank on two. The 70
 steps of a run over it cross 3 epoch boundaries on one GPU and 6 on two; each boundary stalls the GPU (the loop's
 end-of-epoch work, the loader's new iterator) and follows a partly filled batch. That cost grows with the device
-count and with the tokens per step (fewer batches per epoch), and it is not the paper-scale workload (9M sessions: one epoch of thousands of steps). So by default the
-lengths are tiled (the ids still differ: they are seeded by index) until one epoch holds the warm-up and the timed
-steps on every rank, for the largest device count of the sweep; every run of the sweep gets the same copies, so they
-train on the same batches' fill (different tilings pack a little differently: 1.9% more real tokens per step in one
-session-15 run). `--no-tile` measures the small file as it is (what sessions 2-15 reported up to 15's call 1).
+count and with the tokens per step (fewer batches per epoch), and it is not the paper-scale workload (9M sessions:
+one epoch of thousands of steps). So by default the lengths are tiled (the ids still differ: they are seeded by
+index) until one epoch holds the warm-up and the timed steps on every rank, for the largest device count of the
+sweep; every run of the sweep gets the same copies, so they train on the same batches' fill (different tilings pack
+a little differently: 1.9% more real tokens per step in one session-15 run). `--no-tile` measures the small file as
+it is (what sessions 2-15 reported up to 15's call 1).
 
 For each device count the script launches itself (`--child`) so that each measurement starts clean; Lightning
 starts the DDP processes. Timing starts after `--warmup` steps (NCCL set-up, cuDNN/cuBLAS heuristics) and covers
@@ -81,7 +82,7 @@ def child(a) -> None:
         if gpu:
             torch.cuda.synchronize()
     lengths = capped_lengths(a.lengths, a.seq)
-    tiles = (a.tiles or epoch_tiles(lengths, a.tokens_per_step, a.devices, a.warmup + a.steps)) if a.tile else 1
+    tiles = a.tiles  # the parent's choice (1 with --no-tile), the same for every run of the sweep
     lengths = np.tile(lengths, tiles)
     cfg = bert_config(a.vocab, 0, ARCHS[a.model], 512, 0.1)
     if a.packed:  # as stage_pretrain: the varlen kernel has no attention-probability dropout
@@ -182,7 +183,8 @@ def epoch_tiles(lengths: np.ndarray, tokens_per_step: int, devices: int, steps: 
 
 
 def sweep_tiles(lengths: np.ndarray, tokens_per_step: int, device_counts: list[int], steps: int) -> int:
-    """The copies every run of a sweep over `device_counts` uses: enough for the one with the fewest batches per rank."""
+    """The copies every run of a sweep over `device_counts` uses: enough for the one with the fewest batches per
+    rank."""
     return max(epoch_tiles(lengths, tokens_per_step, d, steps) for d in device_counts)
 
 
@@ -259,7 +261,7 @@ def main() -> None:
                     "scaling is the ratio of the means")
     ap.add_argument("--no-tile", dest="tile", action="store_false",
                     help="time over the lengths file as it is, epoch boundaries included (see the module's doc)")
-    ap.add_argument("--tiles", type=int, help=argparse.SUPPRESS)  # the parent's choice, the same for every run
+    ap.add_argument("--tiles", type=int, default=1, help=argparse.SUPPRESS)  # the parent's choice, for its children
     ap.add_argument("--profile-dir", help="write a torch.profiler table per rank of 3 steps after the warm-up here "
                     "(Lightning's PyTorchProfiler; the timed throughput then includes the profiler's cost)")
     ap.add_argument("--out")
@@ -284,7 +286,7 @@ def main() -> None:
                "--seq", str(a.seq), "--model", a.model, "--vocab", str(a.vocab), "--tokens-per-step",
                str(a.tokens_per_step), "--steps", str(a.steps), "--warmup", str(a.warmup), "--workers", str(a.workers),
                "--ddp-kwargs", a.ddp_kwargs, "--comm-hook", a.comm_hook] + (["--ddp-on-one"] if a.ddp_on_one else [])
-        cmd += ["--tiles", str(tiles)] if a.tile else ["--no-tile"]
+        cmd += ["--tiles", str(tiles)]
         cmd += ["--profile-dir", a.profile_dir] if a.profile_dir else []
         cmd += (["--packed"] if a.packed else []) + ["--" + k.replace("_", "-") for k in FUSED if getattr(a, k)]
         print("+", " ".join(cmd), flush=True)
