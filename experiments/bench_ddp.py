@@ -293,17 +293,25 @@ def main() -> None:
         subprocess.run(cmd, check=True)
         runs.append({**json.loads(res_file.read_text()), "round": rnd})
         print(json.dumps(runs[-1]), flush=True)
+        out = summary(runs, a.rounds, torch)
+        if a.out:  # after every run: a sweep stopped by a time limit keeps the runs it finished
+            Path(a.out).write_text(json.dumps(out, indent=1))
+    print(json.dumps(out, indent=1))
+
+
+def summary(runs: list[dict], rounds: int, torch) -> dict:
+    """The output file: the runs so far, the mean throughput per device count, the efficiency per device against the
+    fewest devices measured, and `ddp_scaling_2gpu` once one and two GPUs are both there."""
     rates = mean_rates(runs)
     low = min(rates)
     out = {"date": dt.date.today().isoformat(),
            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu", "torch": torch.__version__,
-           "rounds": a.rounds, "runs": runs, "mean_real_tokens_per_s": {str(d): r for d, r in rates.items()},
+           "rounds": rounds, "runs": runs, "mean_real_tokens_per_s": {str(d): r for d, r in rates.items()},
            "per_device_efficiency": {str(d): r * low / (rates[low] * d) for d, r in rates.items()}}
-    if scaling(runs) is not None:
-        out["ddp_scaling_2gpu"] = scaling(runs)
-    print(json.dumps(out, indent=1))
-    if a.out:
-        Path(a.out).write_text(json.dumps(out, indent=1))
+    ratio = scaling(runs)
+    if ratio is not None:
+        out["ddp_scaling_2gpu"] = ratio
+    return out
 
 
 if __name__ == "__main__":
