@@ -36,6 +36,20 @@ def silhouette_plot(sil: dict, path: Path, label: str = "") -> None:
     plt.close(fig)
 
 
+STAGES = ("data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "score_all")
+
+
+def stage_times(m: dict) -> dict[str, float]:
+    """Seconds of each pipeline stage in a run's metrics.json, in pipeline order: a reused cached stage keeps the time
+    of the run that computed it, and pretraining adds the training time of the interrupted runs it resumed (a
+    SIGTERM checkpoint + resume=auto chain, `train_seconds_total`)."""
+    times = {st: m[st]["stage_seconds"] for st in STAGES if isinstance(m.get(st), dict) and "stage_seconds" in m[st]}
+    pt = m.get("pretrain") or {}
+    if "pretrain" in times and pt.get("train_seconds_total") and pt.get("seconds"):
+        times["pretrain"] += pt["train_seconds_total"] - pt["seconds"]
+    return times
+
+
 def write_run_report(out: Path, m: dict) -> Path:
     ft, pe, rc, pt = (m.get(s, {}) for s in ("finetune", "personas", "recommend", "pretrain"))
     cfg = m.get("config", {})
@@ -70,12 +84,8 @@ def write_run_report(out: Path, m: dict) -> Path:
         if sample:
             lines += [f"Fine-tuning, personas and the Hit@5 above ran on a seeded sample of {sample['users']} of "
                       f"{sample['of_users']} users (corpus.max_users).", ""]
-    order = ("data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "score_all")
-    times = {st: m[st]["stage_seconds"] for st in order if isinstance(m.get(st), dict) and "stage_seconds" in m[st]}
+    times = stage_times(m)
     if times:
-        pre = times.get("pretrain")
-        if pre is not None and pt.get("train_seconds_total") and pt.get("seconds"):
-            times["pretrain"] = pre + pt["train_seconds_total"] - pt["seconds"]  # + interrupted runs' training
         lines += ["## Stage times", "", "| stage | seconds |", "|---|---|"]
         lines += [f"| {st} | {_f(v, 1)} |" for st, v in times.items()]
         lines += [f"| **total** | **{_f(sum(times.values()), 1)}** |", "",

@@ -64,3 +64,33 @@ def test_ddp_scaling_is_the_output_of_its_benchmark_run():
     make = (RESULTS.parents[1] / "Makefile").read_text()  # `make bench-ddp` measures the same options
     assert f"DDP_KWARGS ?= {opts}\n" in make
     assert all(r["epochs_timed"] == 1 for r in ones + twos)
+
+
+def test_paper_scale_figures_are_those_of_their_runs():
+    """`paper_scale_seconds` (goal 4: <= 20 minutes) and its stage times are the committed run's metrics.json as the
+    run report counts them (`report.stage_times`), and the calls' wall time is the sum of its calls.jsonl; the same
+    for the earlier runs kept beside it."""
+    from sessionbert.report import stage_times
+
+    d = _load("bench_gpu.json")
+    runs = [d] + [v for k, v in d.items() if k.startswith("previous_paper_scale_")]
+    assert len(runs) >= 4
+    for run in runs:
+        metrics = _load(run["paper_scale_metrics"])
+        times = stage_times(metrics)
+        assert list(times) == ["data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "score_all"]
+        assert run["paper_scale_stage_seconds"] == {k: round(v, 3) for k, v in times.items()}
+        assert run["paper_scale_seconds"] == round(sum(times.values()), 1)
+        assert run["paper_scale_pretrain_real_tokens_per_s"] == metrics["pretrain"]["real_tokens_per_s"]
+        calls = (RESULTS / run["paper_scale_metrics"]).with_name("calls.jsonl").read_text().splitlines()
+        assert run["paper_scale_wall_seconds_of_calls"] == round(sum(json.loads(c)["seconds"] for c in calls), 1)
+        assert metrics["data"]["n_sessions"] > 9_000_000 and metrics["score_all"]["users_scored"] > 600_000
+    assert d["paper_scale_target_met"] == (d["paper_scale_seconds"] <= 20 * 60)
+
+
+def test_stage_times_add_the_interrupted_pretraining():
+    from sessionbert.report import stage_times
+
+    m = {"data": {"stage_seconds": 10.0}, "pretrain": {"stage_seconds": 30.0, "seconds": 20.0,
+                                                       "train_seconds_total": 50.0}, "finetune": {"seconds": 5.0}}
+    assert stage_times(m) == {"data": 10.0, "pretrain": 60.0}  # 30 s of this call + 30 s trained before the SIGTERM

@@ -4,14 +4,14 @@
 # A SIGTERM while pretraining or fine-tuning writes preempted.ckpt and the next call continues from it; finished
 # stages come from the cache (.cache/sessionbert, kept on the machine while it is warm). Every call appends its
 # wall time to outputs/paper_scale/calls.jsonl.
-# Needs .whl/site (hydra, omegaconf, antlr4, hydra_plugins) carried; torch/lightning/transformers are on the machine.
+# Needs .bench/site or .whl/site (hydra, omegaconf, antlr4) carried; torch/lightning/transformers are on the machine.
 #   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 1: simulate, prep, pretraining (cut)
 #   LIMIT=560 STAGE=recommend bash experiments/device/paper_scale.sh   # call 2: rest of pretraining, finetune,
 #                                                                      #   personas, recommend (one sample Corpus)
 #   LIMIT=560 STAGE=all       bash experiments/device/paper_scale.sh   # call 3: score_all (every user), report
 # A device call returns at most ~8 files: $OUT gets calls.jsonl, device.txt, every call's log and the latest call's
 # metrics.json / report.md.
-export PYTHONPATH=$PWD:$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD:$PWD/.bench/site:$PWD/.whl/site PYTHONUNBUFFERED=1 WANDB_MODE=offline HF_HUB_OFFLINE=1
 mkdir -p outputs/paper_scale
 if [ ! -f outputs/paper_scale/device.txt ]; then
   { nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nproc; free -g | head -2;
