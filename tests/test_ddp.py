@@ -17,18 +17,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_pipeline_under_ddp_two_cpu_ranks_packed(tmp_path):
+def _two_cpu_ranks_packed(tmp_path, *overrides) -> dict:
+    """train.py under trainer=ddp on 2 CPU ranks (gloo), packed pretraining with every fused switch; its metrics."""
     cmd = [sys.executable, "train.py", "experiment=smoke", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
            "trainer.precision=32-true", "trainer.limit_train_batches=4", "trainer.limit_val_batches=2",
            "pretrain.packed=true", "pretrain.max_tokens=4096", "finetune.max_tokens=4096",
            # the fused paths' parameters (dense biases added outside their GEMMs) reach DDP's gradient all-reduce
            "pretrain.fused_qkv=true", "pretrain.fused_norm=true", "pretrain.fused_gelu=true",
            "pretrain.fused_residual=true", "pretrain.fused_ce=true", "pretrain.fused_attention=true",
-           f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
+           *overrides, f"hydra.run.dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache"]
     r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True,
                        timeout=600, start_new_session=True)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    return json.loads((tmp_path / "run" / "metrics.json").read_text())
+
+
+def test_pipeline_under_ddp_two_cpu_ranks_packed(tmp_path):
+    m = _two_cpu_ranks_packed(tmp_path)
     assert (Path(m["stage_dirs"]["pretrain"]) / "encoder" / "config.json").exists()
     assert (Path(m["stage_dirs"]["finetune"]) / "model.ckpt").exists()
     assert m["finetune"]["train_batches"] == 8  # 4 per rank, summed over both
@@ -42,6 +47,19 @@ def test_pipeline_under_ddp_two_cpu_ranks_packed(tmp_path):
     rank1 = (tmp_path / "run" / "train_ddp_process_1.log").read_text()
     assert rank0.count("stage finetune: running") == 1 and rank1.count("stage finetune: running") == 1
     assert "stage personas: running" in rank0 and "stage personas" not in rank1  # rank 1 stops after fine-tuning
+
+
+def test_paper_scale_mode_under_ddp_two_cpu_ranks(tmp_path):
+    """experiment=paper_scale's data path on several GPUs (trainer=ddp): pretraining from the streaming prep's shards
+    split over the ranks, the in-memory stages on the user sample, and every user scored on rank 0 after the fits."""
+    from .test_scale import SCALE
+
+    m = _two_cpu_ranks_packed(tmp_path, *SCALE[1:])
+    assert m["pretrain"]["source"] == "shards" and m["finetune"]["train_batches"] == 8
+    assert m["finetune"]["corpus_sample"]["users"] == 120 < m["finetune"]["corpus_sample"]["of_users"]
+    assert m["score_all"]["users"] == m["finetune"]["corpus_sample"]["of_users"] and m["score_all"]["users_scored"] > 0
+    rank1 = (tmp_path / "run" / "train_ddp_process_1.log").read_text()
+    assert "stage pretrain: running" in rank1 and "stage score_all" not in rank1
 
 
 def test_pipeline_under_torchrun_rank0_prepares_the_data_once(tmp_path):
