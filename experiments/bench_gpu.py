@@ -315,8 +315,9 @@ def _with_switch(variants: list[dict], key: str, mode: str | None) -> list[dict]
             + [{**v, key: True} for v in variants if v["packed"] and mode])
 
 
-# keys of bench_gpu.json written by other benchmarks (bench_ddp.py, the paper-scale run): a new run keeps them
-CARRIED_PREFIXES = ("ddp_", "paper_scale")
+# keys of bench_gpu.json written by other benchmarks (bench_ddp.py, the paper-scale runs, the latest and the earlier
+# ones that tests/test_results.py checks beside it): a new run keeps them
+CARRIED_PREFIXES = ("ddp_", "paper_scale", "previous_paper_scale")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -581,7 +581,8 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     lengths = tmp_path / "lengths.npy"
     np.save(lengths, np.random.default_rng(0).integers(8, 64, 500))
     out = tmp_path / "bench_gpu.json"
-    out.write_text(json.dumps({"ddp_scaling_2gpu": 2.07, "paper_scale_seconds": 1122.5, "mfu_seq64": 0.9}))
+    out.write_text(json.dumps({"ddp_scaling_2gpu": 2.07, "paper_scale_seconds": 1122.5, "mfu_seq64": 0.9,
+                               "previous_paper_scale_session12": {"paper_scale_seconds": 1045.3}}))
     mod.main(["--model", "tiny", "--no-peer", "--only-packed", "--fused-norm", "also", "--fused-gelu", "only",
               "--fused-residual", "only", "--fused-ce", "only", "--fused-attention", "only", "--seq-lens", "64",
               "--tokens-per-step", "2048", "--pack-multiple", "256", "--steps", "2", "--warmup", "1",
@@ -603,6 +604,7 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     digest = hashlib.sha256(np.load(lengths).astype(np.int64).tobytes()).hexdigest()[:16]
     assert res["lengths"]["sim"]["sha256_16"] == digest  # which lengths a result was measured on
     assert res["ddp_scaling_2gpu"] == 2.07 and res["paper_scale_seconds"] == 1122.5
+    assert res["previous_paper_scale_session12"] == {"paper_scale_seconds": 1045.3}
     assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce_fusedattn" in res
 
 
