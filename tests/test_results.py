@@ -93,3 +93,16 @@ def test_stage_times_add_the_interrupted_pretraining():
     m = {"data": {"stage_seconds": 10.0}, "pretrain": {"stage_seconds": 30.0, "seconds": 20.0,
                                                        "train_seconds_total": 50.0}, "finetune": {"seconds": 5.0}}
     assert stage_times(m) == {"data": 10.0, "pretrain": 60.0}  # 30 s of this call + 30 s trained before the SIGTERM
+
+
+def test_regenerated_headline_is_its_make_bench_gpu_output():
+    """The reproducibility check (`make bench-gpu` on another host, same lengths file) is that run's output, and it
+    measured what the headline measured: the same lengths and the same switches on its fastest path."""
+    d = _load("bench_gpu.json")
+    regen = d["headline_regenerated_session16"]
+    run = _load(regen["source"])
+    assert run["lengths"]["sim"]["sha256_16"] == "a42f53ac6e028d78" and run["lengths"]["sim"]["sessions"] == 23871
+    for seq in (128, 512):
+        for key in ("real_tokens_per_s", "ratio_vs_hf", "mfu", "hf_real_tokens_per_s"):
+            assert regen[f"{key}_seq{seq}"] == run[f"{key}_seq{seq}"], (key, seq)
+        assert run[f"headline_path_seq{seq}"] == d["headline_path"].split(" (")[0]
