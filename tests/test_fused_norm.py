@@ -399,6 +399,35 @@ def attention_case(lens, h=2, d=16):
     return max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(*res))
 
 
+# the same with a subset of positions as queries (q_rows: the MLM's masked rows, some sessions without any, filler
+# rows after them as the collator appends), against the fallback's gather of those query rows
+from sessionbert.models.packed import QueryRows
+
+
+def attention_q_case(lens, h=2, d=16):
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lens).cumsum(0)
+    n = int(cu[-1])
+    g = torch.Generator().manual_seed(len(lens) + 7)
+    sel = (torch.rand(n, generator=g) < 0.3).nonzero().squeeze(1)
+    sel = sel[(sel < int(cu[1])) | (sel >= int(cu[2]))] if len(lens) > 2 else sel  # session 1: no query
+    cu_q = torch.searchsorted(sel, cu.long()).to(torch.int32)
+    counts = cu_q[1:] - cu_q[:-1]
+    qr = QueryRows(torch.cat([sel, torch.zeros(5, dtype=torch.long)]), cu_q, int(counts.max()), len(sel))
+    base, go = torch.randn(n, 3, h, d, generator=g), torch.randn(len(sel), h, d, generator=g)
+    bias = torch.randn(3, h * d, generator=g)
+    res = []
+    for fused in (True, False):
+        qkv = base.detach().clone().requires_grad_()
+        bs = [b.clone().requires_grad_() for b in bias]
+        q, k, v = (t + (b.detach() if fused else b).view(h, d) for t, b in zip(qkv.unbind(1), bs))
+        o = varlen_attention(q, k, v, cu, max(lens), fused=fused, bias_grads=bs if fused else None, q_rows=qr)
+        o.backward(go)
+        res.append([o.detach(), qkv.grad, *(b.grad for b in bs)])
+    assert res[0][0].shape == (len(sel), h, d) and (len(lens) <= 2 or int(counts[1]) == 0)
+    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(*res))
+
+
 tiles = {"_attn_fwd": [{"BLOCK_M": m, "BLOCK_N": n} for m in (16, 32, 64, 128) for n in (16, 64, 128)],
          "_attn_bwd_kv": [{"BLOCK_M": m} for m in (16, 32, 64, 128)],
          "_attn_bwd_q": [{"BLOCK_M": m} for m in (16, 32, 64, 128)]}
@@ -413,10 +442,18 @@ for name, cfgs in tiles.items():
         if name == "_attn_bwd_kv":  # backward programs of 64 and of 32 keys (_bwd_block_n: every session that short)
             cases += [[5, 64, 1, 37, 3], [5, 20, 1, 9, 32]]
         errs[f"{name}{kw}"] = max(attention_case(c) for c in cases)
+        errs[f"{name}{kw}q_rows"] = max(attention_q_case(c) for c in cases)
     tuner.configs = offered
     tuner.cache.clear()
 out["attn_tiles_max_rel_err"] = max(errs.values())
 out["attn_tiles"] = len(errs)
+out["attn_q_rows_max_rel_err"] = max(v for k, v in errs.items() if k.endswith("q_rows"))
+# no query at all (a batch without a masked position): empty output, zero gradients
+qkv0 = torch.randn(6, 3, 2, 16).requires_grad_()
+o0 = varlen_attention(*qkv0.unbind(1), torch.tensor([0, 6], dtype=torch.int32), 6, fused=True,
+                      q_rows=QueryRows(torch.zeros(4, dtype=torch.long), torch.tensor([0, 0], dtype=torch.int32), 0, 0))
+o0.sum().backward()
+out["attn_no_query"] = [list(o0.shape), float(qkv0.grad.abs().max())]
 # (bf16: on the GPU, experiments/device/attention_check.py; the interpreter's bf16 dot products are not usable)
 try:
     fa.attention(*torch.zeros(3, 4, 2, 12).unbind(0), torch.tensor([0, 4]), 4)
@@ -532,7 +569,9 @@ def test_triton_kernels_under_the_interpreter():
     assert out["compiled_kernel_calls"] == [["sessionbert.models.branch_linear", "sessionbert.models.fused_attention",
                                              "sessionbert.models.fused_ce", "sessionbert.models.fused_gelu",
                                              "sessionbert.models.fused_norm"], 26]
-    assert out["attn_tiles"] == 12 + 4 + 4 and out["attn_tiles_max_rel_err"] < 1e-4
+    assert out["attn_tiles"] == 2 * (12 + 4 + 4) and out["attn_tiles_max_rel_err"] < 1e-4
+    assert out["attn_q_rows_max_rel_err"] < 1e-4  # a subset of queries (QueryRows), each tile shape too
+    assert out["attn_no_query"] == [[0, 2, 16], 0.0]
     assert "head_dim 12 must be a power of two >= 16" in out["attn_bad_head_dim"]
     assert sorted(out["attn_encoder"]) == ["all", "alone", "qkv"]
     for name, (dloss, dgrad, _) in out["attn_encoder"].items():

@@ -137,6 +137,61 @@ def test_rows_run_the_last_layer_on_those_rows_only(knobs):
             assert [r for r in seen if r[0]] == [(True, i, n if i < last else len(rows)) for i in range(len(layers))]
 
 
+def test_packed_batch_query_ranges():
+    """mlm_cu_seqlens gives each session (filler sessions included) its range of the sorted masked positions."""
+    batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.3, seed=2), max_len=32, multiple=64,
+                              label_multiple=16)(_items([9, 30, 4, 17, 25, 2], 3))
+    cu, cuq, n = batch["cu_seqlens"], batch["mlm_cu_seqlens"], batch["mlm_count"]
+    pos = batch["mlm_positions"][:n]
+    assert cuq.dtype == torch.int32 and cuq.shape == cu.shape and int(cuq[0]) == 0 and int(cuq[-1]) == n
+    assert n == int((batch["mlm_labels"] != -100).sum()) and torch.equal(pos, pos.sort().values)
+    counts = []
+    for i in range(len(cu) - 1):
+        mine = pos[int(cuq[i]): int(cuq[i + 1])]
+        assert ((mine >= cu[i]) & (mine < cu[i + 1])).all()
+        counts.append(len(mine))
+    assert batch["mlm_max_len"] == max(counts) > 0 and 0 in counts  # the filler session has no target
+
+
+@pytest.mark.parametrize("knobs", [{}, dict(fused_qkv=True, fused_residual=True, fused_norm=True, fused_gelu=True)])
+def test_query_rows_run_the_last_attention_on_the_masked_rows_only(knobs):
+    """packed_hidden(rows=QueryRows(...)), what MLMModule.packed_loss passes: the last layer's attention queries only
+    the masked positions; its first n rows equal packed_hidden()[masked positions] in value and in every parameter's
+    gradient (fp32, dropout off; a loss over those rows, as the MLM loss is), and the filler rows after them stay
+    finite. The attention ran on n queries (its output had n rows)."""
+    from sessionbert.models import packed as pk
+    from sessionbert.models.packed import QueryRows
+
+    batch = PackedMLMCollator(MLMCollator(PAD, MASK, VOCAB, SPECIAL, 0.25, seed=3), max_len=32, multiple=64,
+                              label_multiple=16)(_items([9, 30, 4, 17, 25], 1))
+    n, rows = batch["mlm_count"], batch["mlm_positions"]
+    assert n < len(rows)  # filler rows follow the masked ones
+    qr = QueryRows(rows, batch["mlm_cu_seqlens"], batch["mlm_max_len"], n)
+    w = torch.randn(n, ARCHS["tiny"]["hidden_size"], generator=torch.Generator().manual_seed(5))
+    outs, grads, shapes = [], [], []
+    orig = pk.varlen_attention
+    for trim in (False, True):
+        m = _module(**knobs)
+        args = (m.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"], batch["max_len"])
+        pk.varlen_attention = lambda *a, **kw: (lambda o: shapes.append((trim, o.shape[0])) or o)(orig(*a, **kw))
+        try:
+            h = m._packed(*args, rows=qr) if trim else m._packed(*args)[rows]
+        finally:
+            pk.varlen_attention = orig
+        assert torch.isfinite(h).all()
+        (h[:n] * w).sum().backward()
+        outs.append(h[:n].detach())
+        grads.append(_grads(m))
+    torch.testing.assert_close(outs[1], outs[0])
+    assert set(grads[0]) == set(grads[1])
+    floor = 1e-4 * max(float(g.norm()) for g in grads[0].values())  # the key biases' gradient is ~0 (see above)
+    for name, g0 in grads[0].items():
+        assert float((grads[1][name] - g0).norm()) <= 1e-5 * float(g0.norm()) + floor, name
+    layers, stream = len(m.model.bert.encoder.layer), len(batch["input_ids"])
+    assert [s for t, s in shapes if not t] == [stream] * layers
+    assert [s for t, s in shapes if t] == [stream] * (layers - 1) + [n]
+
+
 @pytest.mark.parametrize("fused_qkv", [False, True])
 def test_fused_residual_equals_the_plain_packed_path(fused_qkv):
     """pretrain.fused_residual (models/branch_linear.py): the residual's gradient summed in the branch GEMMs gives the

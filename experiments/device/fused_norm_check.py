@@ -6,7 +6,8 @@ dropout from different generators). Every variant runs the same batch; each bf16
 fused norm + fused GELU) is compared with the fp32 eager run: loss, last hidden layer (max relative difference) and
 every parameter gradient (relative norm of the difference), so a fused variant should sit as close to fp32 as eager
 bf16 does; `all_fused_rows` runs the last layer past its attention on the decoder's rows only, as
-`MLMModule.packed_loss` does (`packed_hidden(rows=...)`). The hidden rows compared are the decoder's. Then the dropout
+`MLMModule.packed_loss` did until session 16 (`packed_hidden(rows=...)`), `all_fused_qrows` its attention's queries on
+those rows only too, as it does now (`rows=QueryRows(...)`). The hidden rows compared are the decoder's. Then the dropout
 path's drop share, and the cross-entropy kernels alone on bf16 logits of the MLM's shape (with ignored rows) against `F.cross_entropy(logits.float())`. Prints one JSON line."""
 import json
 
@@ -16,7 +17,7 @@ from transformers import BertConfig, BertForMaskedLM
 
 from sessionbert.models.fused_ce import cross_entropy
 from sessionbert.models.fused_norm import dropout_add_layer_norm
-from sessionbert.models.packed import packed_hidden
+from sessionbert.models.packed import QueryRows, packed_hidden
 
 torch.manual_seed(0)
 cfg = BertConfig(vocab_size=30000, attention_probs_dropout_prob=0.0, hidden_dropout_prob=0.0)
@@ -27,7 +28,9 @@ cu[1:] = lens.cumsum(0)
 n = int(cu[-1])
 ids = torch.randint(6, 30000, (n,), device="cuda")
 pos = torch.cat([torch.arange(int(k)) for k in lens]).cuda()
-sel = torch.randperm(n, device="cuda")[: n // 7]
+sel = torch.randperm(n, device="cuda")[: n // 7].sort().values  # sorted, as the collator's masked positions
+cu_q = torch.searchsorted(sel, cu.cuda().long()).to(torch.int32)
+qrows = QueryRows(sel, cu_q, int((cu_q[1:] - cu_q[:-1]).max()), len(sel))
 out = {"tokens": n}
 res = {}
 # name -> (autocast, packed_hidden / fused_ce switches)
@@ -37,11 +40,13 @@ variants = {"fp32": (False, {}), "eager_bf16": (True, {}), "fused_norm": (True, 
             "fused_residual": (True, dict(fused_residual=True)), "fused_ce": (True, dict(fused_ce=True)),
             "fused_attention": (True, dict(fused_attention=True)), "all_fused_but_attention": (True, every),
             "all_fused": (True, dict(every, fused_attention=True)),
-            "all_fused_rows": (True, dict(every, fused_attention=True, rows=True))}
+            "all_fused_rows": (True, dict(every, fused_attention=True, rows=True)),
+            "all_fused_qrows": (True, dict(every, fused_attention=True, rows="q"))}
 for name, (amp, knobs) in variants.items():
     knobs = dict(knobs)
     fused_ce = knobs.pop("fused_ce", False)
-    rows = sel if knobs.pop("rows", False) else None  # the last layer past its attention on the decoder's rows only
+    rows = knobs.pop("rows", False)  # the last layer past its attention (its queries too: "q") on the decoder's rows
+    rows = qrows if rows == "q" else sel if rows else None
     model.zero_grad(set_to_none=True)
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
         h = packed_hidden(model.bert, ids, pos, cu.cuda(), 128, fused_qkv=True, rows=rows, **knobs)

@@ -148,7 +148,9 @@ class PackedMLMCollator:
     Output: input_ids / position_ids (N,), cu_seqlens (B+1,) int32 session offsets, mlm_positions / mlm_labels (M,)
     the masked positions in the stream and their targets (the decoder runs on exactly these rows: a fixed index
     built here, so the GPU never waits for a boolean-mask count), max_len (int: the kernel's length bound),
-    idx, and real_tokens / padded_slots (ints, see PadCollator). N is rounded up to `multiple` and M to
+    mlm_count (int: the masked positions, mlm_positions[:mlm_count], sorted), mlm_cu_seqlens (B+1,) int32 and
+    mlm_max_len (int): each session's range of them and the most in one session (`models.packed.QueryRows`: the last
+    layer's attention queries), idx, and real_tokens / padded_slots (ints, see PadCollator). N is rounded up to `multiple` and M to
     `label_multiple` (few distinct shapes); the filler is extra sessions of [PAD] of at most `max_len` tokens
     whose positions are never targets (label -100, ignored by the loss)."""
 
@@ -180,6 +182,8 @@ class PackedMLMCollator:
         mlm_pos = torch.zeros(m, dtype=torch.long)
         mlm_lab = torch.full((m,), -100, dtype=torch.long)
         mlm_pos[: len(sel)], mlm_lab[: len(sel)] = sel, labels[sel]
+        cu_q = torch.searchsorted(sel, cu.long()).to(torch.int32)  # sel is sorted: each session's masked range
+        max_q = int((cu_q[1:] - cu_q[:-1]).max()) if len(cu_q) > 1 else 0
         return {"input_ids": ids, "position_ids": pos, "cu_seqlens": cu, "mlm_positions": mlm_pos,
-                "mlm_labels": mlm_lab, "max_len": self.max_len, "idx": b["idx"], "real_tokens": n,
-                "padded_slots": total}
+                "mlm_labels": mlm_lab, "max_len": self.max_len, "mlm_count": len(sel), "mlm_cu_seqlens": cu_q,
+                "mlm_max_len": max_q, "idx": b["idx"], "real_tokens": n, "padded_slots": total}

@@ -56,21 +56,34 @@ if triton is not None:
         tl.store(X + rows[:, None] * stride + h * HEAD_DIM + offs_d[None, :], x.to(X.dtype.element_ty),
                  mask=mask[:, None])
 
+    @triton.jit
+    def _q_rows(QROWS, rows, mask, HAS_QROWS: tl.constexpr):
+        """Rows of Q / DQ for compact query indices `rows`: QROWS[rows] (a subset of the stream's positions), or
+        `rows` themselves (every position a query)."""
+        if HAS_QROWS:
+            return tl.load(QROWS + rows, mask=mask, other=0)
+        return rows
+
     # session 10's calls picked 64 x 64 tiles, 4 warps, among BLOCK_M / BLOCK_N 32 / 64 / 128 and 2 / 4 / 8 warps
-    @triton.autotune(configs=_configs(BLOCK_M=[64, 32], BLOCK_N=[64], num_warps=[4, 2]),
-                     key=["HEAD_DIM", "len_bucket"])
-    @triton.jit(do_not_specialize=["n_tokens"])
-    def _attn_fwd(Q, K, V, O, LSE, CU, sq, sk, sv, so, qk_scale, n_tokens, len_bucket, HEAD_DIM: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # BLOCK_M 16 for the few queries per session of a query subset (`q_rows`: the masked positions, ~15%)
+    @triton.autotune(configs=_configs(BLOCK_M=[64, 32, 16], BLOCK_N=[64], num_warps=[4, 2]),
+                     key=["HEAD_DIM", "len_bucket", "HAS_QROWS"])
+    @triton.jit(do_not_specialize=["n_q"])
+    def _attn_fwd(Q, K, V, O, LSE, CU, CUQ, QROWS, sq, sk, sv, so, qk_scale, n_q, len_bucket,
+                  HAS_QROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """O, LSE of one query block of a session; HAS_QROWS: the session's queries are the Q rows QROWS[CUQ[doc]:
+        CUQ[doc + 1]] (O, LSE in that compact order), else every position of the session (CUQ = CU)."""
         doc, mb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(CU + doc)
         length = tl.load(CU + doc + 1) - start
-        if mb * BLOCK_M < length:
+        qstart = tl.load(CUQ + doc)
+        qlength = tl.load(CUQ + doc + 1) - qstart
+        if mb * BLOCK_M < qlength:
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_d = tl.arange(0, HEAD_DIM)
-            rows = (start + offs_m).to(tl.int64)
-            mask_m = offs_m < length
-            q = _load(Q, rows, mask_m, h, sq, offs_d, HEAD_DIM)
+            mask_m = offs_m < qlength
+            rows = (qstart + offs_m).to(tl.int64)  # compact query index (O, LSE)
+            q = _load(Q, _q_rows(QROWS, rows, mask_m, HAS_QROWS), mask_m, h, sq, offs_d, HEAD_DIM)
             m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
             l_i = tl.zeros([BLOCK_M], tl.float32)
             acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -90,7 +103,7 @@ if triton is not None:
                 m_i = m_new
             acc = acc / l_i[:, None]
             _store(O, acc, rows, mask_m, h, so, offs_d, HEAD_DIM)
-            tl.store(LSE + h.to(tl.int64) * n_tokens + rows, m_i + tl.math.log2(l_i), mask=mask_m)
+            tl.store(LSE + h.to(tl.int64) * n_q + rows, m_i + tl.math.log2(l_i), mask=mask_m)
 
     @triton.jit
     def _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM: tl.constexpr):
@@ -103,17 +116,19 @@ if triton is not None:
     # 4 pipeline stages of the 1-4 offered in session 11 (1.664 vs 1.705 ms per layer at seq 128 with 3; no step-level
     # difference measurable: notes_speed.md #43)
     @triton.autotune(configs=_configs(BLOCK_M=[16, 32], num_warps=[4, 2, 8], num_stages=[3, 4]),
-                     key=["HEAD_DIM", "len_bucket", "HAS_DB"])
-    @triton.jit(do_not_specialize=["n_tokens"])
-    def _attn_bwd_kv(Q, K, V, O, DO, DQ, DK, DV, DB, LSE, CU, sq, sk, sv, so, sdo, sdq, sdk, sdv, qk_scale, sm_scale,
-                     n_tokens, len_bucket, HAS_DB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     key=["HEAD_DIM", "len_bucket", "HAS_QROWS", "HAS_DB"])
+    @triton.jit(do_not_specialize=["n_q"])
+    def _attn_bwd_kv(Q, K, V, O, DO, DQ, DK, DV, DB, LSE, CU, CUQ, QROWS, sq, sk, sv, so, sdo, sdq, sdk, sdv,
+                     qk_scale, sm_scale, n_q, len_bucket, HAS_QROWS: tl.constexpr, HAS_DB: tl.constexpr,
+                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dk, dv of one key block; dq too when the session is one key block. HAS_DB: the program's column sums of
         dq (one-block sessions), dk, dv (the Q / K / V biases' gradients) to row (doc, key block) of the
-        (B * blocks, 3, heads * HEAD_DIM) DB."""
+        (B * blocks, 3, heads * HEAD_DIM) DB. Queries as in _attn_fwd (HAS_QROWS: dq to rows QROWS[...] of DQ)."""
         doc, nb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(CU + doc)
         length = tl.load(CU + doc + 1) - start
+        qstart = tl.load(CUQ + doc)
+        qlength = tl.load(CUQ + doc + 1) - qstart
         if nb * BLOCK_N < length:
             one_block = length <= BLOCK_N
             offs_n = nb * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -125,12 +140,13 @@ if triton is not None:
             dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
             dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
             dq_sum = tl.zeros([HEAD_DIM], tl.float32)
-            for m0 in range(0, length, BLOCK_M):
+            for m0 in range(0, qlength, BLOCK_M):
                 offs_m = m0 + tl.arange(0, BLOCK_M)
-                mask_m = offs_m < length
-                rows = (start + offs_m).to(tl.int64)
-                q = _load(Q, rows, mask_m, h, sq, offs_d, HEAD_DIM)
-                lse = tl.load(LSE + h.to(tl.int64) * n_tokens + rows, mask=mask_m, other=0.0)
+                mask_m = offs_m < qlength
+                rows = (qstart + offs_m).to(tl.int64)  # compact query index (O, DO, LSE)
+                qrows = _q_rows(QROWS, rows, mask_m, HAS_QROWS)  # rows of Q, DQ
+                q = _load(Q, qrows, mask_m, h, sq, offs_d, HEAD_DIM)
+                lse = tl.load(LSE + h.to(tl.int64) * n_q + rows, mask=mask_m, other=0.0)
                 di, do = _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM)
                 # Transposed (keys x queries) scores, as FlashAttention's Triton backward: P^T and dS^T are the
                 # register operands of the dv and dk products without a transpose (measured: 1.63 against 1.87 ms
@@ -143,7 +159,7 @@ if triton is not None:
                 dk += tl.dot(dst.to(q.dtype), q)
                 if one_block:
                     dq = tl.dot(tl.trans(dst.to(k.dtype)), k) * sm_scale
-                    _store(DQ, dq, rows, mask_m, h, sdq, offs_d, HEAD_DIM)
+                    _store(DQ, dq, qrows, mask_m, h, sdq, offs_d, HEAD_DIM)
                     if HAS_DB:  # rows past the session hold zeros
                         dq_sum += tl.sum(dq, 0)
             dk = dk * sm_scale
@@ -158,23 +174,26 @@ if triton is not None:
 
     # reset_to_zero: the configs lay DBQ's rows out by their own BLOCK_M; the autotuning call keeps the last one's
     @triton.autotune(configs=_configs(BLOCK_M=[64, 32, 128], num_warps=[4, 8]),
-                     key=["HEAD_DIM", "len_bucket", "HAS_DB"], reset_to_zero=["DBQ"])
-    @triton.jit(do_not_specialize=["n_tokens"])
-    def _attn_bwd_q(Q, K, V, O, DO, DQ, DBQ, LSE, CU, sq, sk, sv, so, sdo, sdq, qk_scale, sm_scale, n_tokens,
-                    len_bucket, HAS_DB: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr):
+                     key=["HEAD_DIM", "len_bucket", "HAS_QROWS", "HAS_DB"], reset_to_zero=["DBQ"])
+    @triton.jit(do_not_specialize=["n_q"])
+    def _attn_bwd_q(Q, K, V, O, DO, DQ, DBQ, LSE, CU, CUQ, QROWS, sq, sk, sv, so, sdo, sdq, qk_scale, sm_scale, n_q,
+                    len_bucket, HAS_QROWS: tl.constexpr, HAS_DB: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         """dq of one query block of a session longer than one key block (shorter ones: _attn_bwd_kv); HAS_DB: its
-        column sums to row (doc, query block) of the (B * blocks, heads * HEAD_DIM) DBQ."""
+        column sums to row (doc, query block) of the (B * blocks, heads * HEAD_DIM) DBQ. Queries as in _attn_fwd."""
         doc, mb, h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         start = tl.load(CU + doc)
         length = tl.load(CU + doc + 1) - start
-        if (length > BLOCK_N) & (mb * BLOCK_M < length):
+        qstart = tl.load(CUQ + doc)
+        qlength = tl.load(CUQ + doc + 1) - qstart
+        if (length > BLOCK_N) & (mb * BLOCK_M < qlength):
             offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
             offs_d = tl.arange(0, HEAD_DIM)
-            mask_m = offs_m < length
-            rows = (start + offs_m).to(tl.int64)
-            q = _load(Q, rows, mask_m, h, sq, offs_d, HEAD_DIM)
-            lse = tl.load(LSE + h.to(tl.int64) * n_tokens + rows, mask=mask_m, other=0.0)
+            mask_m = offs_m < qlength
+            rows = (qstart + offs_m).to(tl.int64)  # compact query index (O, DO, LSE)
+            qrows = _q_rows(QROWS, rows, mask_m, HAS_QROWS)  # rows of Q, DQ
+            q = _load(Q, qrows, mask_m, h, sq, offs_d, HEAD_DIM)
+            lse = tl.load(LSE + h.to(tl.int64) * n_q + rows, mask=mask_m, other=0.0)
             di, do = _delta(O, DO, rows, mask_m, h, so, sdo, offs_d, HEAD_DIM)
             dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
             for n0 in range(0, length, BLOCK_N):
@@ -188,7 +207,7 @@ if triton is not None:
                 ds = p * (tl.dot(do, tl.trans(v)) - di[:, None])
                 dq += tl.dot(ds.to(k.dtype), k)
             dq = dq * sm_scale
-            _store(DQ, dq, rows, mask_m, h, sdq, offs_d, HEAD_DIM)
+            _store(DQ, dq, qrows, mask_m, h, sdq, offs_d, HEAD_DIM)
             if HAS_DB:  # rows past the session hold zeros
                 width = tl.num_programs(2) * HEAD_DIM
                 tl.store(DBQ + (doc * tl.num_programs(1) + mb).to(tl.int64) * width + h * HEAD_DIM + offs_d,
@@ -232,69 +251,93 @@ def _check(q, k, v, cu_seqlens):
 
 class _Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scale: float, *bias_params):
+    def forward(ctx, q, k, v, cu_seqlens, max_len: int, scale: float, q_index, cu_q, max_len_q: int, *bias_params):
         n, heads, d = q.shape
         cu = cu_seqlens.to(torch.int32)
-        o = torch.empty(n, heads, d, dtype=q.dtype, device=q.device)
-        lse = torch.empty(heads, n, dtype=torch.float32, device=q.device)
+        has_q = q_index is not None
+        cuq = cu_q.to(torch.int32) if has_q else cu
+        qrows = q_index if has_q else cu  # (a pointer the kernels never read without HAS_QROWS)
+        n_q = len(q_index) if has_q else n
+        max_q = max_len_q if has_q else max_len
+        o = torch.empty(n_q, heads, d, dtype=q.dtype, device=q.device)
+        lse = torch.empty(heads, n_q, dtype=torch.float32, device=q.device)
         b, bucket = cu.numel() - 1, _len_bucket(max_len)
-        if n and b:
-            _attn_fwd[lambda meta: (b, triton.cdiv(max_len, meta["BLOCK_M"]), heads)](
-                q, k, v, o, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), scale * math.log2(math.e),
-                n, bucket, HEAD_DIM=d)
-        ctx.save_for_backward(q, k, v, o, lse, cu)
-        ctx.max_len, ctx.scale = max_len, scale
+        if n_q and b:
+            _attn_fwd[lambda meta: (b, triton.cdiv(max_q, meta["BLOCK_M"]), heads)](
+                q, k, v, o, lse, cu, cuq, qrows, q.stride(0), k.stride(0), v.stride(0), o.stride(0),
+                scale * math.log2(math.e), n_q, bucket, HAS_QROWS=has_q, HEAD_DIM=d)
+        ctx.save_for_backward(q, k, v, o, lse, cu, cuq, qrows)
+        ctx.max_len, ctx.max_q, ctx.scale, ctx.has_q = max_len, max_q, scale, has_q
         ctx.bias_dtypes = [p.dtype for p in bias_params]  # only their gradients are made here (the column sums)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, cu = ctx.saved_tensors
+        q, k, v, o, lse, cu, cuq, qrows = ctx.saved_tensors
         n, heads, d = q.shape
-        max_len, scale, has_db = ctx.max_len, ctx.scale, bool(ctx.bias_dtypes)
+        n_q = o.shape[0]
+        max_len, max_q, scale, has_q, has_db = ctx.max_len, ctx.max_q, ctx.scale, ctx.has_q, bool(ctx.bias_dtypes)
         do = do if do.stride(2) == 1 and do.stride(1) == d else do.contiguous()
         # dq, dk, dv as column slices of one (N, 3 * heads * d) buffer: a backward that runs the three projections
         # as one GEMM (`branch_linear.branch_in`) then takes them as one matrix, with no copy (notes_speed.md #45)
         dq, dk, dv = torch.empty(n, 3, heads, d, dtype=q.dtype, device=q.device).unbind(1)
+        if has_q:  # the kernels write dq on the query rows only; the other positions were no query
+            dq.zero_()
         b, bucket = cu.numel() - 1, _len_bucket(max_len)
         block_n = _bwd_block_n(max_len)
         blocks, long = -(-max_len // block_n), max_len > block_n
         # per-program column sums of dq / dk / dv (the biases' gradients), added up below; idle programs leave zeros
         db = torch.zeros(b * blocks if has_db else 1, 3, heads * d, dtype=torch.float32, device=q.device)
         min_bm = min(c.kwargs["BLOCK_M"] for c in _attn_bwd_q.configs)  # rows for its smallest query block
-        dbq = torch.zeros(b * -(-max_len // min_bm) if has_db and long else 1, heads * d, dtype=torch.float32,
+        dbq = torch.zeros(b * -(-max_q // min_bm) if has_db and long else 1, heads * d, dtype=torch.float32,
                           device=q.device)
         if n and b:
-            args = (scale * math.log2(math.e), scale, n, bucket)
-            _attn_bwd_kv[(b, blocks, heads)](
-                q, k, v, o, do, dq, dk, dv, db, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0),
-                do.stride(0), dq.stride(0), dk.stride(0), dv.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d,
-                BLOCK_N=block_n)
-            if long:
-                _attn_bwd_q[lambda meta: (b, triton.cdiv(max_len, meta["BLOCK_M"]), heads)](
-                    q, k, v, o, do, dq, dbq, lse, cu, q.stride(0), k.stride(0), v.stride(0), o.stride(0), do.stride(0),
-                    dq.stride(0), *args, HAS_DB=has_db, HEAD_DIM=d, BLOCK_N=block_n)
+            args = (scale * math.log2(math.e), scale, n_q, bucket)
+            if n_q:
+                _attn_bwd_kv[(b, blocks, heads)](
+                    q, k, v, o, do, dq, dk, dv, db, lse, cu, cuq, qrows, q.stride(0), k.stride(0), v.stride(0),
+                    o.stride(0), do.stride(0), dq.stride(0), dk.stride(0), dv.stride(0), *args, HAS_QROWS=has_q,
+                    HAS_DB=has_db, HEAD_DIM=d, BLOCK_N=block_n)
+            else:  # no query: nothing reaches the keys and values
+                dk.zero_()
+                dv.zero_()
+            if long and n_q:
+                _attn_bwd_q[lambda meta: (b, triton.cdiv(max_q, meta["BLOCK_M"]), heads)](
+                    q, k, v, o, do, dq, dbq, lse, cu, cuq, qrows, q.stride(0), k.stride(0), v.stride(0), o.stride(0),
+                    do.stride(0), dq.stride(0), *args, HAS_QROWS=has_q, HAS_DB=has_db, HEAD_DIM=d, BLOCK_N=block_n)
         dbias = ()
         if has_db:
             sums = db.sum(0)
             sums[0] += dbq.sum(0)
             dbias = tuple(sums[i].to(dt) for i, dt in enumerate(ctx.bias_dtypes))
-        return dq, dk, dv, None, None, None, *dbias
+        return dq, dk, dv, None, None, None, None, None, None, *dbias
 
 
 _apply = torch.compiler.disable(_Attention.apply)  # out of torch.compile graphs, as fused_norm's kernels
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-              scale: float | None = None, bias_grads: tuple | None = None) -> torch.Tensor:
+              scale: float | None = None, bias_grads: tuple | None = None, q_rows=None) -> torch.Tensor:
     """(N, heads, d) packed q / k / v -> (N, heads, d): softmax(q k^T * scale) v within each session of the stream
     (sessions are cu_seqlens[i]:cu_seqlens[i+1], every position in one; max_len >= the longest). Triton kernels where
     `runs_on(q)` (`models.packed.varlen_attention` checks it and otherwise runs its own path).
 
     `bias_grads`: the Q / K / V projections' (heads * d,) bias parameters, when the projections added them detached:
     their gradients (the column sums of dq, dk, dv) are summed by the backward kernels from the tiles they hold, so no
-    pass of their own over the (N, heads * d) gradients. Not used in the forward."""
+    pass of their own over the (N, heads * d) gradients. Not used in the forward.
+
+    `q_rows` (`models.packed.QueryRows`): only these positions are queries (the MLM's masked rows): the output is
+    (q_rows.n, heads, d), row j the attention of position q_rows.index[j] over its whole session. The kernels read
+    those rows of q in place and write dq there (zeros elsewhere), so the Q / K / V backward still takes dq, dk, dv as
+    one matrix."""
     _check(q, k, v, cu_seqlens)
+    q_index = cu_q = None
+    max_q = 0
+    if q_rows is not None:
+        q_index, cu_q, max_q = q_rows.index[: q_rows.n], q_rows.cu_seqlens, int(q_rows.max_len)
+        if cu_q.shape != cu_seqlens.shape:
+            raise ValueError(f"attention: q_rows.cu_seqlens {tuple(cu_q.shape)} must match cu_seqlens "
+                             f"{tuple(cu_seqlens.shape)} (one query range per session)")
     if bias_grads is not None and (len(bias_grads) != 3 or
                                    any(t.shape != (q.shape[1] * q.shape[2],) for t in bias_grads)):
         raise ValueError(f"attention: bias_grads must be three ({q.shape[1] * q.shape[2]},) tensors")
@@ -302,4 +345,4 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: tor
         raise RuntimeError(f"attention: the Triton kernels need fp16 / bf16 on a CUDA device (or TRITON_INTERPRET=1), "
                            f"got {q.dtype} on {q.device}")
     return _apply(q, k, v, cu_seqlens, int(max_len), float(q.shape[2] ** -0.5 if scale is None else scale),
-                  *(bias_grads or ()))
+                  q_index, cu_q, max_q, *(bias_grads or ()))

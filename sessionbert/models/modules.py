@@ -19,7 +19,7 @@ from transformers import BertConfig, BertForMaskedLM, BertModel, get_linear_sche
 
 from .encoder import mean_pool
 from .fused_ce import cross_entropy as fused_cross_entropy
-from .packed import packed_hidden
+from .packed import QueryRows, packed_hidden
 
 
 def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -102,9 +102,13 @@ class MLMModule(_Schedule, L.LightningModule):
     def packed_loss(self, batch: dict) -> torch.Tensor:
         """MLM loss of a `PackedMLMCollator` batch: padding-free encoder, decoder on the fixed masked-position
         index (filler rows have label -100 and are ignored), so no step waits on the host. The encoder's last layer
-        past its attention runs on those rows only (`packed_hidden(rows=...)`)."""
+        runs on those rows only (`packed_hidden(rows=...)`): its attention's queries too, except under torch.compile
+        (the per-batch query counts would be new shapes to it), where it runs from its attention output on."""
+        rows = batch["mlm_positions"]
+        if "mlm_cu_seqlens" in batch and not self.hparams.compile:
+            rows = QueryRows(rows, batch["mlm_cu_seqlens"], batch["mlm_max_len"], batch["mlm_count"])
         hidden = self._packed(self.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                              batch["max_len"], rows=batch["mlm_positions"])  # (M, H): last layer on these rows
+                              batch["max_len"], rows=rows)  # (M, H): last layer on these rows
         logits = self.model.cls(hidden)  # (M, V)
         return self._ce(logits, batch["mlm_labels"], ignore_index=-100)
 

@@ -17,6 +17,8 @@ recent BERT pretraining recipes do); hidden dropout is kept.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -47,22 +49,43 @@ def padded_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, 
     return idx, valid
 
 
+class QueryRows(NamedTuple):
+    """Positions of a packed stream that are the only queries of the last layer's attention (`packed_hidden`), from
+    `PackedMLMCollator`: `index` (M,) int64 stream positions, the first `n` of them distinct, sorted, the masked
+    positions (the rest filler rows, ignored by the loss); `cu_seqlens` (B+1,) int32: session i's queries are
+    index[cu_seqlens[i]:cu_seqlens[i+1]] (same sessions as the stream's cu_seqlens, filler sessions included);
+    `max_len`: the most queries in one session."""
+    index: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_len: int
+    n: int
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     scale: float | None = None, fused: bool = False, bias_grads: tuple | None = None) -> torch.Tensor:
+                     scale: float | None = None, fused: bool = False, bias_grads: tuple | None = None,
+                     q_rows: QueryRows | None = None) -> torch.Tensor:
     """(N, heads, d) packed q/k/v -> (N, heads, d); each position attends only within its own session.
     `fused`: our Triton kernels for short sessions (`models.fused_attention`) where they run; `bias_grads` (with them
-    only): the Q / K / V bias parameters whose gradients those kernels sum."""
+    only): the Q / K / V bias parameters whose gradients those kernels sum. `q_rows`: only those positions are
+    queries; the output is their (q_rows.n, heads, d) rows, in q_rows.index's order."""
     if fused and fused_attention_runs_on(q):
-        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale, bias_grads=bias_grads)
+        return fused_attention_fn(q, k, v, cu_seqlens, max_len, scale=scale, bias_grads=bias_grads, q_rows=q_rows)
     if bias_grads is not None:
         raise ValueError("varlen_attention: bias_grads needs the fused kernels (fused=True, where they run)")
+    cu_q, max_q = cu_seqlens, max_len
+    if q_rows is not None:
+        q, cu_q, max_q = q[q_rows.index[: q_rows.n]], q_rows.cu_seqlens, int(q_rows.max_len)
+        if not q_rows.n:
+            return q  # no query: (0, heads, d)
     if has_varlen_kernel(q.device) and q.dtype in (torch.float16, torch.bfloat16):
-        cu = cu_seqlens.to(torch.int32)
-        return _varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+        cu, cuq = cu_seqlens.to(torch.int32), cu_q.to(torch.int32)
+        return _varlen_attn(q, k, v, cuq, cu, max_q, max_len, scale=scale)
     idx, valid = padded_index(cu_seqlens, max_len)  # fallback: padded SDPA with a key-padding mask
-    qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # (B, heads, T, d)
+    qidx, qvalid = padded_index(cu_q, max_q) if q_rows is not None else (idx, valid)
+    qb = q[qidx].transpose(1, 2)  # (B, heads, Tq, d)
+    kb, vb = (t[idx].transpose(1, 2) for t in (k, v))  # (B, heads, T, d)
     out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=valid[:, None, None, :], scale=scale)
-    return out.transpose(1, 2)[valid]  # (N, heads, d)
+    return out.transpose(1, 2)[qvalid]  # (N or q_rows.n, heads, d)
 
 
 # `layer_norm_as` kept out of torch.compile graphs (the default): Inductor's fused dropout + add + LayerNorm
@@ -74,7 +97,7 @@ _layer_norm_eager = torch.compiler.disable(layer_norm_as)
 def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_seqlens: torch.Tensor,
                   max_len: int, fused_qkv: bool = False, layer_norm_in_graph: bool = False,
                   fused_norm: bool = False, fused_gelu: bool = False, fused_residual: bool = False,
-                  fused_attention: bool = False, rows: torch.Tensor | None = None) -> torch.Tensor:
+                  fused_attention: bool = False, rows: torch.Tensor | QueryRows | None = None) -> torch.Tensor:
     """Last hidden layer (N, H) of HF `BertModel` `bert` for a packed stream: input_ids, position_ids (N,)
     (positions restart at 0 for each session), cu_seqlens (B+1,) offsets, max_len the longest session.
 
@@ -85,6 +108,11 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
     (tests/test_packed.py): MLM pretraining (`MLMModule.packed_loss`) needs the masked positions only, ~15% of the
     stream, so this skips ~85% of those (~5% of an encoder step's FLOPs: the "sparse prediction" of cramming's BERT
     recipe applied one layer further down).
+
+    `rows` as a `QueryRows` (the collator's masked positions with their per-session offsets): the last layer's
+    attention too runs its queries on those rows only (keys and values from every position): the first `rows.n` rows
+    of the result equal `hidden[rows.index[:rows.n]]`; the filler rows after them get the rest of the layer over a
+    zero attention output (finite, and no gradient reaches the attention from them: the loss ignores them).
 
     `fused_qkv`: the query, key and value projections as one (H -> 3H) GEMM over the concatenated weights (one read of
     the input and one input-gradient GEMM instead of three, plus two adds); the parameters stay the three Linears, so
@@ -141,6 +169,9 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         return out.LayerNorm(z) if amp is None else ln(z, out.LayerNorm, amp)
 
     last = len(bert.encoder.layer) - 1
+    qrows = rows if isinstance(rows, QueryRows) else None
+    if qrows is not None:
+        rows = qrows.index
     for i, layer in enumerate(bert.encoder.layer):
         sa = layer.attention.self
         res = x  # the sub-block's residual
@@ -156,10 +187,16 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         else:  # views: last dim contiguous (above too)
             q, k, v = (F.linear(x, lin.weight, lin.bias.detach() if fold_bias_grads else lin.bias)
                        .view(n, heads, h // heads) for lin in lins)
+        trim = qrows is not None and i == last  # the last layer's queries on the masked rows only
         a = varlen_attention(q, k, v, cu_seqlens, max_len, scale=sa.attention_head_size ** -0.5,
-                             fused=fused_attention, bias_grads=bias_grads).reshape(n, h)
-        if rows is not None and i == last:  # the rest of the last layer is row-wise: on `rows` only
-            a, res = a[rows], res[rows]
+                             fused=fused_attention, bias_grads=bias_grads, q_rows=qrows if trim else None)
+        if trim:  # (n, heads, d) -> (M, H), the filler rows' attention output zero
+            a = F.pad(a.reshape(qrows.n, h), (0, 0, 0, len(rows) - qrows.n))
+            res = res[rows]
+        elif rows is not None and i == last:  # the rest of the last layer is row-wise: on `rows` only
+            a, res = a.reshape(n, h)[rows], res[rows]
+        else:
+            a = a.reshape(n, h)
         x = close(layer.attention.output, a, res)
         inter, res = layer.intermediate, x
         if fused_residual:  # with fused_gelu the bias is added (and its gradient summed) in bias_gelu
