@@ -18,6 +18,10 @@ third that computes rowsum(do * o). A session of at most 128 tokens is one key b
 - `bias_grads`: the packed encoder's Q / K / V projections add their biases detached, and the backward kernels write
   per-program column sums of the dq / dk / dv tiles they hold (one small reduction adds them up): the three bias
   gradients without three passes over (N, 768) gradients (~0.28 ms per layer; the sums cost ~0.12 ms in the kernels).
+- `q_rows` (`models.packed.QueryRows`, the MLM's masked positions in the last layer): a subset of positions are the
+  queries. The kernels read those rows of q where they are and write dq there (HAS_QROWS, a constexpr: the full
+  attention compiles as before), the output is compact. Measured in the step: +0.44% at seq 128 in one A/B pair
+  (notes_speed.md #54).
 
 Measured on one H200 (experiments/results/fused_kernels_dev/s10_call4_attention_dbias/): forward + backward per layer
 1.55 ms against varlen's 2.50 at seq 128 (sessions of 102 tokens on average), 2.69 against 3.80 at seq 512; in the
