@@ -13,13 +13,6 @@ import json; d = json.load(open('$R/fused_norm_check.json'))
 for k in ('all_fused', 'all_fused_rows', 'all_fused_qrows'):
     print(k, {x: d[k][x] for x in ('loss', 'hidden_max_rel', 'grad_rel_norm_max', 'grads_missing')})"
 tar czf $OUT/results.tgz -C $R .
-sw="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
-for i in 1 2; do
-  (cd .bench/old_s16 && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $sw --seq-lens 128 \
-    --out $R/before_$i.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-200)
-  tar czf $OUT/results.tgz -C $R .
-  python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer $sw --seq-lens 128 \
-    --out $R/qrows_$i.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-200
-  tar czf $OUT/results.tgz -C $R .
-done
+source experiments/device/step_ab.sh
+for i in 1 2; do OLD=.bench/old_s16 ab_pair before_$i qrows_$i; done
 rm -rf $R

@@ -7,8 +7,9 @@
 # The first benchmark process of a call ran ~3% slow in session 13 (the older tree at seq 128: 784.9k first, 811.4k /
 # 812.3k when interleaved later in the next call, fused_kernels_dev/s13_call6_order/): a short warm-up process runs
 # first, and its numbers are not kept (WARM=0 skips it); ROUNDS=2 repeats the pair, alternating.
+STEP_SW="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
 step_ab() {
-  local sw="--only-packed --fused-qkv only --fused-norm only --fused-gelu only --fused-residual only --fused-ce only --fused-attention only"
+  local sw=$STEP_SW
   [ "${WARM:-1}" = 1 ] && python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer $sw --seq-lens 128 \
     --steps 20 --out /tmp/step_ab_warm.json > /dev/null 2>&1
   (cd "$OLD" && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $sw --seq-lens ${SEQS:-128 512} \
@@ -24,4 +25,15 @@ step_ab() {
       --out $R/bench_gpu_$2_$i.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-300
   done
   cp $R/bench_gpu_$2.md $R/bench_gpu_$1.md $OUT/ 2>/dev/null
+}
+
+# One pair without the reference, seq ${SEQS:-128}: the older tree ($OLD) then this tree, into $R/$1.json and $R/$2.json;
+# $OUT/results.tgz is rewritten after each run, so a call cut by its limit keeps what ran. Usage: OLD=... ab_pair a b
+ab_pair() {
+  (cd "$OLD" && python3 experiments/bench_gpu.py --lengths ../lengths_sim.npy --no-peer $STEP_SW --seq-lens ${SEQS:-128} \
+    --out $R/$1.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-200)
+  tar czf $OUT/results.tgz -C $R .
+  python3 experiments/bench_gpu.py --lengths .bench/lengths_sim.npy --no-peer $STEP_SW --seq-lens ${SEQS:-128} \
+    --out $R/$2.json 2>&1 | grep -E '^\| ours|Error' | cut -c1-200
+  tar czf $OUT/results.tgz -C $R .
 }
