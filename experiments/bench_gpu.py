@@ -95,13 +95,20 @@ def model_flops(cfg, seq_lens: np.ndarray, n_masked: int) -> float:
     return 6.0 * (enc * n.sum() + L * 2 * H * (n * n).sum() + dec * n_masked)
 
 
-def skipped_flops(cfg, n_real: int, n_rows: int) -> float:
+def skipped_flops(cfg, n_real: int, n_rows: int, lens: np.ndarray | None = None,
+                  qlens: np.ndarray | None = None) -> float:
     """Model FLOPs the packed path does not execute: its last layer past the attention (attention-output dense,
     intermediate and output layers: H x H + 2 x H x I weights) runs on the `n_rows` masked-position rows only
-    (`packed_hidden(rows=...)`), not on all `n_real` tokens. `mfu` keeps the issue's count (the whole encoder on every
-    real token: model FLOPs, as for the reference); `mfu_executed` subtracts this."""
+    (`packed_hidden(rows=...)`), not on all `n_real` tokens; with `qlens` (each session's masked positions, the last
+    attention's queries: `QueryRows`) that attention's scores and outputs too, on those queries only against the
+    session's `lens` keys. `mfu` keeps the issue's count (the whole encoder on every real token: model FLOPs, as for
+    the reference); `mfu_executed` subtracts this."""
     H, I = cfg.hidden_size, cfg.intermediate_size
-    return 6.0 * (H * H + 2 * H * I) * max(n_real - n_rows, 0)
+    attn = 0.0
+    if qlens is not None:
+        n = np.asarray(lens, dtype=np.float64)
+        attn = 2 * H * float((n * (n - np.asarray(qlens, dtype=np.float64))).sum())
+    return 6.0 * ((H * H + 2 * H * I) * max(n_real - n_rows, 0) + attn)
 
 
 def peer_model_flops_per_real_token(cfg, lengths: np.ndarray, seq: int, mask_share: float = 0.15) -> float:
@@ -155,7 +162,7 @@ def make_batches(lengths: np.ndarray, seq: int, a, n: int, device: str, packed: 
                 out.append(dict({k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()},
                                 real=int(sl.sum()), slots=int(b["padded_slots"]),
                                 masked=int((b["mlm_labels"] != -100).sum()), lens=sl,
-                                rows=len(b["mlm_positions"])))
+                                rows=len(b["mlm_positions"]), qlens=np.diff(b["mlm_cu_seqlens"].numpy())[: len(sl)]))
             else:
                 out.append(dict(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device),
                                 labels=b["labels"].to(device), real=int(sl.sum()), slots=int(b["input_ids"].numel()),
@@ -243,7 +250,9 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, v: dict) -> dict:
     slots = sum(b["slots"] for b in timed)
     masked = sum(b["masked"] for b in timed)
     flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
-    skipped = sum(skipped_flops(module.model.config, b["real"], b["rows"]) for b in timed) if packed else 0.0
+    qrows = packed and not (compile_ and packed)  # MLMModule.packed_loss: the last attention's queries (QueryRows)
+    skipped = sum(skipped_flops(module.model.config, b["real"], b["rows"], b["lens"], b["qlens"] if qrows else None)
+                  for b in timed) if packed else 0.0
     res = dict(path="sessionbert_mlm_packed" if packed else "sessionbert_mlm", model=a.model, seq_len=seq,
                compile=compile_, compile_layer_norm=bool(v.get("ln_graph")),
                **{k: bool(v.get(k)) and packed for k in KNOBS if k != "ln_graph"},

@@ -647,6 +647,21 @@ def test_bench_gpu_ab_of_fused_norm_and_its_goal_keys(tmp_path):
     assert "real_tokens_per_s_seq64_packed_fusednorm_fusedgelu_fusedres_fusedce_fusedattn" in res
 
 
+def test_bench_gpu_counts_the_flops_the_packed_path_skips():
+    """`mfu_executed`'s count: the last layer past its attention on the masked rows only (#53), and its attention's
+    scores and outputs on the masked queries only (#54: each session's keys x its non-query rows)."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from .conftest import experiment_module
+
+    mod = experiment_module("bench_gpu")
+    cfg = SimpleNamespace(hidden_size=4, intermediate_size=8)
+    assert mod.skipped_flops(cfg, 10, 3) == 6 * (4 * 4 + 2 * 4 * 8) * 7  # 7 of 10 rows past the attention not run
+    assert mod.skipped_flops(cfg, 10, 3, np.array([6, 4]), np.array([2, 1])) == 6 * (80 * 7 + 2 * 4 * (6 * 4 + 4 * 3))
+
+
 def test_gpu_trainers_turn_the_fused_switches_on(tmp_path):
     """trainer=gpu / trainer=ddp turn every pretrain.fused_* switch on (trainer.pretrain_fused); the CPU default leaves
     them off; each can still be set alone."""
