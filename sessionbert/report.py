@@ -8,6 +8,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .config import STAGES as CONFIG_STAGES  # noqa: E402
+
 PAPER = {
     "page_f1": "SessionBERT +3% relative F1 over BERT-base (next page link)",
     "service_f1": "SessionBERT +1% relative F1 over BERT-base (next service)",
@@ -36,7 +38,8 @@ def silhouette_plot(sil: dict, path: Path, label: str = "") -> None:
     plt.close(fig)
 
 
-STAGES = ("data", "tokenizer", "pretrain", "finetune", "personas", "recommend", "score_all")
+# the pipeline's stages in order (config.STAGES without the `stage=` choices that run no stage of their own)
+STAGES = tuple(st for st in CONFIG_STAGES if st not in ("all", "report"))
 
 
 def stage_times(m: dict) -> dict[str, float]:
