@@ -49,6 +49,7 @@ from sessionbert.data.datasets import MLMCollator, PackedMLMCollator  # noqa: E4
 from sessionbert.data.sampler import TokenBudgetBatchSampler  # noqa: E402
 from sessionbert.models.encoder import ARCHS, bert_config  # noqa: E402
 from sessionbert.models.modules import MLMModule, _adamw  # noqa: E402
+from sessionbert.models.packed import QueryRows  # noqa: E402
 
 SPECIAL = dict(pad=0, unk=1, cls=2, sep=3, mask=4, evt=5)  # order of serialize.SPECIAL_TOKENS
 DEFAULT_PEER = "/work/shared/bench/hf_peer_mlm.py"
@@ -250,8 +251,8 @@ def run_ours(lengths: np.ndarray, seq: int, a, device: str, v: dict) -> dict:
     slots = sum(b["slots"] for b in timed)
     masked = sum(b["masked"] for b in timed)
     flops = sum(model_flops(module.model.config, b["lens"], b["masked"]) for b in timed)
-    qrows = packed and not (compile_ and packed)  # MLMModule.packed_loss: the last attention's queries (QueryRows)
-    skipped = sum(skipped_flops(module.model.config, b["real"], b["rows"], b["lens"], b["qlens"] if qrows else None)
+    skipped = sum(skipped_flops(module.model.config, b["real"], b["rows"], b["lens"],  # the rows packed_loss passed
+                                b["qlens"] if isinstance(module.mlm_rows(b), QueryRows) else None)
                   for b in timed) if packed else 0.0
     res = dict(path="sessionbert_mlm_packed" if packed else "sessionbert_mlm", model=a.model, seq_len=seq,
                compile=compile_, compile_layer_norm=bool(v.get("ln_graph")),

@@ -104,13 +104,17 @@ class MLMModule(_Schedule, L.LightningModule):
         index (filler rows have label -100 and are ignored), so no step waits on the host. The encoder's last layer
         runs on those rows only (`packed_hidden(rows=...)`): its attention's queries too, except under torch.compile
         (the per-batch query counts would be new shapes to it), where it runs from its attention output on."""
-        rows = batch["mlm_positions"]
-        if "mlm_cu_seqlens" in batch and not self.hparams.compile:
-            rows = QueryRows(rows, batch["mlm_cu_seqlens"], batch["mlm_max_len"], batch["mlm_count"])
         hidden = self._packed(self.model.bert, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
-                              batch["max_len"], rows=rows)  # (M, H): last layer on these rows
+                              batch["max_len"], rows=self.mlm_rows(batch))  # (M, H): last layer on these rows
         logits = self.model.cls(hidden)  # (M, V)
         return self._ce(logits, batch["mlm_labels"], ignore_index=-100)
+
+    def mlm_rows(self, batch: dict) -> torch.Tensor | QueryRows:
+        """The decoder's rows as `packed_loss` passes them to `packed_hidden`: with their per-session query ranges
+        (`QueryRows`) where the batch has them and the encoder is not compiled, else the positions alone."""
+        if "mlm_cu_seqlens" in batch and not self.hparams.compile:
+            return QueryRows(batch["mlm_positions"], batch["mlm_cu_seqlens"], batch["mlm_max_len"], batch["mlm_count"])
+        return batch["mlm_positions"]
 
     def _step(self, batch: dict, name: str) -> torch.Tensor:
         if "cu_seqlens" in batch:
