@@ -380,51 +380,37 @@ from sessionbert.models.packed import varlen_attention
 
 
 # max error of the output and of the q / k / v and bias gradients, relative to the larger of 1 and the reference's
-# largest magnitude (the key bias's gradient is ~0 in exact maths: softmax ignores a shift per query)
-def attention_case(lens, h=2, d=16):
+# largest magnitude (the key bias's gradient is ~0 in exact maths: softmax ignores a shift per query). `queries`: a
+# subset of positions as queries (q_rows: the MLM's masked rows, some sessions without any, filler rows after them as
+# the collator appends), against the fallback's gather of those query rows
+from sessionbert.models.packed import QueryRows
+
+
+def attention_case(lens, h=2, d=16, queries=False):
     cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lens).cumsum(0)
     n = int(cu[-1])
-    g = torch.Generator().manual_seed(len(lens))
-    base, go = torch.randn(n, 3, h, d, generator=g), torch.randn(n, h, d, generator=g)
+    g = torch.Generator().manual_seed(len(lens) + (7 if queries else 0))
+    qr, m = None, n
+    if queries:
+        sel = (torch.rand(n, generator=g) < 0.3).nonzero().squeeze(1)
+        sel = sel[(sel < int(cu[1])) | (sel >= int(cu[2]))] if len(lens) > 2 else sel  # session 1: no query
+        cu_q = torch.searchsorted(sel, cu.long()).to(torch.int32)
+        counts = cu_q[1:] - cu_q[:-1]
+        m = len(sel)
+        qr = QueryRows(torch.cat([sel, torch.zeros(5, dtype=torch.long)]), cu_q, int(counts.max()), m)
+    base, go = torch.randn(n, 3, h, d, generator=g), torch.randn(m, h, d, generator=g)
     bias = torch.randn(3, h * d, generator=g)
     res = []
     for fused in (True, False):
         qkv = base.detach().clone().requires_grad_()  # a leaf of its own per path
         bs = [b.clone().requires_grad_() for b in bias]
         q, k, v = (t + (b.detach() if fused else b).view(h, d) for t, b in zip(qkv.unbind(1), bs))
-        o = varlen_attention(q, k, v, cu, max(lens), fused=fused, bias_grads=bs if fused else None)
-        o.backward(go)
-        res.append([o.detach(), qkv.grad, *(b.grad for b in bs)])
-    return max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(*res))
-
-
-# the same with a subset of positions as queries (q_rows: the MLM's masked rows, some sessions without any, filler
-# rows after them as the collator appends), against the fallback's gather of those query rows
-from sessionbert.models.packed import QueryRows
-
-
-def attention_q_case(lens, h=2, d=16):
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lens).cumsum(0)
-    n = int(cu[-1])
-    g = torch.Generator().manual_seed(len(lens) + 7)
-    sel = (torch.rand(n, generator=g) < 0.3).nonzero().squeeze(1)
-    sel = sel[(sel < int(cu[1])) | (sel >= int(cu[2]))] if len(lens) > 2 else sel  # session 1: no query
-    cu_q = torch.searchsorted(sel, cu.long()).to(torch.int32)
-    counts = cu_q[1:] - cu_q[:-1]
-    qr = QueryRows(torch.cat([sel, torch.zeros(5, dtype=torch.long)]), cu_q, int(counts.max()), len(sel))
-    base, go = torch.randn(n, 3, h, d, generator=g), torch.randn(len(sel), h, d, generator=g)
-    bias = torch.randn(3, h * d, generator=g)
-    res = []
-    for fused in (True, False):
-        qkv = base.detach().clone().requires_grad_()
-        bs = [b.clone().requires_grad_() for b in bias]
-        q, k, v = (t + (b.detach() if fused else b).view(h, d) for t, b in zip(qkv.unbind(1), bs))
         o = varlen_attention(q, k, v, cu, max(lens), fused=fused, bias_grads=bs if fused else None, q_rows=qr)
         o.backward(go)
         res.append([o.detach(), qkv.grad, *(b.grad for b in bs)])
-    assert res[0][0].shape == (len(sel), h, d) and (len(lens) <= 2 or int(counts[1]) == 0)
+    if queries:
+        assert res[0][0].shape == (m, h, d) and (len(lens) <= 2 or int(counts[1]) == 0)
     return max(float((a - b).abs().max() / b.abs().max().clamp_min(1.0)) for a, b in zip(*res))
 
 
@@ -442,7 +428,7 @@ for name, cfgs in tiles.items():
         if name == "_attn_bwd_kv":  # backward programs of 64 and of 32 keys (_bwd_block_n: every session that short)
             cases += [[5, 64, 1, 37, 3], [5, 20, 1, 9, 32]]
         errs[f"{name}{kw}"] = max(attention_case(c) for c in cases)
-        errs[f"{name}{kw}q_rows"] = max(attention_q_case(c) for c in cases)
+        errs[f"{name}{kw}q_rows"] = max(attention_case(c, queries=True) for c in cases)
     tuner.configs = offered
     tuner.cache.clear()
 out["attn_tiles_max_rel_err"] = max(errs.values())
